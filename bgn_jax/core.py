@@ -11,15 +11,15 @@ import dataclasses
 import functools
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Axes = Union[int, Sequence[int], None]
-TargetNorm = Union[float, Literal["sqrt_units"]]
-AxisName = Union[Hashable, tuple[Hashable, ...], None]
+Axes = int | Sequence[int] | None
+TargetNorm = float | Literal["sqrt_units"]
+AxisName = Hashable | tuple[Hashable, ...] | None
 
 __all__ = ["bgn", "BGNConfig", "make_config", "normalize_cotangent"]
 

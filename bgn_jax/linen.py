@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from bgn_jax.core import AxisName, Axes, TargetNorm, bgn
+from bgn_jax.core import Axes, AxisName, TargetNorm, bgn
 
 __all__ = ["BGN"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from bgn_jax.core import AxisName, Axes, TargetNorm, bgn, make_config
+from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
 __all__ = ["BGN"]
 
