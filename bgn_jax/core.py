@@ -21,7 +21,7 @@ Axes = int | Sequence[int] | None
 TargetNorm = float | Literal["sqrt_units"]
 AxisName = Hashable | tuple[Hashable, ...] | None
 
-__all__ = ["bgn", "BGNConfig", "make_config", "normalize_cotangent"]
+__all__ = ["bgn", "BGNConfig", "l2_norm", "make_config", "normalize_cotangent"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +157,12 @@ class _Bands:
   small: float  # entries below are multiplied by `up` before squaring
   big: float  # entries above are multiplied by `down` before squaring
   log2_up: int  # the band scale: 2**log2_up up for small entries, down for big
-  mid_floor: float  # a middle sum below this is combined in the small band's scale
+  mid_floor: float  # a middle-band norm below this is joined in the small band's scale
 
 
 _BANDS = {
-  np.dtype(np.float32): _Bands(small=2.0**-50, big=2.0**40, log2_up=90, mid_floor=2.0**-60),
-  np.dtype(np.float64): _Bands(small=2.0**-400, big=2.0**400, log2_up=600, mid_floor=2.0**-200),
+  np.dtype(np.float32): _Bands(small=2.0**-50, big=2.0**40, log2_up=90, mid_floor=2.0**-30),
+  np.dtype(np.float64): _Bands(small=2.0**-400, big=2.0**400, log2_up=600, mid_floor=2.0**-100),
 }
 
 
@@ -171,10 +171,26 @@ def _accumulator_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-def _scaled_sum_of_squares(
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  # sqrt with a finite derivative at 0, so grad of grad through a zero sum is not NaN.
+  positive = x > 0
+  # Zero and NaN pass through as themselves.
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x)
+
+
+def _hypot(a: jax.Array, b: jax.Array) -> jax.Array:
+  # sqrt(a**2 + b**2) for a, b >= 0 without squaring either (a square may overflow),
+  # with finite derivatives at 0; inf and NaN propagate.
+  larger = jnp.maximum(a, b)
+  smaller = jnp.minimum(a, b)
+  ratio = smaller / jnp.where(larger > 0, larger, 1)
+  return larger * jnp.sqrt(1 + ratio * ratio)
+
+
+def _scaled_norm(
   g: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName
 ) -> tuple[jax.Array, jax.Array]:
-  """Returns (s, k) with ||g|| = sqrt(s) / k per group, s free of over/underflow.
+  """Returns (r, k) with ||g|| = r / k per group, r free of over/underflow.
 
   k is an exact power of two (1 for the common middle band).
   """
@@ -193,18 +209,53 @@ def _scaled_sum_of_squares(
   sums = tuple(jnp.sum(v * v, axis=axes, keepdims=True) for v in (small, mid, big))
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
-  small_ss, mid_ss, big_ss = sums
-  use_big = big_ss > 0
-  use_small = ~use_big & (mid_ss < bands.mid_floor)
-  # In each case the dropped terms are below the accumulator's resolution of the
-  # kept one. The band scales are multiplied in twice: their squares overflow.
-  scaled_ss = jnp.where(
-    use_big,
-    big_ss + mid_ss * down * down,
-    jnp.where(use_small, small_ss + mid_ss * up * up, mid_ss + small_ss * down * down),
+  small_r, mid_r, big_r = (_safe_sqrt(v) for v in sums)
+  use_big = big_r > 0
+  use_small = ~use_big & (mid_r < bands.mid_floor)
+  # Each band's norm moves to the kept band's scale by one multiply and the two
+  # are joined by a hypot: squaring a moved norm could overflow, and XLA folds
+  # a product of two constant scales into one that does. The dropped third
+  # band is below the accumulator's resolution of the kept one.
+  # Unselected branches get zeros, so their derivatives (grad of grad) stay finite.
+  use_mid = ~use_big & ~use_small
+
+  def joined(use: jax.Array, kept: jax.Array, moved: jax.Array, scale: np.floating) -> jax.Array:
+    return _hypot(jnp.where(use, kept, 0), jnp.where(use, moved, 0) * scale)
+
+  scaled_norm = (
+    joined(use_big, big_r, mid_r, down)
+    + joined(use_small, small_r, mid_r, up)
+    + joined(use_mid, mid_r, small_r, down)
   )
   inverse_scale = jnp.where(use_big, down, jnp.where(use_small, up, acc.type(1)))
-  return scaled_ss, inverse_scale
+  return scaled_norm, inverse_scale
+
+
+def l2_norm(x: jax.Array, axes: Axes = None) -> jax.Array:
+  """The L2 norm of ``x`` over ``axes``, free of overflow and underflow.
+
+  Computed with the same banded scaled sum of squares as the BGN backward rule,
+  so entries around 1e-30 (whose float32 squares underflow) or 1e30 (whose
+  squares overflow) still give the right norm.
+
+  Args:
+    x: a floating-point array.
+    axes: the reduced axes (an int or a tuple of ints, negative allowed), or
+      None for all of them.
+
+  Returns:
+    The norms, with the reduced axes removed, in float32 for 16- and 32-bit
+    inputs and float64 for float64 inputs.
+
+  Raises:
+    TypeError, ValueError: ``axes`` is not an int, a tuple of ints or None, or
+      names an axis out of range or twice.
+  """
+  x = jnp.asarray(x)
+  checked = _check_axes(axes, x.ndim)
+  scaled_norm, inverse_scale = _scaled_norm(x, checked, None)
+  norm = scaled_norm / inverse_scale
+  return jnp.squeeze(norm, axis=tuple(range(x.ndim)) if checked is None else checked)
 
 
 def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
@@ -224,22 +275,26 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
     return g
   acc = _accumulator_dtype(g.dtype)
   c = config.power
-  ss, inverse_scale = _scaled_sum_of_squares(g, config.axes, config.axis_name)
-  finite = jnp.isfinite(ss)
-  positive = ss > 0
-  # Substituting 1 where the group is zero or non-finite keeps sqrt, the
-  # division and their derivatives (grad of grad) free of inf and NaN.
-  r = jnp.sqrt(jnp.where(positive & finite, ss, 1))
+  r, inverse_scale = _scaled_norm(g, config.axes, config.axis_name)
+  finite = jnp.isfinite(r)
+  positive = r > 0
+  # Substituting 1 where the group is zero or non-finite keeps the division and
+  # its derivative (grad of grad) free of inf and NaN.
+  r = jnp.where(positive & finite, r, 1)
   if config.eps > 0:
     # eps in the group's scale; a floor above the norm replaces it.
     r = jnp.maximum(r, acc.type(config.eps) * inverse_scale)
-  # Two multiplies, so the band's power of two and t / r never overflow together.
   band_factor = inverse_scale if c == 1.0 else inverse_scale**c
   ratio = acc.type(config.target_norm) / r
   factor = ratio if c == 1.0 else ratio**c
   factor = jnp.where(positive, factor, 0)
   factor = jnp.where(finite, factor, jnp.nan)
-  return ((g.astype(acc) * band_factor) * factor).astype(g.dtype)
+  # Two multiplies, ordered so neither overflows nor flushes an entry that the
+  # result can hold: a big band scales down last, a small band scales up first.
+  big_band = inverse_scale < 1
+  first = jnp.where(big_band, factor, band_factor)
+  second = jnp.where(big_band, band_factor, factor)
+  return ((g.astype(acc) * first) * second).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

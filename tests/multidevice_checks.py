@@ -1,0 +1,93 @@
+"""Runs BGN under pmap, shard_map and sharded jit on 8 devices; prints JSON results.
+
+Started by tests/test_multidevice.py in a fresh process with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import bgn_jax
+
+sys.path.insert(0, ".")
+from tests.reference import reference_backward  # noqa: E402
+
+DEVICES = 8
+OPTIONS = [
+  {},
+  {"target_norm": 1.0},
+  {"power": 0.5, "eps": 1e-3},
+  {"axes": (1,)},
+]
+
+
+def cotangent():
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((16, 6)) * np.logspace(-30, 0, 16)[:, None]
+  return jnp.asarray(g, jnp.float32)
+
+
+def loss(x, w, **options):
+  return jnp.sum(bgn_jax.bgn(x, **options) * w)
+
+
+def joined(options):
+  # Per-example groups lie within one device: only whole-batch groups span the batch axis.
+  return options if "axes" in options else {"axis_name": "batch", **options}
+
+
+def with_pmap(w, options):
+  x = jnp.zeros_like(w).reshape(DEVICES, -1, w.shape[1])
+  grad = jax.pmap(jax.grad(functools.partial(loss, **joined(options))), axis_name="batch")
+  return grad(x, w.reshape(x.shape)).reshape(w.shape)
+
+
+def with_shard_map(w, options):
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  spec = PartitionSpec("batch")
+  grad = jax.shard_map(
+    jax.grad(functools.partial(loss, **joined(options))),
+    mesh=mesh,
+    in_specs=(spec, spec),
+    out_specs=spec,
+  )
+  return jax.jit(grad)(jnp.zeros_like(w), w)
+
+
+def with_sharded_jit(w, options):
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  sharding = NamedSharding(mesh, PartitionSpec("batch"))
+  x = jax.device_put(jnp.zeros_like(w), sharding)
+  w_sharded = jax.device_put(w, sharding)
+  out = jax.jit(jax.grad(functools.partial(loss, **options)))(x, w_sharded)
+  assert len(out.sharding.device_set) == DEVICES
+  return out
+
+
+def main():
+  assert jax.device_count() == DEVICES, jax.devices()
+  w = cotangent()
+  results = {}
+  for options in OPTIONS:
+    want = reference_backward(np.asarray(w), **options)
+    for name, run in [
+      ("pmap", with_pmap),
+      ("shard_map", with_shard_map),
+      ("sharded_jit", with_sharded_jit),
+    ]:
+      got = np.asarray(run(w, options), np.float64)
+      error = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-37)))
+      results[f"{name}-{options}"] = error
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()

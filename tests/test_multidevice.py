@@ -1,0 +1,36 @@
+"""BGN under pmap, shard_map and sharded jit, on 8 virtual CPU devices in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def errors():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  done = subprocess.run(
+    [sys.executable, "tests/multidevice_checks.py"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("transform", ["pmap", "shard_map", "sharded_jit"])
+@pytest.mark.parametrize(
+  "options", ["{}", "{'target_norm': 1.0}", "{'power': 0.5, 'eps': 0.001}", "{'axes': (1,)}"]
+)
+def test_split_batch_is_normalized_as_the_whole_batch(errors, transform, options):
+  assert errors[f"{transform}-{options}"] <= 1e-5
