@@ -6,8 +6,9 @@ import jax
 from flax import nnx
 
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
+from bgn_jax.nnx_transform import insert
 
-__all__ = ["BGN"]
+__all__ = ["BGN", "insert"]
 
 
 class BGN(nnx.Module):

@@ -1,0 +1,592 @@
+"""Tests of bgn_jax.insert (linen) against the same models with bgn_jax.bgn written by hand.
+
+Every ``Hand*`` model below is the reference: it places ``bgn`` explicitly where
+insert is expected to put it, has the same parameter tree, and so must give the
+same forward values and the same gradients, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bgn_jax
+from bgn_jax import bgn
+
+WIDTH = 8
+TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
+
+
+def inputs(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_trees_differ(a, b):
+  assert any(
+    not np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def loss_grads(apply_fn, variables, *args, **kwargs):
+  """Gradients w.r.t. the params of a loss on ``apply_fn``'s output (a value, not a tuple)."""
+
+  def loss(params):
+    y = apply_fn({**variables, "params": params}, *args, **kwargs)
+    return jnp.sum(jnp.sin(3.0 * y) * jnp.cos(y))
+
+  return jax.grad(loss)(variables["params"])
+
+
+# ---------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+  """Dense layers; ``hand_after``/``hand_before``: layer indices with a bgn written by hand."""
+
+  depth: int = 4
+  hand_after: Sequence[int] = ()
+  hand_before: Sequence[int] = ()
+  hand_output: bool = False
+  options: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      if i in self.hand_before:
+        x = bgn(x, **dict(self.options))
+      x = nn.Dense(WIDTH, use_bias=i % 2 == 0)(x)
+      if i in self.hand_after:
+        x = bgn(x, **dict(self.options))
+      x = jnp.tanh(x)
+    if self.hand_output:
+      x = bgn(x, **dict(self.options))
+    return x
+
+
+def mlp_setup(**hand):
+  x = inputs((5, 6))
+  model, reference = MLP(), MLP(**hand)
+  variables = model.init(jax.random.key(0), x)
+  return model, reference, variables, x
+
+
+def check_against_hand(model, reference, variables, *args, transform=jax.jit, **insert_args):
+  """Forward values and gradients of insert(model) against the hand model, in one program."""
+  with_bgn = bgn_jax.insert(model.apply, **insert_args)
+
+  def run(variables, *args):
+    return (
+      with_bgn(variables, *args),
+      model.apply(variables, *args),
+      loss_grads(with_bgn, variables, *args),
+      loss_grads(reference.apply, variables, *args),
+      loss_grads(model.apply, variables, *args),
+    )
+
+  y, plain_y, got, expected, plain = transform(run)(variables, *args)
+  assert_trees_equal(y, plain_y)
+  assert_trees_equal(got, expected)
+  assert_trees_differ(got, plain)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+def test_mlp_parameters_forward_and_gradients(transform):
+  model, reference, variables, x = mlp_setup(hand_after=(0, 1, 2, 3))
+  check_against_hand(model, reference, variables, x, transform=transform, where=nn.Dense)
+  init_with_bgn = bgn_jax.insert(model.init, where=nn.Dense)
+  assert_trees_equal(transform(init_with_bgn)(jax.random.key(0), x), variables)
+
+
+@pytest.mark.parametrize(
+  "where, hand_after",
+  [
+    (nn.Dense, (0, 1, 2, 3)),
+    ((nn.Dense, nn.Conv), (0, 1, 2, 3)),
+    (lambda m: isinstance(m, nn.Dense) and not m.use_bias, (1, 3)),
+    (r"Dense_[02]$", (0, 2)),
+    (re.compile(r"^Dense_3"), (3,)),
+  ],
+  ids=["class", "tuple", "predicate", "regex", "compiled-regex"],
+)
+def test_where_forms(where, hand_after):
+  model, reference, variables, x = mlp_setup(hand_after=hand_after)
+  check_against_hand(model, reference, variables, x, where=where)
+
+
+@pytest.mark.parametrize("every, hand_after", [(2, (0, 2)), (3, (0, 3)), (4, (0,)), (9, (0,))])
+def test_every_keeps_matches_from_the_first(every, hand_after):
+  model, reference, variables, x = mlp_setup(hand_after=hand_after)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, every=every)
+
+
+def test_position_before_normalizes_the_inputs():
+  model, reference, variables, x = mlp_setup(hand_before=(1, 3))
+  check_against_hand(model, reference, variables, x, where=r"Dense_[13]", position="before")
+
+
+def test_bgn_options_reach_every_node():
+  options = (("axes", 1), ("target_norm", 2.0), ("power", 0.5), ("eps", 1e-3))
+  model, reference, variables, x = mlp_setup(hand_after=(0, 1, 2, 3), options=options)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, **dict(options))
+
+
+@pytest.mark.parametrize("where", [MLP, r"^$"], ids=["class", "empty-path"])
+def test_top_level_module_is_matchable(where):
+  model, reference, variables, x = mlp_setup(hand_output=True)
+  check_against_hand(model, reference, variables, x, where=where)
+
+
+# ---------------------------------------------------------------- setup and other methods
+
+
+class AutoEncoder(nn.Module):
+  hand: bool = False
+
+  def setup(self):
+    self.encoder = nn.Dense(4)
+    self.decoder = nn.Dense(6)
+
+  def encode(self, x):
+    z = self.encoder(x)
+    return bgn(z) if self.hand else z
+
+  def __call__(self, x):
+    z = jnp.tanh(self.encode(x))
+    y = self.decoder(z)
+    return bgn(y) if self.hand else y
+
+
+def test_setup_submodules_and_a_method_given_to_apply():
+  model, reference = AutoEncoder(), AutoEncoder(hand=True)
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  check_against_hand(model, reference, variables, x, where=r"^(encoder|decoder)$")
+  encode = bgn_jax.insert(functools.partial(model.apply, method=model.encode), where=nn.Dense)
+  hand_encode = functools.partial(reference.apply, method=reference.encode)
+
+  @jax.jit
+  def run(variables, x):
+    return (
+      encode(variables, x),
+      model.apply(variables, x, method=model.encode),
+      loss_grads(encode, variables, x),
+      loss_grads(hand_encode, variables, x),
+    )
+
+  z, plain_z, got, expected = run(variables, x)
+  assert_trees_equal(z, plain_z)
+  assert_trees_equal(got, expected)
+  assert np.any(got["encoder"]["kernel"] != 0)
+
+
+def test_only_call_is_intercepted():
+  # The top-level module runs only `encode` here, so a `where` for it matches nothing.
+  model = AutoEncoder()
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  encode = bgn_jax.insert(functools.partial(model.apply, method="encode"), where=AutoEncoder)
+  with pytest.raises(ValueError, match=r"Dense at 'encoder'"):
+    encode(variables, x)
+
+
+# ---------------------------------------------------------------- called twice
+
+
+class Twice(nn.Module):
+  """Dense_0, then Dense_1 called twice (shared weights), then Dense_2."""
+
+  hand: Sequence[str] = ()  # the layers with a bgn written by hand, at each of their calls
+
+  @nn.compact
+  def __call__(self, x):
+    layers = [nn.Dense(WIDTH, name=f"Dense_{i}") for i in range(3)]
+    for layer in (layers[0], layers[1], layers[1], layers[2]):
+      h = layer(x)
+      x = jnp.tanh(bgn(h) if layer.name in self.hand else h)
+    return x
+
+
+@pytest.mark.parametrize(
+  "every, hand",
+  [
+    (1, ("Dense_0", "Dense_1", "Dense_2")),
+    # Counting calls instead would keep Dense_0 and the second call of Dense_1.
+    (2, ("Dense_0", "Dense_2")),
+    (3, ("Dense_0",)),
+  ],
+)
+def test_module_called_twice_is_one_match(every, hand):
+  model, reference = Twice(), Twice(hand=hand)
+  x = inputs((5, WIDTH))
+  variables = model.init(jax.random.key(0), x)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, every=every)
+
+
+# ---------------------------------------------------------------- lifted transforms
+
+
+class ScanBody(nn.Module):
+  dense_per_body: int = 1
+  hand: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x, _):
+    for i in range(self.dense_per_body):
+      x = nn.Dense(WIDTH)(x)
+      x = jnp.tanh(bgn(x) if i in self.hand else x)
+    return x, None
+
+
+class ScanStack(nn.Module):
+  """Dense, an nn.scan stack of ``length`` bodies, Dense; ``hand_*``: bgn by hand."""
+
+  length: int = 50
+  dense_per_body: int = 1
+  hand_body: Sequence[int] = ()
+  hand_outer: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(WIDTH)(x)
+    x = bgn(x) if 0 in self.hand_outer else x
+    stack = nn.scan(
+      ScanBody,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=self.length,
+    )
+    x, _ = stack(self.dense_per_body, self.hand_body, name="stack")(x, None)
+    x = nn.Dense(WIDTH)(x)
+    return bgn(x) if 1 in self.hand_outer else x
+
+
+def scan_setup(dense_per_body=1, **hand):
+  x = inputs((3, WIDTH))
+  model = ScanStack(dense_per_body=dense_per_body)
+  reference = ScanStack(dense_per_body=dense_per_body, **hand)
+  return model, reference, model.init(jax.random.key(0), x), x
+
+
+def test_scan_stack_of_50_layers_gets_a_node_in_every_layer():
+  model, reference, variables, x = scan_setup(hand_body=(0,))
+  assert variables["params"]["stack"]["Dense_0"]["kernel"].shape == (50, WIDTH, WIDTH)
+  check_against_hand(model, reference, variables, x, where=r"^stack/")
+
+
+@pytest.mark.parametrize(
+  "dense_per_body, hand",
+  [
+    # Matches: Dense_0, stack/Dense_0, Dense_1. If the second trace of the body that
+    # nn.scan makes counted again, every=2 would keep stack/Dense_0 and drop Dense_1.
+    (1, dict(hand_outer=(0, 1))),
+    # Matches: Dense_0, stack/Dense_0, stack/Dense_1, Dense_1: every=2 keeps Dense_0
+    # and stack/Dense_1, in every layer of the stack.
+    (2, dict(hand_outer=(0,), hand_body=(1,))),
+  ],
+)
+def test_scan_body_counts_once_for_every(dense_per_body, hand):
+  model, reference, variables, x = scan_setup(dense_per_body, **hand)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, every=2)
+
+
+class TanhDense(nn.Module):
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x, hand_call: bool = False):
+    x = nn.Dense(WIDTH)(x)
+    return jnp.tanh(bgn(x) if self.hand or hand_call else x)
+
+
+class RematModel(nn.Module):
+  hand: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(TanhDense)
+    x = block(hand=0 in self.hand, name="first")(x)
+    return block(hand=1 in self.hand, name="second")(x)
+
+
+@pytest.mark.parametrize("every, hand", [(1, (0, 1)), (2, (0,))])
+def test_remat_blocks(every, hand):
+  model, reference = RematModel(), RematModel(hand=hand)
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, every=every)
+
+
+class RematTwice(nn.Module):
+  """Dense_0, then one remat block called twice: two separate traces of one body."""
+
+  hand: Sequence[int] = ()  # 0: Dense_0; 1, 2: the two calls of the block
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH)(x)
+    x = jnp.tanh(bgn(h) if 0 in self.hand else h)
+    shared = nn.remat(TanhDense, static_argnums=(2,))(name="shared")
+    return shared(shared(x, 1 in self.hand), 2 in self.hand)
+
+
+@pytest.mark.parametrize("every, hand", [(1, (0, 1, 2)), (2, (0,))])
+def test_remat_block_called_twice_is_one_match(every, hand):
+  model, reference = RematTwice(), RematTwice(hand=hand)
+  x = inputs((5, WIDTH))
+  variables = model.init(jax.random.key(0), x)
+  check_against_hand(model, reference, variables, x, where=nn.Dense, every=every)
+
+
+class VmapModel(nn.Module):
+  """nn.vmap over the leading axis, one Dense per instance (per-instance parameters)."""
+
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    vmapped = nn.vmap(
+      TanhDense,
+      in_axes=0,
+      out_axes=0,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+    )
+    return vmapped(hand=self.hand, name="instances")(x)
+
+
+def test_vmap_normalizes_each_mapped_instance():
+  model, reference = VmapModel(), VmapModel(hand=True)
+  x = inputs((3, 5, 6))
+  variables = model.init(jax.random.key(0), x)
+  assert variables["params"]["instances"]["Dense_0"]["kernel"].shape == (3, 6, WIDTH)
+  check_against_hand(model, reference, variables, x, where=nn.Dense)
+
+
+class SharedVmap(nn.Module):
+  """nn.vmap over examples with broadcast parameters and a named axis."""
+
+  axis_name: str | None = "batch"
+
+  @nn.compact
+  def __call__(self, x):
+    vmapped = nn.vmap(
+      nn.Dense,
+      in_axes=0,
+      out_axes=0,
+      variable_axes={"params": None},
+      split_rngs={"params": False},
+      axis_name=self.axis_name,
+    )
+    return jnp.tanh(vmapped(WIDTH, name="dense")(x))
+
+
+class HandBatched(nn.Module):
+  """SharedVmap's Dense on the whole batch, with a bgn by hand over ``axes``."""
+
+  axes: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(bgn(nn.Dense(WIDTH, name="dense")(x), axes=self.axes))
+
+
+def test_vmap_with_axis_name_normalizes_the_whole_batch():
+  model = SharedVmap()
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  check_against_hand(model, HandBatched(), variables, x, where=nn.Dense, axis_name="batch")
+
+
+def test_vmap_without_axis_name_normalizes_each_example():
+  model = SharedVmap(axis_name=None)
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Dense)
+  grads = jax.jit(loss_grads, static_argnums=0)
+  got = grads(with_bgn, variables, x)
+  per_example = grads(HandBatched(axes=1).apply, variables, x)
+  whole_batch = grads(HandBatched().apply, variables, x)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(got["dense"][name], per_example["dense"][name], rtol=1e-6)
+    assert not np.allclose(got["dense"][name], whole_batch["dense"][name], rtol=1e-3)
+
+
+# ---------------------------------------------------------------- ResNet with BatchNorm
+
+
+class ResidualBlock(nn.Module):
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(4, (3, 3))(x)
+    h = nn.relu(nn.BatchNorm(use_running_average=False, axis_name="batch")(h))
+    h = nn.Conv(4, (3, 3))(h)
+    h = nn.BatchNorm(use_running_average=False, axis_name="batch")(h)
+    y = nn.relu(x + h)
+    return bgn(y, axis_name="batch") if self.hand else y
+
+
+class ResNet(nn.Module):
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    for _ in range(2):
+      x = ResidualBlock(self.hand)(x)
+    return nn.Dense(3)(jnp.mean(x, axis=(0, 1)))
+
+
+def resnet_loss(apply_fn, params, batch_stats, images):
+  """Loss and new batch_stats of a per-example apply, vmapped over the named batch axis."""
+
+  def per_example(image):
+    return apply_fn({"params": params, "batch_stats": batch_stats}, image, mutable=["batch_stats"])
+
+  logits, updates = jax.vmap(per_example, axis_name="batch")(images)
+  return jnp.sum(jnp.sin(logits)), (logits, updates)
+
+
+def test_resnet_with_batchnorm_in_train_mode():
+  model, reference = ResNet(), ResNet(hand=True)
+  images = inputs((4, 6, 6, 4))
+  variables = jax.vmap(model.init, in_axes=(None, 0), axis_name="batch")(jax.random.key(0), images)
+  variables = jax.tree.map(lambda v: v[0], variables)
+  with_bgn = bgn_jax.insert(model.apply, where=ResidualBlock, axis_name="batch")
+
+  @jax.jit
+  def run(params, batch_stats, images):
+    return [
+      jax.grad(functools.partial(resnet_loss, apply_fn), has_aux=True)(params, batch_stats, images)
+      for apply_fn in (with_bgn, reference.apply, model.apply)
+    ]
+
+  got, expected, plain = run(variables["params"], variables["batch_stats"], images)
+  (logits, updates), (plain_logits, plain_updates) = got[1], plain[1]
+  assert_trees_equal(logits, plain_logits)
+  assert_trees_equal(updates, plain_updates)
+  assert_trees_equal(updates, expected[1][1])
+  assert_trees_differ(updates["batch_stats"], variables["batch_stats"])
+  assert_trees_equal(got[0], expected[0])
+  assert_trees_differ(got[0], plain[0])
+
+
+# ---------------------------------------------------------------- Transformer block
+
+
+class TransformerBlock(nn.Module):
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    mark = bgn if self.hand else (lambda y: y)
+    h = nn.LayerNorm()(x)
+    h = mark(nn.MultiHeadDotProductAttention(num_heads=2, name="attention")(h, mask=mask))
+    x = x + h
+    h = nn.LayerNorm()(x)
+    h = nn.gelu(mark(nn.Dense(2 * WIDTH)(h)))
+    return x + mark(nn.Dense(WIDTH)(h))
+
+
+def test_transformer_block():
+  model, reference = TransformerBlock(), TransformerBlock(hand=True)
+  x = inputs((2, 5, WIDTH))
+  mask = nn.make_causal_mask(jnp.ones((2, 5)))
+  variables = model.init(jax.random.key(0), x, mask)
+  where = (nn.MultiHeadDotProductAttention, nn.Dense)
+  check_against_hand(model, reference, variables, x, mask, where=where)
+
+
+# ---------------------------------------------------------------- rngs and mutable
+
+
+class DropoutNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(WIDTH)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(3)(x)
+
+
+def test_rngs_and_mutable_pass_through():
+  model = DropoutNet()
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x, train=False)
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Dense)
+  arguments = dict(rngs={"dropout": jax.random.key(1)}, mutable=("batch_stats",), train=True)
+  static = ("train", "mutable")
+  got = jax.jit(with_bgn, static_argnames=static)(variables, x, **arguments)
+  expected = jax.jit(model.apply, static_argnames=static)(variables, x, **arguments)
+  assert_trees_equal(got, expected)
+  assert_trees_differ(got[1], {"batch_stats": variables["batch_stats"]})
+  other_key = model.apply(variables, x, True, rngs={"dropout": jax.random.key(2)}, mutable=True)
+  assert_trees_differ(got[0], other_key[0])
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_no_match_raises_at_the_first_call_listing_what_was_seen():
+  model, _, variables, x = mlp_setup()
+  with_bgn = bgn_jax.insert(model.apply, where=r"Conv")
+  for transform in TRANSFORMS.values():
+    with pytest.raises(ValueError, match="matched no module __call__") as error:
+      transform(with_bgn)(variables, x)
+    message = str(error.value)
+    assert "MLP at ''" in message
+    for i in range(4):
+      assert f"Dense at 'Dense_{i}'" in message
+    assert "'Conv'" in message
+
+
+@pytest.mark.parametrize(
+  "arguments, error, message",
+  [
+    (dict(position="middle"), ValueError, "`position` must be 'after' or 'before'; got 'middle'"),
+    (dict(position=1), TypeError, "`position` must be 'after' or 'before'; got 1"),
+    (dict(every=0), ValueError, "`every` must be an int >= 1; got 0"),
+    (dict(every=1.5), TypeError, "`every` must be an int >= 1; got 1.5"),
+    (dict(every=True), TypeError, "`every` must be an int >= 1; got True"),
+    (dict(powr=0.5), TypeError, "unknown BGN option 'powr'"),
+    (dict(power=2.0), ValueError, "bgn: `power` must lie in [0, 1]; got 2.0"),
+    (dict(eps=-1.0), ValueError, "bgn: `eps` must be finite and >= 0"),
+    (dict(target_norm="unit"), ValueError, "bgn: unknown `target_norm` 'unit'"),
+    (dict(axes="batch"), TypeError, "bgn: `axes` must be None, an int or a tuple of ints"),
+    (dict(axes=(1, 1)), ValueError, "names the same axis twice"),
+    (dict(axes=10**9), ValueError, "`axes` 1000000000 names an axis beyond rank 64"),
+    (dict(axis_name=["batch", {}]), TypeError, "bgn: `axis_name` must be None"),
+    (dict(where="(unclosed"), ValueError, "is not a valid regular expression"),
+    (dict(where=3), TypeError, "`where` must be a Module class"),
+  ],
+)
+def test_bad_arguments_are_rejected_at_insert(arguments, error, message):
+  arguments = {"where": nn.Dense, **arguments}
+  with pytest.raises(error, match=re.escape(message)):
+    bgn_jax.insert(MLP().apply, **arguments)
+
+
+def test_bad_apply_fn_and_axes_out_of_range():
+  with pytest.raises(TypeError, match="`apply_fn` must be callable"):
+    bgn_jax.insert(None, where=nn.Dense)
+  model, _, variables, x = mlp_setup()
+  # A negative and a positive axis that differ in rank 2 are accepted at insert time.
+  bgn_jax.insert(model.apply, where=nn.Dense, axes=(1, -1))
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Dense, axes=2)
+  with pytest.raises(ValueError, match="`axes` entry 2 is out of range for an input of rank 2"):
+    with_bgn(variables, x)
