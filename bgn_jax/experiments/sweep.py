@@ -1,0 +1,373 @@
+"""``bgn-jax sweep``: a resumable grid of training runs and its best-over-LR summary.
+
+Each run lives in ``OUT/runs/<name>/``; a run whose ``results.json`` exists is
+finished and skipped after a restart, and a run killed midway continues from its
+checkpoints. After every run the summary is rewritten (``summary.md``,
+``summary.csv``, ``accuracy_vs_depth.png``, ``grad_norms.png``), so whatever has
+finished is usable while the sweep goes on.
+
+A cell is (dataset, depth, activation, optimizer, method). Its reported accuracy
+is the one of its best learning rate: the LR with the highest mean test accuracy
+over seeds, chosen per cell, so each method gets its own best LR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, train
+
+__all__ = ["SweepConfig", "run_name", "run_sweep", "summarize"]
+
+_LIST_KEYS = ("depths", "methods", "activations", "optimizers", "lrs", "seeds")
+_SCALAR_KEYS = (
+  "out",
+  "dataset",
+  "width",
+  "init",
+  "bgn_every",
+  "momentum",
+  "batch_size",
+  "epochs",
+  "dtype",
+  "data_dir",
+  "log_every",
+  "checkpoint_every",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """The grid and the settings shared by its runs.
+
+  Attributes:
+    out: the sweep folder.
+    depths, methods, activations, optimizers, seeds: the grid axes.
+    lrs: the LR grid: one list for every optimizer, or ``{optimizer: [lr, ...]}``.
+    dataset, width, init, bgn_every, momentum, batch_size, epochs, dtype,
+      data_dir, log_every, checkpoint_every: as in :class:`TrainConfig`.
+  """
+
+  out: str = "bgn-sweep"
+  depths: tuple[int, ...] = (10,)
+  methods: tuple[str, ...] = ("plain", "bgn")
+  activations: tuple[str, ...] = ("relu",)
+  optimizers: tuple[str, ...] = ("adam",)
+  lrs: tuple[float, ...] | Mapping[str, tuple[float, ...]] = (1e-3,)
+  seeds: tuple[int, ...] = (0,)
+  dataset: str = "digits"
+  width: int = 128
+  init: str = "lecun"
+  bgn_every: int = 1
+  momentum: float = 0.9
+  batch_size: int = 128
+  epochs: int = 2
+  dtype: str = "float32"
+  data_dir: str | None = None
+  log_every: int = 50
+  checkpoint_every: int = 0
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any], source: str) -> SweepConfig:
+    """Builds a config from a mapping (a parsed TOML file); ``source`` names it in errors."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+      name = key.replace("-", "_")
+      if name not in known:
+        raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}.")
+      if name == "lrs" and isinstance(value, Mapping):
+        value = {opt: tuple(float(v) for v in lrs) for opt, lrs in value.items()}
+      elif name == "lrs":
+        value = tuple(float(v) for v in value)
+      elif name in _LIST_KEYS:
+        if not isinstance(value, (list, tuple)):
+          raise ValueError(f"{source}: {key!r} must be a list; got {value!r}.")
+        value = tuple(value)
+      kwargs[name] = value
+    return cls(**kwargs)
+
+  @classmethod
+  def from_args(cls, args: argparse.Namespace) -> SweepConfig:
+    """The TOML file of ``--config`` (if any), overridden by the flags that were given."""
+    values: dict[str, Any] = {}
+    if args.config:
+      try:
+        import tomllib  # Python >= 3.11
+      except ModuleNotFoundError:
+        raise ValueError("--config: reading TOML needs Python >= 3.11 (tomllib).") from None
+      path = Path(args.config)
+      try:
+        values = tomllib.loads(path.read_text())
+      except FileNotFoundError:
+        raise ValueError(f"--config: {path}: no such file.") from None
+      except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config: {path}: not valid TOML ({e}).") from None
+    for key in _LIST_KEYS + _SCALAR_KEYS:
+      value = getattr(args, key, None)
+      if value is not None:
+        values[key] = value
+    config = cls.from_mapping(values, args.config or "flags")
+    config.validate()
+    return config
+
+  def lrs_for(self, optimizer: str) -> tuple[float, ...]:
+    if isinstance(self.lrs, Mapping):
+      if optimizer not in self.lrs:
+        raise ValueError(f"lrs: no LR grid for optimizer {optimizer!r}; got {dict(self.lrs)}.")
+      return tuple(self.lrs[optimizer])
+    return tuple(self.lrs)
+
+  def runs(self) -> list[TrainConfig]:
+    """Every run of the grid, in order (deeper and slower cells last)."""
+    configs = []
+    for depth, activation, optimizer, method, seed in itertools.product(
+      sorted(self.depths), self.activations, self.optimizers, self.methods, self.seeds
+    ):
+      for lr in self.lrs_for(optimizer):
+        config = TrainConfig(
+          out="",
+          dataset=self.dataset,
+          depth=depth,
+          width=self.width,
+          activation=activation,
+          init=self.init,
+          method=method,
+          bgn_every=self.bgn_every,
+          optimizer=optimizer,
+          lr=lr,
+          momentum=self.momentum,
+          batch_size=self.batch_size,
+          epochs=self.epochs,
+          seed=seed,
+          dtype=self.dtype,
+          log_every=self.log_every,
+          checkpoint_every=self.checkpoint_every,
+          resume=True,
+          data_dir=self.data_dir,
+          progress=True,
+          plots=False,
+        )
+        configs.append(
+          dataclasses.replace(config, out=str(Path(self.out) / "runs" / run_name(config)))
+        )
+    return configs
+
+  def validate(self) -> None:
+    """Raises ValueError naming the key that is empty or out of range."""
+    for key in _LIST_KEYS:
+      if key != "lrs" and not getattr(self, key):
+        raise ValueError(f"--{key}: the grid axis is empty.")
+    for optimizer in self.optimizers:
+      if not self.lrs_for(optimizer):
+        raise ValueError(f"--lrs: the LR grid of {optimizer!r} is empty.")
+    for run in self.runs():
+      run.validate()
+
+
+def run_name(config: TrainConfig) -> str:
+  """The folder name of a run inside ``OUT/runs``."""
+  return (
+    f"{config.dataset}-d{config.depth}-w{config.width}-{config.activation}-{config.init}-"
+    f"{config.method}-k{config.bgn_every}-{config.optimizer}-lr{config.lr:g}-s{config.seed}"
+  )
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def summarize(config: SweepConfig) -> list[dict[str, Any]]:
+  """The best-over-LR rows of the finished runs; writes summary.md, .csv and PNGs.
+
+  Returns:
+    One row per cell with any finished run: dataset, depth, activation,
+    optimizer, method, best_lr, mean, std (sample, over seeds), min, max,
+    seeds, accuracies, runs_done, runs_total and diverged (runs at any LR).
+  """
+  out = Path(config.out)
+  cells: dict[tuple, dict[float, list[dict[str, Any]]]] = {}
+  totals: dict[tuple, int] = {}
+  for run in config.runs():
+    key = (run.dataset, run.depth, run.activation, run.optimizer, run.method)
+    totals[key] = totals.get(key, 0) + 1
+    result = _read_result(Path(run.out) / "results.json")
+    if result is not None:
+      cells.setdefault(key, {}).setdefault(run.lr, []).append({**result, "seed": run.seed})
+  rows, per_lr = [], []
+  for key, by_lr in cells.items():
+    best = None
+    for lr, results in sorted(by_lr.items()):
+      accuracies = [r["test_accuracy"] for r in results if not r.get("diverged")]
+      diverged = len(results) - len(accuracies)
+      mean = statistics.fmean(accuracies) if accuracies else math.nan
+      per_lr.append((key, lr, mean, len(results), diverged))
+      # An LR where any seed diverged is unusable; it ranks below every other.
+      score = mean if accuracies and not diverged else -math.inf
+      if best is None or score > best[0]:
+        best = (score, lr, accuracies, results, diverged)
+    score, lr, accuracies, results, _ = best
+    rows.append(
+      {
+        "dataset": key[0],
+        "depth": key[1],
+        "activation": key[2],
+        "optimizer": key[3],
+        "method": key[4],
+        "best_lr": lr,
+        "mean": statistics.fmean(accuracies) if accuracies else math.nan,
+        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "min": min(accuracies) if accuracies else math.nan,
+        "max": max(accuracies) if accuracies else math.nan,
+        "seeds": len(accuracies),
+        "accuracies": " ".join(f"{a:.4f}" for a in accuracies),
+        "runs_done": sum(len(r) for r in by_lr.values()),
+        "runs_total": totals[key],
+        "diverged": sum(1 for rs in by_lr.values() for r in rs if r.get("diverged")),
+        # True when a seed diverged at every LR: mean and std are then over the
+        # seeds that did not, and the cell has no stable LR in the grid.
+        "no_stable_lr": score == -math.inf,
+        "_grad_norms": {
+          "init": results[0].get("grad_norms_init"),
+          "final": results[0].get("grad_norms_final"),
+        },
+      }
+    )
+  rows.sort(key=lambda r: (r["dataset"], r["activation"], r["optimizer"], r["depth"], r["method"]))
+  _write_tables(out, rows, per_lr)
+  if rows:
+    _write_plots(out, rows)
+  return rows
+
+
+def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_lr: Sequence[tuple]) -> None:
+  columns = [c for c in (rows[0] if rows else {}) if not c.startswith("_")]
+  with open(out / "summary.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [
+    "| dataset | activation | optimizer | depth | method | best LR | test accuracy, mean ± std "
+    "(min–max) | seeds | runs done | diverged runs |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    accuracy = (
+      f"{100 * r['mean']:.1f}% ± {100 * r['std']:.1f} ({100 * r['min']:.1f}–{100 * r['max']:.1f})"
+      if r["seeds"]
+      else "diverged"
+    )
+    if r["no_stable_lr"] and r["seeds"]:
+      accuracy += ", no LR without a diverged seed"
+    lines.append(
+      f"| {r['dataset']} | {r['activation']} | {r['optimizer']} | {r['depth']} | {r['method']} "
+      f"| {r['best_lr']:g} | {accuracy} | {r['seeds']} | {r['runs_done']}/{r['runs_total']} "
+      f"| {r['diverged']} |"
+    )
+  lines += [
+    "",
+    "Every learning rate (mean test accuracy over the finished seeds):",
+    "",
+    "| dataset | depth | activation | optimizer | method | LR | mean | runs | diverged |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for key, lr, mean, n, diverged in sorted(per_lr):
+    shown = f"{100 * mean:.1f}%" if not math.isnan(mean) else "—"
+    lines.append(
+      f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {lr:g} | {shown} | {n} "
+      f"| {diverged} |"
+    )
+  (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _write_plots(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+  from bgn_jax.experiments.plots import plot_accuracy_vs_depth, plot_grad_norms
+
+  plotted = [r for r in rows if r["seeds"]]
+  plot_accuracy_vs_depth(plotted, out / "accuracy_vs_depth.png", title=rows[0]["dataset"])
+  deepest = max(r["depth"] for r in rows)
+  norms = {}
+  for r in rows:
+    if r["depth"] != deepest:
+      continue
+    label = f"{r['method']} {r['activation']} {r['optimizer']}"
+    for when in ("init", "final"):
+      if r["_grad_norms"][when] is not None:
+        norms[f"{label}, {when}"] = r["_grad_norms"][when]
+  if norms:
+    plot_grad_norms(norms, out / "grad_norms.png", title=f"gradient norm, depth {deepest}")
+
+
+def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict[str, Any]]:
+  """Runs every unfinished run of the grid, rewriting the summary after each.
+
+  Returns:
+    The summary rows (see :func:`summarize`).
+  """
+  import jax
+
+  config.validate()
+  out = Path(config.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if not jax.config.jax_compilation_cache_dir:
+    # Runs differing only in seed or LR compile to the same programs (the LR is
+    # optimizer state), so a persistent cache saves most compile time.
+    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  runs = config.runs()
+  is_main = jax.process_index() == 0
+  datasets: dict[str, Any] = {}
+  skipped = 0
+  for number, run in enumerate(runs, 1):
+    results_path = Path(run.out) / "results.json"
+    if results_path.exists():
+      skipped += 1
+      continue
+    if is_main:
+      print(f"bgn-jax sweep: run {number}/{len(runs)}: {run_name(run)}", file=sys.stderr)
+    if run.dataset not in datasets:
+      from bgn_jax.experiments.data import load_dataset
+
+      datasets[run.dataset] = load_dataset(run.dataset, run.data_dir)
+    try:
+      train(dataclasses.replace(run, progress=progress), dataset=datasets[run.dataset])
+    except NonFiniteLossError as e:
+      # Deterministic: a rerun would diverge again, so the run counts as finished.
+      if is_main:
+        print(f"bgn-jax sweep: {run_name(run)}: {e}", file=sys.stderr)
+        results_path.write_text(
+          json.dumps(
+            {
+              "config": dataclasses.asdict(run),
+              "method": run.method,
+              "diverged": True,
+              "diverged_at_step": e.step,
+              "test_accuracy": None,
+            },
+            indent=2,
+          )
+          + "\n"
+        )
+    if is_main:
+      summarize(config)
+  if is_main:
+    print(
+      f"bgn-jax sweep: {len(runs) - skipped} runs done, {skipped} already finished; "
+      f"summary in {out / 'summary.md'} and {out / 'summary.csv'}",
+      file=sys.stderr,
+    )
+    return summarize(config)
+  return []

@@ -1,0 +1,547 @@
+"""One training run: optax, one jit-compiled step, data parallel, orbax checkpoints.
+
+The batch axis is sharded over every device of a one-axis ``Mesh`` (``"data"``);
+parameters and optimizer state are replicated. Under sharded ``jit`` the loss
+and every reduction over the batch (the whole-batch BGN norm included) are
+global, so the run computes the same function on 1 or N devices. With
+``jax.distributed`` initialized the mesh spans every process; each process
+holds the whole (small) data set and builds its shards of a global batch from it.
+
+The order of the training examples is a pure function of (seed, epoch), and the
+step counter locates a batch inside it, so a run resumed from a checkpoint sees
+the same batches as an uninterrupted one and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bgn_jax.experiments.data import DATASETS, Dataset, epoch_permutation, load_dataset
+from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS, DeepMLP
+
+__all__ = [
+  "NonFiniteLossError",
+  "OPTIMIZERS",
+  "TrainConfig",
+  "layer_grad_norms_fn",
+  "params_sha256",
+  "train",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the parameters became NaN or infinite; the run was stopped."""
+
+  def __init__(self, step: int, loss: float, last_checkpoint: int | None):
+    self.step = step
+    self.loss = loss
+    self.last_checkpoint = last_checkpoint
+    kept = (
+      f"the last good checkpoint (step {last_checkpoint}) is kept"
+      if last_checkpoint is not None
+      else "no checkpoint had been written"
+    )
+    super().__init__(
+      f"non-finite training loss ({loss}) or parameters at step {step}; "
+      f"the run was stopped and {kept}. Try a smaller --lr."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines a run; the command-line flags of ``bgn-jax train``.
+
+  Attributes:
+    out: the run folder (metrics.jsonl, results.json, plots, checkpoints/).
+    dataset: one of DATASETS.
+    depth: hidden layers.
+    width: units per hidden layer.
+    activation: relu, tanh, sigmoid or gelu.
+    init: lecun, he or glorot (normal) kernel initialization.
+    method: plain, bgn, bgn-per-example, batchnorm or layernorm.
+    bgn_every: a BGN node after every ``bgn_every``-th hidden layer.
+    optimizer: sgd (with momentum), adam or adamw.
+    lr: learning rate.
+    momentum: SGD momentum (0 for none).
+    batch_size: global batch size, a multiple of the device count.
+    epochs: passes over the training set.
+    seed: initialization and data-order seed.
+    dtype: float32 or bfloat16 computation (parameters stay float32).
+    log_every: steps between metrics.jsonl records (and the end of every epoch).
+    checkpoint_every: steps between checkpoints; 0 for the final one only.
+    resume: continue from the latest checkpoint in ``out/checkpoints``.
+    data_dir: where the data files are, see :mod:`bgn_jax.experiments.data`.
+    progress: show the progress bar.
+    plots: write PNG plots at the end.
+  """
+
+  out: str
+  dataset: str = "digits"
+  depth: int = 10
+  width: int = 64
+  activation: str = "relu"
+  init: str = "lecun"
+  method: str = "plain"
+  bgn_every: int = 1
+  optimizer: str = "adam"
+  lr: float = 1e-3
+  momentum: float = 0.9
+  batch_size: int = 64
+  epochs: int = 1
+  seed: int = 0
+  dtype: str = "float32"
+  log_every: int = 50
+  checkpoint_every: int = 0
+  resume: bool = False
+  data_dir: str | None = None
+  progress: bool = True
+  plots: bool = True
+
+  def validate(self) -> None:
+    """Raises ValueError naming the flag whose value is not allowed."""
+    choices = {
+      "dataset": DATASETS,
+      "activation": tuple(ACTIVATIONS),
+      "init": tuple(INITS),
+      "method": METHODS,
+      "optimizer": OPTIMIZERS,
+      "dtype": tuple(DTYPES),
+    }
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(
+          f"--{name}: got {getattr(self, name)!r}; choose one of {', '.join(allowed)}."
+        )
+    for name in ("depth", "width", "bgn_every", "batch_size", "epochs", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name.replace('_', '-')}: must be >= 1; got {getattr(self, name)}.")
+    if self.checkpoint_every < 0:
+      raise ValueError(f"--checkpoint-every: must be >= 0; got {self.checkpoint_every}.")
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"--lr: must be positive and finite; got {self.lr}.")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"--momentum: must lie in [0, 1); got {self.momentum}.")
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """The optimizer; the LR is injected as state so one compiled step serves every LR."""
+  momentum = config.momentum or None
+
+  def build(learning_rate):
+    if config.optimizer == "sgd":
+      return optax.sgd(learning_rate, momentum=momentum)
+    if config.optimizer == "adam":
+      return optax.adam(learning_rate)
+    return optax.adamw(learning_rate)
+
+  return optax.inject_hyperparams(build)(learning_rate=config.lr)
+
+
+def make_model(config: TrainConfig, num_classes: int) -> DeepMLP:
+  return DeepMLP(
+    depth=config.depth,
+    width=config.width,
+    num_classes=num_classes,
+    activation=config.activation,
+    init_scheme=config.init,
+    method=config.method,
+    bgn_every=config.bgn_every,
+    dtype=DTYPES[config.dtype],
+  )
+
+
+def _host_copy(leaf: jax.Array) -> np.ndarray:
+  # A replicated array: any local shard is the whole array, also on multi-host.
+  if isinstance(leaf, jax.Array):
+    return np.asarray(leaf.addressable_data(0))
+  return np.asarray(leaf)
+
+
+def params_sha256(params: Any) -> str:
+  """SHA-256 over the parameters: each leaf's path, dtype, shape and bytes, paths sorted."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for key, leaf in sorted(
+    ((jax.tree_util.keystr(path), leaf) for path, leaf in leaves), key=lambda kv: kv[0]
+  ):
+    array = np.ascontiguousarray(_host_copy(leaf))
+    digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def layer_grad_norms_fn(model: DeepMLP) -> Callable[[dict[str, Any], jax.Array, jax.Array], Any]:
+  """A jitted ``(variables, x, y) -> norms``: the loss gradient's norm per hidden kernel.
+
+  The norms are ordered from the input layer up (``model.depth`` of them) and
+  evaluated in inference mode (batch norm uses its running statistics).
+  """
+
+  def norms(variables, x, y):
+    def loss_fn(params):
+      logits = model.apply({**variables, "params": params}, x, train=False)
+      return _cross_entropy(logits, y).mean()
+
+    grads = jax.grad(loss_fn)(variables["params"])
+    first = grads["input_layer"]["dense"]["kernel"].astype(jnp.float32)
+    result = [jnp.sqrt(jnp.sum(first**2)).reshape(1)]
+    if "stack" in grads:
+      kernels = grads["stack"]["layer"]["dense"]["kernel"].astype(jnp.float32)
+      result.append(jnp.sqrt(jnp.sum(kernels**2, axis=(1, 2))))
+    return jnp.concatenate(result)
+
+  return jax.jit(norms)
+
+
+class _Sharding:
+  """The data-parallel layout: batch over every device, everything else replicated."""
+
+  def __init__(self) -> None:
+    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def size(self) -> int:
+    return self.mesh.size
+
+  def global_batch(self, array: np.ndarray) -> jax.Array:
+    # Every process holds the same global batch; each fills its own devices.
+    return jax.make_array_from_callback(array.shape, self.batch, lambda index: array[index])
+
+
+def _checkpoint_manager(folder: Path):
+  import orbax.checkpoint as ocp
+
+  return ocp.CheckpointManager(
+    folder.absolute(),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    ),
+  )
+
+
+def _save(manager, step: int, state: dict[str, Any]) -> None:
+  import orbax.checkpoint as ocp
+
+  if manager.latest_step() == step:
+    return
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+
+
+def _restore(manager, step: int, state: dict[str, Any]) -> dict[str, Any]:
+  import orbax.checkpoint as ocp
+
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+  )
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+class _Metrics:
+  """metrics.jsonl, written by process 0 only, truncated to the resumed step."""
+
+  def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
+    self.enabled = enabled
+    self.records: list[dict[str, Any]] = []
+    if not enabled:
+      return
+    if resume_step > 0 and path.exists():
+      for line in path.read_text().splitlines():
+        if line.strip():
+          record = json.loads(line)
+          if record["step"] <= resume_step:
+            self.records.append(record)
+    self.file = open(path, "w")
+    for record in self.records:
+      self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+
+  def write(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    if self.enabled:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, description: str):
+  from tqdm.auto import tqdm
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    file=sys.stderr,
+    disable=not enabled,
+    desc=description,
+    dynamic_ncols=True,
+    leave=True,
+  )
+
+
+def train(
+  config: TrainConfig,
+  dataset: Dataset | None = None,
+  on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+  """Runs one training run and writes its files into ``config.out``.
+
+  Args:
+    config: the run.
+    dataset: the data, if already loaded (else loaded from ``config``).
+    on_epoch: called with each end-of-epoch metrics record.
+
+  Returns:
+    The contents of ``results.json``.
+
+  Raises:
+    ValueError: a flag has a value that is not allowed.
+    NonFiniteLossError: the loss became NaN or infinite (the last good
+      checkpoint is kept).
+    KeyboardInterrupt: after a checkpoint of the last finished step was saved.
+  """
+  config.validate()
+  started = time.perf_counter()
+  out = Path(config.out)
+  is_main = jax.process_index() == 0
+  if is_main:
+    out.mkdir(parents=True, exist_ok=True)
+  data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+  layout = _Sharding()
+  if config.batch_size % layout.size:
+    raise ValueError(
+      f"--batch-size: {config.batch_size} is not a multiple of the {layout.size} devices."
+    )
+  n_train = len(data.y_train)
+  steps_per_epoch = n_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"--batch-size: {config.batch_size} exceeds the {n_train} training examples.")
+  total_steps = steps_per_epoch * config.epochs
+
+  model = make_model(config, data.num_classes)
+  tx = make_optimizer(config)
+  n_features = data.x_train.shape[1]
+
+  def init_state() -> dict[str, Any]:
+    variables = model.init(
+      jax.random.key(config.seed), jnp.zeros((1, n_features), jnp.float32), train=False
+    )
+    state = {"params": variables["params"], "opt_state": tx.init(variables["params"])}
+    if "batch_stats" in variables:
+      state["batch_stats"] = variables["batch_stats"]
+    return state
+
+  state = jax.jit(init_state, out_shardings=layout.replicated)()
+  # Nothing is donated, so the initial arrays stay valid for the final report.
+  initial_state = state
+  initial_first_kernel = _host_copy(state["params"]["input_layer"]["dense"]["kernel"])
+
+  def variables_of(state: dict[str, Any], params: Any) -> dict[str, Any]:
+    variables = {"params": params}
+    if "batch_stats" in state:
+      variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+  def train_step(state, x, y):
+    def loss_fn(params):
+      variables = variables_of(state, params)
+      if "batch_stats" in state:
+        logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      else:
+        logits, updates = model.apply(variables, x, train=True), {}
+      return _cross_entropy(logits, y).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], deltas)
+    new_state = {**state, "params": params, "opt_state": opt_state}
+    if "batch_stats" in updates:
+      new_state["batch_stats"] = updates["batch_stats"]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+      "finite": finite & jnp.isfinite(loss),
+    }
+    return new_state, metrics
+
+  step_fn = jax.jit(
+    train_step,
+    in_shardings=(layout.replicated, layout.batch, layout.batch),
+    out_shardings=(layout.replicated, layout.replicated),
+  )
+
+  def eval_batch(state, x, y, weight):
+    logits = model.apply(variables_of(state, state["params"]), x, train=False)
+    correct = jnp.sum((jnp.argmax(logits, -1) == y) * weight)
+    loss = jnp.sum(_cross_entropy(logits, y) * weight)
+    return correct, loss
+
+  eval_fn = jax.jit(
+    eval_batch,
+    in_shardings=(layout.replicated, layout.batch, layout.batch, layout.batch),
+    out_shardings=layout.replicated,
+  )
+  eval_size = layout.size * max(1, 1024 // layout.size)
+
+  def evaluate(state) -> tuple[float, float]:
+    correct = loss = 0.0
+    n_test = len(data.y_test)
+    for begin in range(0, n_test, eval_size):
+      x = data.x_test[begin : begin + eval_size]
+      y = data.y_test[begin : begin + eval_size]
+      weight = np.ones(len(y), np.float32)
+      pad = eval_size - len(y)
+      if pad:
+        x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+      c, lo = eval_fn(
+        state, layout.global_batch(x), layout.global_batch(y), layout.global_batch(weight)
+      )
+      correct += float(_host_copy(c))
+      loss += float(_host_copy(lo))
+    return correct / n_test, loss / n_test
+
+  manager = _checkpoint_manager(out / "checkpoints")
+  start_step = 0
+  if config.resume and manager.latest_step() is not None:
+    start_step = int(manager.latest_step())
+    state = _restore(manager, start_step, state)
+    if is_main:
+      print(f"bgn-jax: resumed {out} from the checkpoint of step {start_step}.", file=sys.stderr)
+  elif not config.resume and manager.latest_step() is not None:
+    raise ValueError(
+      f"--out: {out} already holds checkpoints; pass --resume to continue that run "
+      "or choose an empty folder."
+    )
+
+  metrics = _Metrics(out / "metrics.jsonl", start_step, is_main)
+  bar = _progress_bar(
+    total_steps, start_step, config.progress and is_main, f"{config.method} d{config.depth}"
+  )
+  last_loss = math.nan
+  test_accuracy = test_loss = math.nan
+  for record in metrics.records:
+    if "test_accuracy" in record:
+      test_accuracy, test_loss = record["test_accuracy"], record["test_loss"]
+  done = start_step
+  permutation, permutation_epoch = None, -1
+  try:
+    for step in range(start_step, total_steps):
+      epoch, index = divmod(step, steps_per_epoch)
+      if epoch != permutation_epoch:
+        permutation, permutation_epoch = epoch_permutation(config.seed, epoch, n_train), epoch
+      batch = permutation[index * config.batch_size : (index + 1) * config.batch_size]
+      state_next, step_metrics = step_fn(
+        state,
+        layout.global_batch(data.x_train[batch]),
+        layout.global_batch(data.y_train[batch]),
+      )
+      loss = float(_host_copy(step_metrics["loss"]))
+      if not bool(_host_copy(step_metrics["finite"])):
+        raise NonFiniteLossError(step + 1, loss, manager.latest_step())
+      state, done, last_loss = state_next, step + 1, loss
+      accuracy = float(_host_copy(step_metrics["accuracy"]))
+      bar.update(1)
+      if done % 10 == 0 or done == total_steps:
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", refresh=False)
+      end_of_epoch = done % steps_per_epoch == 0
+      if done % config.log_every == 0 or end_of_epoch:
+        record = {"step": done, "epoch": epoch, "train_loss": loss, "train_accuracy": accuracy}
+        if end_of_epoch:
+          test_accuracy, test_loss = evaluate(state)
+          record.update(epoch=epoch + 1, test_accuracy=test_accuracy, test_loss=test_loss)
+          bar.set_postfix(loss=f"{loss:.4f}", test_acc=f"{test_accuracy:.3f}", refresh=False)
+        metrics.write(record)
+        if end_of_epoch and on_epoch is not None:
+          on_epoch(record)
+      if config.checkpoint_every and done % config.checkpoint_every == 0:
+        _save(manager, done, state)
+  except KeyboardInterrupt:
+    bar.close()
+    if done > start_step:
+      _save(manager, done, state)
+    if is_main:
+      print(
+        f"bgn-jax: interrupted; saved a checkpoint of step {done} in {out / 'checkpoints'} "
+        "(continue with --resume).",
+        file=sys.stderr,
+      )
+    metrics.close()
+    manager.close()
+    raise
+  except NonFiniteLossError:
+    bar.close()
+    metrics.close()
+    manager.close()
+    raise
+  bar.close()
+  metrics.close()
+  _save(manager, total_steps, state)
+  manager.close()
+
+  if math.isnan(last_loss) and metrics.records:
+    last_loss = metrics.records[-1]["train_loss"]
+  if math.isnan(test_accuracy):
+    test_accuracy, test_loss = evaluate(state)
+  final_first_kernel = _host_copy(state["params"]["input_layer"]["dense"]["kernel"])
+  probe = epoch_permutation(config.seed, 0, n_train)[: config.batch_size]
+  probe_x = layout.global_batch(data.x_train[probe])
+  probe_y = layout.global_batch(data.y_train[probe])
+  grad_norms = layer_grad_norms_fn(model)
+  results = {
+    "config": dataclasses.asdict(config),
+    "method": config.method,
+    "test_accuracy": test_accuracy,
+    "test_loss": test_loss,
+    "final_train_loss": last_loss,
+    "steps": total_steps,
+    "params_sha256": params_sha256(state["params"]),
+    "first_layer_relative_update": float(
+      np.linalg.norm(final_first_kernel - initial_first_kernel)
+      / np.linalg.norm(initial_first_kernel)
+    ),
+    "grad_norms_init": _host_copy(
+      grad_norms(variables_of(initial_state, initial_state["params"]), probe_x, probe_y)
+    ).tolist(),
+    "grad_norms_final": _host_copy(
+      grad_norms(variables_of(state, state["params"]), probe_x, probe_y)
+    ).tolist(),
+    "devices": layout.size,
+    "processes": jax.process_count(),
+    "platform": jax.devices()[0].platform,
+    "wall_time_s": time.perf_counter() - started,
+  }
+  if is_main:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if config.plots:
+      from bgn_jax.experiments.plots import plot_run
+
+      plot_run(metrics.records, results, out)
+  return results

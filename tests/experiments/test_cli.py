@@ -1,0 +1,221 @@
+"""End-to-end tests of ``bgn-jax``: real subprocesses on digits, small models, few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from bgn_jax.experiments.cli import main
+
+from .conftest import checkpoint_steps, cli, read_metrics, run_cli
+
+# A small run: digits has 1438 training images, 22 steps of 64 per epoch.
+SMALL = [
+  "--dataset", "digits", "--depth", "4", "--width", "32", "--method", "bgn",
+  "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "64", "--seed", "3",
+  "--log-every", "1", "--no-progress",
+]  # fmt: skip
+REFERENCE_EPOCHS = "12"  # 264 steps: long enough to kill a run midway
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cli_env):
+  out = tmp_path_factory.mktemp("demo")
+  started = time.perf_counter()
+  result = run_cli(["demo", "--out", str(out)], cli_env, timeout=300)
+  return out, result, time.perf_counter() - started
+
+
+def test_demo_writes_results_and_bgn_beats_plain(demo_run):
+  out, result, _ = demo_run
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((out / "results.json").read_text())
+  accuracy = {run["method"]: run["test_accuracy"] for run in summary["runs"]}
+  assert set(accuracy) == {"plain", "bgn"}
+  assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+  assert accuracy["bgn"] - accuracy["plain"] >= 0.30, accuracy
+  assert list(out.glob("*.png"))
+  assert "plain" in result.stdout and "bgn" in result.stdout  # the table
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cli_env):
+  """An uninterrupted 1-device run, checkpoints every 20 steps, through the console script."""
+  out = tmp_path_factory.mktemp("reference") / "run"
+  script = shutil.which("bgn-jax")
+  command = [script] if script else cli()
+  args = [*SMALL, "--epochs", REFERENCE_EPOCHS, "--checkpoint-every", "20", "--out", str(out)]
+  result = subprocess.run(
+    [*command, "train", *args], env=cli_env, capture_output=True, text=True, timeout=150
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out
+
+
+def test_train_writes_metrics_results_plots_and_checkpoints(reference_run):
+  records = read_metrics(reference_run)
+  steps = 22 * int(REFERENCE_EPOCHS)
+  assert [r["step"] for r in records] == list(range(1, steps + 1))
+  assert all("train_loss" in r for r in records)
+  assert sum("test_accuracy" in r for r in records) == int(REFERENCE_EPOCHS)
+  results = json.loads((reference_run / "results.json").read_text())
+  assert results["steps"] == steps
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  assert results["final_train_loss"] == records[-1]["train_loss"]
+  assert len(results["params_sha256"]) == 64
+  assert list(reference_run.glob("*.png"))
+  assert checkpoint_steps(reference_run)[-1] == steps
+
+
+def test_eight_devices_give_the_one_device_loss_curve(reference_run, tmp_path, cli_env):
+  out = tmp_path / "eight"
+  result = run_cli(
+    ["train", *SMALL, "--epochs", "1", "--out", str(out)],
+    cli_env,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((out / "results.json").read_text())["devices"] == 8
+  one = [r["train_loss"] for r in read_metrics(reference_run)][:20]
+  eight = [r["train_loss"] for r in read_metrics(out)][:20]
+  assert len(eight) == 20
+  for a, b in zip(one, eight, strict=True):
+    assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_resume_after_sigkill_gives_identical_parameters(reference_run, tmp_path, cli_env):
+  out = tmp_path / "killed"
+  args = [*SMALL, "--epochs", REFERENCE_EPOCHS, "--checkpoint-every", "20", "--out", str(out)]
+  process = subprocess.Popen(
+    cli("train", *args), env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  try:
+    deadline = time.monotonic() + 120
+    while not checkpoint_steps(out) and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+  finally:
+    process.wait()
+    process.stderr.close()
+  assert process.returncode == -signal.SIGKILL
+  assert not (out / "results.json").exists(), "the run finished before it was killed"
+  killed_at = checkpoint_steps(out)[-1]
+  resumed = run_cli(["train", *args, "--resume"], cli_env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"checkpoint of step {killed_at}" in resumed.stderr
+  reference = json.loads((reference_run / "results.json").read_text())
+  result = json.loads((out / "results.json").read_text())
+  assert result["params_sha256"] == reference["params_sha256"]
+  assert [r["step"] for r in read_metrics(out)] == [r["step"] for r in read_metrics(reference_run)]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_one_device_loss_curve(reference_run, tmp_path, cli_env):
+  out = tmp_path / "two_processes"
+  port = _free_port()
+  common = [
+    "train", *SMALL, "--epochs", "1", "--out", str(out), "--distributed",
+    "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+  ]  # fmt: skip
+  processes = [
+    subprocess.Popen(
+      cli(*common, "--process-id", str(i)),
+      env=cli_env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=150) for p in processes]
+  for p, (_, err) in zip(processes, outputs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["processes"] == 2 and results["devices"] == 2
+  one = [r["train_loss"] for r in read_metrics(reference_run)][:20]
+  two = [r["train_loss"] for r in read_metrics(out)][:20]
+  assert len(two) == 20
+  for a, b in zip(one, two, strict=True):
+    assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cli_env):
+  out = tmp_path / "diverged"
+  args = [
+    "train", "--dataset", "digits", "--depth", "3", "--width", "32", "--method", "plain",
+    "--optimizer", "sgd", "--lr", "1e12", "--batch-size", "64", "--epochs", "1",
+    "--checkpoint-every", "1", "--log-every", "1", "--no-progress", "--out", str(out),
+  ]  # fmt: skip
+  result = run_cli(args, cli_env)
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert "non-finite" in result.stderr
+  failed_step = int(result.stderr.split(" at step ")[1].split(";")[0])
+  assert failed_step < 22
+  assert not (out / "results.json").exists()
+  steps = checkpoint_steps(out)
+  assert steps and steps[-1] == failed_step - 1
+  assert f"step {steps[-1]}" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, cli_env):
+  out = tmp_path / "interrupted"
+  args = [*SMALL, "--epochs", "40", "--out", str(out)]
+  process = subprocess.Popen(
+    cli("train", *args), env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.monotonic() + 120
+  metrics = out / "metrics.jsonl"
+  while (
+    not (metrics.exists() and metrics.stat().st_size)
+    and process.poll() is None
+    and time.monotonic() < deadline
+  ):
+    time.sleep(0.02)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 130, err[-3000:]
+  assert "interrupted" in err
+  steps = checkpoint_steps(out)
+  assert steps and 0 < steps[-1] < 22 * 40
+
+
+def test_sweep_writes_tables_and_skips_finished_cells(tmp_path, cli_env):
+  out = tmp_path / "sweep"
+  config = tmp_path / "grid.toml"
+  config.write_text(
+    'dataset = "digits"\ndepths = [2]\nmethods = ["plain", "bgn"]\nactivations = ["relu"]\n'
+    'optimizers = ["adam"]\nwidth = 16\nepochs = 1\nbatch_size = 64\nseeds = [0]\n'
+    "[lrs]\nadam = [1e-2]\n"
+  )
+  args = ["sweep", "--config", str(config), "--out", str(out), "--no-progress"]
+  first = run_cli(args, cli_env)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "2 runs done, 0 already finished" in first.stderr
+  table = (out / "summary.md").read_text()
+  assert "| digits | relu | adam | 2 | bgn |" in table
+  csv_lines = (out / "summary.csv").read_text().splitlines()
+  assert len(csv_lines) == 3  # header, plain, bgn
+  # A lost run is redone; the finished ones are skipped.
+  lost = next((out / "runs").glob("*bgn*lr0.01*"))
+  (lost / "results.json").unlink()
+  second = run_cli(args, cli_env)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "1 runs done, 1 already finished" in second.stderr
+
+
+def test_bad_flag_names_the_flag(tmp_path, capsys):
+  status = main(["train", "--batch-size", "0", "--out", str(tmp_path / "x"), "--no-progress"])
+  assert status == 2
+  assert "--batch-size" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
