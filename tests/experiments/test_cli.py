@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +49,9 @@ def test_demo_writes_results_and_bgn_beats_plain(demo_run):
 def reference_run(tmp_path_factory, cli_env):
   """An uninterrupted 1-device run, checkpoints every 20 steps, through the console script."""
   out = tmp_path_factory.mktemp("reference") / "run"
-  script = shutil.which("bgn-jax")
-  command = [script] if script else cli()
+  # The console script beside this interpreter, not another one found on PATH.
+  script = Path(sys.executable).with_name("bgn-jax")
+  command = [str(script)] if script.exists() else cli()
   args = [*SMALL, "--epochs", REFERENCE_EPOCHS, "--checkpoint-every", "20", "--out", str(out)]
   result = subprocess.run(
     [*command, "train", *args], env=cli_env, capture_output=True, text=True, timeout=150
