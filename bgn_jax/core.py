@@ -147,22 +147,30 @@ def make_config(
   )
 
 
-# Blue's scaled sum of squares (ACM TOMS 4(1), 1978), with one split into three
-# magnitude bands: every band's squares stay inside the normal range of the
-# accumulator, so the norm neither underflows for vanishing gradients nor
-# overflows for exploding ones, in a single pass over the cotangent that XLA
-# fuses into one multi-output reduction. Bands: |g| < small, [small, big], > big.
+# Blue's scaled sum of squares (ACM TOMS 4(1), 1978) without masks or a max-abs
+# pass: the plain sum of squares and two copies of it taken over g scaled by
+# powers of two, all in one pass over g. For every group one of the three is
+# finite and free of any significant underflow (float32 numbers below; groups of
+# up to 2**40 entries):
+# - the plain sum, unless it overflows (norm >= 2**64) or falls below `floor`
+#   (2**-56): squares lost to underflow are < 2**-126 each, < 2**-86 in all;
+# - below the floor every |g| < 2**-28, so the squares of g * 2**64 stay below
+#   2**72 and their sum below 2**112; only subnormal g (which XLA flushes to
+#   zero anyway) underflow;
+# - g * 2**-88 squares to < 2**80 for any finite g, its sum stays finite, and it
+#   is used only when the plain sum overflowed, so against a sum >= 2**-48 the
+#   lost squares (< 2**-86 in all) do not count.
+# A group holding NaN or Inf makes all three sums non-finite.
 @dataclasses.dataclass(frozen=True)
-class _Bands:
-  small: float  # entries below are multiplied by `up` before squaring
-  big: float  # entries above are multiplied by `down` before squaring
-  log2_up: int  # the band scale: 2**log2_up up for small entries, down for big
-  mid_floor: float  # a middle-band norm below this is joined in the small band's scale
+class _Scales:
+  log2_up: int  # the copy for tiny groups is g * 2**log2_up
+  log2_down: int  # the copy for huge groups is g * 2**-log2_down
+  floor: float  # a plain sum of squares below this is replaced by the scaled-up one
 
 
-_BANDS = {
-  np.dtype(np.float32): _Bands(small=2.0**-50, big=2.0**40, log2_up=90, mid_floor=2.0**-30),
-  np.dtype(np.float64): _Bands(small=2.0**-400, big=2.0**400, log2_up=600, mid_floor=2.0**-100),
+_SCALES = {
+  np.dtype(np.float32): _Scales(log2_up=64, log2_down=88, floor=2.0**-56),
+  np.dtype(np.float64): _Scales(log2_up=600, log2_down=600, floor=2.0**-900),
 }
 
 
@@ -171,20 +179,9 @@ def _accumulator_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-  # sqrt with a finite derivative at 0, so grad of grad through a zero sum is not NaN.
-  positive = x > 0
-  # Zero and NaN pass through as themselves.
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x)
-
-
-def _hypot(a: jax.Array, b: jax.Array) -> jax.Array:
-  # sqrt(a**2 + b**2) for a, b >= 0 without squaring either (a square may overflow),
-  # with finite derivatives at 0; inf and NaN propagate.
-  larger = jnp.maximum(a, b)
-  smaller = jnp.minimum(a, b)
-  ratio = smaller / jnp.where(larger > 0, larger, 1)
-  return larger * jnp.sqrt(1 + ratio * ratio)
+def _sum_of_squares(v: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName) -> jax.Array:
+  ss = jnp.sum(v * v, axis=axes, keepdims=True)
+  return ss if axis_name is None else jax.lax.psum(ss, axis_name)
 
 
 def _scaled_norm(
@@ -192,49 +189,71 @@ def _scaled_norm(
 ) -> tuple[jax.Array, jax.Array]:
   """Returns (r, k) with ||g|| = r / k per group, r free of over/underflow.
 
-  k is an exact power of two (1 for the common middle band).
+  k is an exact power of two (1 when the plain sum of squares is safe).
   """
   acc = _accumulator_dtype(g.dtype)
-  bands = _BANDS[acc]
-  up = acc.type(2.0**bands.log2_up)
-  down = acc.type(2.0**-bands.log2_up)
-  a = jnp.abs(g.astype(acc))
-  is_small = a < bands.small
-  is_big = a > bands.big
-  # NaN compares false with both thresholds, so it lands in the middle band and
-  # makes that sum NaN: a non-finite group stays non-finite.
-  mid = jnp.where(is_small | is_big, 0, a)
-  small = jnp.where(is_small, a * up, 0)
-  big = jnp.where(is_big, a * down, 0)
-  sums = tuple(jnp.sum(v * v, axis=axes, keepdims=True) for v in (small, mid, big))
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
-  small_r, mid_r, big_r = (_safe_sqrt(v) for v in sums)
-  use_big = big_r > 0
-  use_small = ~use_big & (mid_r < bands.mid_floor)
-  # Each band's norm moves to the kept band's scale by one multiply and the two
-  # are joined by a hypot: squaring a moved norm could overflow, and XLA folds
-  # a product of two constant scales into one that does. The dropped third
-  # band is below the accumulator's resolution of the kept one.
-  # Unselected branches get zeros, so their derivatives (grad of grad) stay finite.
-  use_mid = ~use_big & ~use_small
+  scales = _SCALES[acc]
+  up = acc.type(2.0**scales.log2_up)
+  down = acc.type(2.0**-scales.log2_down)
 
-  def joined(use: jax.Array, kept: jax.Array, moved: jax.Array, scale: np.floating) -> jax.Array:
-    return _hypot(jnp.where(use, kept, 0), jnp.where(use, moved, 0) * scale)
+  def three_sums(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Three sums of one input in one pass: XLA fuses them into one multi-output
+    # reduction on the GPU; memory-bound, the extra arithmetic costs nothing.
+    a = g.astype(acc)
+    # Behind a barrier, the scales are no constants to XLA's simplifier, which
+    # would otherwise rewrite (a * up)**2 as a**2 * up**2 = a**2 * inf where the
+    # reduction vanishes (a group of one entry).
+    up_copy, down_copy = jax.lax.optimization_barrier((jnp.asarray(up), jnp.asarray(down)))
+    plain, small, large = (
+      _sum_of_squares(v, axes, axis_name) for v in (a, a * up_copy, a * down_copy)
+    )
+    use_large = ~jnp.isfinite(plain)
+    use_small = plain < scales.floor
+    ss = jnp.where(use_large, large, jnp.where(use_small, small, plain))
+    k = jnp.where(use_large, down, jnp.where(use_small, up, acc.type(1)))
+    return ss, k
 
-  scaled_norm = (
-    joined(use_big, big_r, mid_r, down)
-    + joined(use_small, small_r, mid_r, up)
-    + joined(use_mid, mid_r, small_r, down)
-  )
-  inverse_scale = jnp.where(use_big, down, jnp.where(use_small, up, acc.type(1)))
-  return scaled_norm, inverse_scale
+  def plain_first(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # On the CPU a reduction costs time in proportion to its arithmetic, and
+    # XLA there runs each sum as its own pass, while a conditional is cheap: sum
+    # the plain squares, and go over g again only when a group needs a scale.
+    plain = _sum_of_squares(g.astype(acc), axes, axis_name)
+    safe = jnp.all(jnp.isfinite(plain) & (plain >= scales.floor))
+    return jax.lax.cond(safe, lambda g: (plain, jnp.ones_like(plain)), three_sums, g)
+
+  @jax.custom_jvp
+  def scaled_norm(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if axis_name is None:
+      # A conditional on the GPU would copy its predicate to the host and wait.
+      ss, k = jax.lax.platform_dependent(g, cpu=plain_first, default=three_sums)
+    else:
+      # A collective inside a conditional branch is avoided.
+      ss, k = three_sums(g)
+    return jnp.sqrt(ss), k
+
+  @scaled_norm.defjvp
+  def scaled_norm_jvp(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
+  ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    # d||g|| = <g / ||g||, dg>, with g / ||g|| formed as (g * k) / r. Autodiff
+    # through the sums would square the scales (XLA then merges them into
+    # products that overflow, and grad of grad becomes inf) and be NaN at 0.
+    (g,), (dg,) = primals, tangents
+    r, k = scaled_norm(g)
+    usable = (r > 0) & jnp.isfinite(r)
+    unit = g.astype(acc) * k / jnp.where(usable, r, 1)
+    dr = jnp.sum(unit * dg.astype(acc), axis=axes, keepdims=True)
+    if axis_name is not None:
+      dr = jax.lax.psum(dr, axis_name)
+    return (r, k), (jnp.where(usable, dr * k, 0), jnp.zeros_like(k))
+
+  return scaled_norm(g)
 
 
 def l2_norm(x: jax.Array, axes: Axes = None) -> jax.Array:
   """The L2 norm of ``x`` over ``axes``, free of overflow and underflow.
 
-  Computed with the same banded scaled sum of squares as the BGN backward rule,
+  Computed with the same scaled sums of squares as the BGN backward rule,
   so entries around 1e-30 (whose float32 squares underflow) or 1e30 (whose
   squares overflow) still give the right norm.
 
@@ -308,9 +327,16 @@ def _bgn_fwd(config: BGNConfig, x: jax.Array) -> tuple[jax.Array, None]:
   return x, None
 
 
+# Traced and lowered once per (shape, dtype, config) however many nodes share them:
+# a deep unrolled model otherwise traces the rule again at every node.
+_normalize_cotangent_jit = jax.jit(normalize_cotangent, static_argnums=1)
+
+
 def _bgn_bwd(config: BGNConfig, residuals: None, g: jax.Array) -> tuple[jax.Array]:
   del residuals
-  return (normalize_cotangent(g, config),)
+  # A nested jit would not see the mapped axes that `axis_name` names.
+  rule = normalize_cotangent if config.axis_name is not None else _normalize_cotangent_jit
+  return (rule(g, config),)
 
 
 _bgn.defvjp(_bgn_fwd, _bgn_bwd)
