@@ -48,7 +48,7 @@ def plot_grad_norms(
     layers = range(1, len(values) + 1)
     ax.semilogy(layers, [max(v, 1e-45) for v in values], label=label)
   ax.set_xlabel("hidden layer (1 = next to the input)")
-  ax.set_ylabel("||dL/dW|| of the layer's kernel")
+  ax.set_ylabel("norm of the layer's parameter gradient")
   ax.grid(alpha=0.3, which="both")
   ax.legend()
   ax.set_title(title)

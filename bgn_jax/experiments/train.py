@@ -15,6 +15,7 @@ the same batches as an uninterrupted one and ends with the same parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -30,8 +31,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bgn_jax.diagnostics import depth_profile, grad_norms
 from bgn_jax.experiments.data import DATASETS, Dataset, epoch_permutation, load_dataset
-from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS, DeepMLP
+from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS, DeepMLP, HiddenLayer
 
 __all__ = [
   "NonFiniteLossError",
@@ -192,26 +194,24 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def layer_grad_norms_fn(model: DeepMLP) -> Callable[[dict[str, Any], jax.Array, jax.Array], Any]:
-  """A jitted ``(variables, x, y) -> norms``: the loss gradient's norm per hidden kernel.
+  """A ``(variables, x, y) -> norms``: the norm of each hidden layer's parameter gradient.
 
-  The norms are ordered from the input layer up (``model.depth`` of them) and
-  evaluated in inference mode (batch norm uses its running statistics).
+  Measured by :func:`bgn_jax.grad_norms` (one jitted forward and backward pass,
+  exact for gradients whose float32 squares underflow), ordered from the input
+  layer up (``model.depth`` of them), in inference mode (batch norm uses its
+  running statistics).
   """
 
+  def loss_fn(variables, x, y):
+    return _cross_entropy(model.apply(variables, x, train=False), y).mean()
+
+  measure = jax.jit(functools.partial(grad_norms, loss_fn, where=HiddenLayer))
+
   def norms(variables, x, y):
-    def loss_fn(params):
-      logits = model.apply({**variables, "params": params}, x, train=False)
-      return _cross_entropy(logits, y).mean()
+    report = jax.tree.map(_host_copy, measure(variables, x, y))
+    return depth_profile(report, "params")
 
-    grads = jax.grad(loss_fn)(variables["params"])
-    first = grads["input_layer"]["dense"]["kernel"].astype(jnp.float32)
-    result = [jnp.sqrt(jnp.sum(first**2)).reshape(1)]
-    if "stack" in grads:
-      kernels = grads["stack"]["layer"]["dense"]["kernel"].astype(jnp.float32)
-      result.append(jnp.sqrt(jnp.sum(kernels**2, axis=(1, 2))))
-    return jnp.concatenate(result)
-
-  return jax.jit(norms)
+  return norms
 
 
 class _Sharding:
