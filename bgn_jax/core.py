@@ -148,15 +148,15 @@ def make_config(
 
 
 # Blue's scaled sum of squares (ACM TOMS 4(1), 1978) without masks or a max-abs
-# pass: the plain sum of squares and two copies of it taken over g scaled by
-# powers of two, all in one pass over g. For every group one of the three is
-# finite and free of any significant underflow (float32 numbers below; groups of
-# up to 2**40 entries):
+# pass: the plain sum of squares and two sums of squares of g scaled by powers
+# of two, read in one pass over g. For every group one of the three is finite
+# and free of any significant underflow (float32 numbers below; groups of up to
+# 2**40 entries):
 # - the plain sum, unless it overflows (norm >= 2**64) or falls below `floor`
 #   (2**-56): squares lost to underflow are < 2**-126 each, < 2**-86 in all;
 # - below the floor every |g| < 2**-28, so the squares of g * 2**64 stay below
-#   2**72 and their sum below 2**112; only subnormal g (which XLA flushes to
-#   zero anyway) underflow;
+#   2**72 and their sum below 2**112; only subnormal g underflow (XLA on the
+#   CPU flushes those to zero anyway);
 # - g * 2**-88 squares to < 2**80 for any finite g, its sum stays finite, and it
 #   is used only when the plain sum overflowed, so against a sum >= 2**-48 the
 #   lost squares (< 2**-86 in all) do not count.
@@ -197,8 +197,9 @@ def _scaled_norm(
   down = acc.type(2.0**-scales.log2_down)
 
   def three_sums(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Three sums of one input in one pass: XLA fuses them into one multi-output
-    # reduction on the GPU; memory-bound, the extra arithmetic costs nothing.
+    # Three sums of one input, no masks: sibling reductions that XLA's GPU
+    # multi-output fusion can read in one pass; memory-bound there, the extra
+    # arithmetic should cost nothing.
     a = g.astype(acc)
     # Behind a barrier, the scales are no constants to XLA's simplifier, which
     # would otherwise rewrite (a * up)**2 as a**2 * up**2 = a**2 * inf where the
@@ -225,7 +226,10 @@ def _scaled_norm(
   def scaled_norm(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     if axis_name is None:
       # A conditional on the GPU would copy its predicate to the host and wait.
-      ss, k = jax.lax.platform_dependent(g, cpu=plain_first, default=three_sums)
+      # The conditional's operand is the accumulator copy: for bf16 XLA on the
+      # CPU then hands over the float32 product it holds anyway, where g itself
+      # would be written out once more, at each node.
+      ss, k = jax.lax.platform_dependent(g.astype(acc), cpu=plain_first, default=three_sums)
     else:
       # A collective inside a conditional branch is avoided.
       ss, k = three_sums(g)
