@@ -3,9 +3,9 @@
 Sources, in order: ``data_dir`` if given; for Fashion-MNIST the Debian package
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``); the cache
 (``$BGN_JAX_CACHE``, else ``~/.cache/bgn_jax``); and last a download into the cache.
-A download goes to a temporary file in the cache directory, is checked (IDX
-structure, and SHA-256 where a checksum is known) and only then renamed, so the
-cache never holds a half-written file. CIFAR-10 is read from its python-pickle
+A download goes to a temporary file in the cache directory, is checked (SHA-256
+and IDX structure) and only then renamed, so the cache never holds a half-written
+file; a file with no known checksum is never downloaded. CIFAR-10 is read from its python-pickle
 batches in a local folder; it is never downloaded.
 """
 
@@ -62,8 +62,7 @@ BASE_URLS = {
 # .gz makes the check independent of how a mirror compressed the file. The
 # Fashion-MNIST values were computed here from the files of the Debian package
 # dataset-fashion-mnist 0.0~git20200523.55506a9-1 (the upstream repository's
-# data). No MNIST file could be obtained offline to verify, so MNIST has no
-# checksum: its downloads are checked for IDX structure only.
+# data).
 CONTENT_SHA256: dict[str, dict[str, str]] = {
   "fashion-mnist": {
     "train-images-idx3-ubyte.gz": (
@@ -80,6 +79,28 @@ CONTENT_SHA256: dict[str, dict[str, str]] = {
     ),
   },
   "mnist": {},
+}
+
+# SHA-256 of the .gz files themselves, where the published files are the ones
+# served. MNIST: the checksums published for the original files (the same values
+# in TensorFlow Datasets' url_checksums and in several independent loaders; the
+# mirror serves those files); not verifiable offline here.
+FILE_SHA256: dict[str, dict[str, str]] = {
+  "fashion-mnist": {},
+  "mnist": {
+    "train-images-idx3-ubyte.gz": (
+      "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+      "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+      "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+      "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
+  },
 }
 
 SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
@@ -199,27 +220,39 @@ def _urllib_fetch(url: str, dest: Path) -> None:
 
 
 def download(
-  url: str, dest: str | os.PathLike, *, content_sha256: str | None, fetch: Fetcher | None = None
+  url: str,
+  dest: str | os.PathLike,
+  *,
+  content_sha256: str | None = None,
+  file_sha256: str | None = None,
+  fetch: Fetcher | None = None,
 ) -> Path:
   """Downloads a gzipped IDX file to ``dest``, atomically and verified.
 
   The bytes go to a temporary file next to ``dest``; it is renamed to ``dest``
-  only after it decompresses to a well-formed IDX array and, where
-  ``content_sha256`` is given, the decompressed bytes have that SHA-256.
+  only after its SHA-256 matches and it decompresses to a well-formed IDX array.
 
   Args:
     url: where to fetch from (any scheme urllib opens, file:// included).
     dest: the final path.
     content_sha256: the expected SHA-256 of the decompressed bytes, or None.
+    file_sha256: the expected SHA-256 of the .gz file, or None. At least one of
+      the two is required: nothing is downloaded unverified.
     fetch: ``fetch(url, path)`` writes the resource to ``path``; urllib by default.
 
   Returns:
     ``dest``.
 
   Raises:
-    DataError: naming the URL and file, if the download fails or is not valid.
+    DataError: naming the URL and file, if no checksum is known, or the
+      download fails or is not valid.
   """
   dest = Path(dest)
+  if content_sha256 is None and file_sha256 is None:
+    raise DataError(
+      f"{dest.name}: no checksum is known for {url}, so it is not downloaded; put the "
+      "file in a folder and pass it with --data-dir."
+    )
   dest.parent.mkdir(parents=True, exist_ok=True)
   print(f"bgn-jax: downloading {url} -> {dest}", file=sys.stderr)
   fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -230,6 +263,13 @@ def download(
       (fetch or _urllib_fetch)(url, tmp)
     except OSError as e:
       raise DataError(f"{dest.name}: download from {url} failed ({e}).") from e
+    if file_sha256 is not None:
+      digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+      if digest != file_sha256:
+        raise DataError(
+          f"{dest.name}: downloaded from {url}, SHA-256 of the file is {digest}, "
+          f"expected {file_sha256}."
+        )
     raw = _read_gzip(tmp)
     if content_sha256 is not None:
       digest = hashlib.sha256(raw).hexdigest()
@@ -262,6 +302,7 @@ def _find_idx_dir(name: str, data_dir: Path | None, fetch: Fetcher | None) -> Pa
         base.rstrip("/") + "/" + file,
         target / file,
         content_sha256=CONTENT_SHA256[name].get(file),
+        file_sha256=FILE_SHA256[name].get(file),
         fetch=fetch,
       )
   return target

@@ -87,6 +87,7 @@ def test_download_from_file_url_verifies_and_caches(tmp_path, monkeypatch):
     for file in data.IDX_FILES.values()
   }
   monkeypatch.setitem(data.CONTENT_SHA256, "mnist", checksums)
+  monkeypatch.setitem(data.FILE_SHA256, "mnist", {})
   dataset = data.load_dataset("mnist")
   np.testing.assert_array_equal(dataset.y_test, arrays["test_labels"])
   cached = sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir())
@@ -99,9 +100,29 @@ def test_download_with_wrong_checksum_leaves_no_file(tmp_path, monkeypatch):
   monkeypatch.setenv("BGN_JAX_CACHE", str(tmp_path / "cache"))
   monkeypatch.setenv("BGN_JAX_MNIST_URL", source.as_uri())
   monkeypatch.setitem(data.CONTENT_SHA256, "mnist", {data.IDX_FILES["train_images"]: "0" * 64})
+  monkeypatch.setitem(data.FILE_SHA256, "mnist", {})
   with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*SHA-256"):
     data.load_dataset("mnist")
   assert list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_download_with_wrong_file_checksum_leaves_no_file(tmp_path, monkeypatch):
+  # The fixture files are not the published MNIST files, so the real .gz checksums fail.
+  source = tmp_path / "mirror"
+  write_idx_set(source)
+  monkeypatch.setenv("BGN_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("BGN_JAX_MNIST_URL", source.as_uri())
+  with pytest.raises(DataError, match="idx.-ubyte.gz.*SHA-256 of the file"):
+    data.load_dataset("mnist")
+  assert list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_no_checksum_no_download(tmp_path):
+  fetched = []
+  dest = tmp_path / "cache" / "data.gz"
+  with pytest.raises(DataError, match="no checksum is known"):
+    data.download("https://example.invalid/z.gz", dest, fetch=lambda u, p: fetched.append(u))
+  assert fetched == [] and not dest.exists()
 
 
 def test_truncated_download_leaves_no_file(tmp_path):
@@ -113,7 +134,7 @@ def test_truncated_download_leaves_no_file(tmp_path):
 
   dest = tmp_path / "cache" / "t10k-images-idx3-ubyte.gz"
   with pytest.raises(DataError, match=dest.name):
-    data.download("https://example.invalid/x.gz", dest, content_sha256=None, fetch=fetch)
+    data.download("https://example.invalid/x.gz", dest, content_sha256="0" * 64, fetch=fetch)
   assert list(dest.parent.iterdir()) == []
 
 
@@ -124,7 +145,7 @@ def test_failed_fetch_names_the_file_and_leaves_no_file(tmp_path):
 
   dest = tmp_path / "cache" / "train-labels-idx1-ubyte.gz"
   with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz.*connection reset"):
-    data.download("https://example.invalid/y.gz", dest, content_sha256=None, fetch=fetch)
+    data.download("https://example.invalid/y.gz", dest, file_sha256="0" * 64, fetch=fetch)
   assert list(dest.parent.iterdir()) == []
 
 
