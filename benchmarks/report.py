@@ -1,0 +1,181 @@
+"""Markdown tables for RESULTS.md from the JSON records of the benchmark scripts.
+
+Usage::
+
+  python benchmarks/report.py benchmarks/results/cpu_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from typing import Any
+
+VARIANT_ORDER = [
+  "naive",
+  "two_pass",
+  "masked_bands",
+  "three_sums",
+  "variadic",
+  "bgn",
+  "deferred",
+]
+
+
+def _ratio(record: dict[str, Any] | None) -> str:
+  if record is None:
+    return "-"
+  paired = record.get("paired_ratio")
+  text = f"{record['ratio']:.3f}"
+  return text if paired is None else f"{text} ({paired:.3f})"
+
+
+def overhead_table(records: list[dict[str, Any]]) -> list[str]:
+  """One row per variant; columns: dtype x loop x mode; cells: ratio (paired ratio)."""
+  columns = sorted(
+    {(r["dtype"], r["loop"]) for r in records},
+    key=lambda c: (c[0] != "float32", c[1] != "scan"),
+  )
+  modes = ["batch", "per_example"]
+  by_key = {(r["variant"], r["dtype"], r["loop"], r["mode"]): r for r in records}
+  header = "| variant | " + " | ".join(f"{d} {lp} {m}" for d, lp in columns for m in modes) + " |"
+  lines = [header, "|---" * (1 + len(columns) * len(modes)) + "|"]
+  baseline = ["| step without BGN (ms) |"]
+  for d, lp in columns:
+    base = by_key.get(("none", d, lp, "none"))
+    cell = f" {base['ms_per_step']:.2f} |" if base else " - |"
+    baseline.append(cell * len(modes))
+  lines.append("".join(baseline))
+  for variant in VARIANT_ORDER:
+    if not any(r["variant"] == variant for r in records):
+      continue
+    cells = [_ratio(by_key.get((variant, d, lp, m))) for d, lp in columns for m in modes]
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  if any(r["variant"] == "deferred" for r in records):
+    cells = []
+    for d, lp in columns:
+      for m in modes:
+        r = by_key.get(("deferred", d, lp, m))
+        cells.append(
+          "-"
+          if r is None
+          else f"{r['ratio_vs_handwritten']:.3f} ({r['paired_ratio_vs_handwritten']:.3f})"
+        )
+    lines.append("| deferred / hand-written layer without BGN | " + " | ".join(cells) + " |")
+  return lines
+
+
+def memory_table(records: list[dict[str, Any]]) -> list[str]:
+  lines = [
+    "| dtype | loop | peak without BGN (MiB) | bgn batch: extra bytes | "
+    "bgn per example: extra bytes | naive batch: extra bytes |",
+    "|---|---|---|---|---|---|",
+  ]
+  by_key = {(r["variant"], r["dtype"], r["loop"], r["mode"]): r for r in records}
+  for d, lp in sorted({(r["dtype"], r["loop"]) for r in records}):
+    base = by_key.get(("none", d, lp, "none"))
+    if base is None:
+      continue
+    cells = []
+    for variant, mode in (("bgn", "batch"), ("bgn", "per_example"), ("naive", "batch")):
+      r = by_key.get((variant, d, lp, mode))
+      cells.append("-" if r is None else str(r["extra_peak_bytes"]))
+    lines.append(f"| {d} | {lp} | {base['peak_bytes'] / 2**20:.2f} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def op_table(records: list[dict[str, Any]]) -> list[str]:
+  lines = [
+    "| variant | mode | ms | ratio to g * c (paired) | GB/s (fewest bytes) |",
+    "|---|---|---|---|---|",
+  ]
+  rows = [r for r in records if r["mode"] != "check"]
+  order = ["scale", *VARIANT_ORDER]
+  rows.sort(key=lambda r: (order.index(r["variant"]), r["mode"]))
+  for r in rows:
+    ratio = _ratio(r) if "ratio" in r else "1"
+    lines.append(
+      f"| {r['variant']} | {r['mode']} | {r['ms']:.3f} | {ratio} | {r['gb_per_s']:.1f} |"
+    )
+  checks = [r for r in records if r["mode"] == "check"]
+  for r in checks:
+    lines.append("")
+    lines.append(f"Numerics check of bgn_jax.bgn on this device: {r['check']}.")
+  return lines
+
+
+def compile_table(records: list[dict[str, Any]]) -> list[str]:
+  lines = [
+    "| loop | mode | depth | lower s | compile s | total s | / smallest depth | / without BGN |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in records:
+    if "total_s" not in r:
+      lines.append(f"| {r['loop']} | {r['mode']} | {r['depth']} | skipped: {r['skipped']} ||||||")
+      continue
+    bgn_ratio = f"{r['bgn_ratio']:.2f}" if "bgn_ratio" in r else "-"
+    lines.append(
+      f"| {r['loop']} | {r['mode']} | {r['depth']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} "
+      f"| {r['total_s']:.2f} | {r['ratio']:.2f} | {bgn_ratio} |"
+    )
+  return lines
+
+
+def peers_table(records: list[dict[str, Any]]) -> list[str]:
+  if records and records[0]["mode"] == "skipped":
+    return [records[0]["skipped"]]
+  lines = [
+    "| impl | dtype | step without BGN (ms) | whole batch | per example |",
+    "|---|---|---|---|---|",
+  ]
+  by_key = {(r["impl"], r["dtype"], r["mode"]): r for r in records}
+  for impl, dtype in sorted({(r["impl"], r["dtype"]) for r in records}):
+    base = by_key[(impl, dtype, "none")]
+    cells = [
+      f"{by_key[(impl, dtype, m)]['ratio']:.3f}" if (impl, dtype, m) in by_key else "-"
+      for m in ("batch", "per_example")
+    ]
+    lines.append(
+      f"| torch {impl} | {dtype} | {base['ms_per_step']:.2f} | " + " | ".join(cells) + " |"
+    )
+  return lines
+
+
+def load(paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+  """Records grouped by the script that wrote them (the first part of ``name``)."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for path in paths:
+    with open(path) as f:
+      for record in json.load(f):
+        groups.setdefault(record["name"].split("/")[0], []).append(record)
+  return groups
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("paths", nargs="+", help="JSON files written by the benchmark scripts")
+  args = parser.parse_args(argv)
+  groups = load(args.paths)
+  sections = {
+    "overhead": ("Step-time ratio, with BGN / without: ratio of medians (paired)", overhead_table),
+    "op": ("The backward alone", op_table),
+    "compile": ("Compile time", compile_table),
+    "peers": ("PyTorch peers: step-time ratio, with BGN / without", peers_table),
+  }
+  for key, (title, table) in sections.items():
+    if key not in groups:
+      continue
+    first = groups[key][0]
+    versions = first.get("framework") or f"jax {first.get('jax_version', '-')}"
+    print(f"### {title} ({first.get('device', '?')}, {versions})\n")
+    print("\n".join(table(groups[key])))
+    print()
+    if key == "overhead":
+      print("### Peak memory from memory_analysis()\n")
+      print("\n".join(memory_table(groups[key])))
+      print()
+
+
+if __name__ == "__main__":
+  main()

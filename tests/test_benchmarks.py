@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark scripts: each runs at a tiny size and writes valid JSON.
+
+No timing is asserted: timings belong in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(tmp_path: Path, script: str, *args: str, python_prefix: str = "") -> list[dict]:
+  """Runs ``benchmarks/<script>`` with ``--tiny --json`` and returns its records."""
+  out = tmp_path / f"{script}.json"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
+  env["JAX_PLATFORMS"] = "cpu"
+  if python_prefix:
+    argv = [str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
+    code = f"{python_prefix}; import runpy, sys; sys.argv = {argv!r}; "
+    code += f"runpy.run_path({argv[0]!r}, run_name='__main__')"
+    command = [sys.executable, "-c", code]
+  else:
+    command = [sys.executable, str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = json.loads(out.read_text())
+  assert isinstance(records, list) and records
+  for record in records:
+    assert {"name", "mode", "device"} <= record.keys(), record
+    assert isinstance(record["name"], str) and isinstance(record["mode"], str)
+    if "ratio" in record:
+      assert isinstance(record["ratio"], float) and record["ratio"] > 0
+  return records
+
+
+def test_overhead(tmp_path):
+  records = run_script(
+    tmp_path, "overhead.py", "--dtypes", "float32", "--loops", "scan", "--variants", "bgn"
+  )
+  assert {r["mode"] for r in records} == {"none", "batch", "per_example"}
+  assert all("ratio" in r and "peak_bytes" in r for r in records if r["mode"] != "none")
+  assert all(r["extra_below_one_activation"] for r in records if r["mode"] != "none")
+
+
+def test_op(tmp_path):
+  records = run_script(tmp_path, "op.py", "--variants", "bgn", "--modes", "batch")
+  check = [r for r in records if r["mode"] == "check"]
+  assert len(check) == 1 and check[0]["check"] == "ok", check
+  assert all(r["gb_per_s"] > 0 for r in records if r["mode"] != "check")
+
+
+def test_compile(tmp_path):
+  records = run_script(tmp_path, "compile.py", "--loops", "scan", "--modes", "batch")
+  assert all(r["total_s"] > 0 for r in records)
+  assert any("bgn_ratio" in r for r in records)
+
+
+def test_peers(tmp_path):
+  pytest.importorskip("torch")
+  records = run_script(tmp_path, "peers.py", "--dtypes", "float32", "--impls", "eager")
+  assert {r["mode"] for r in records} == {"none", "batch", "per_example"}
+
+
+def test_peers_without_torch(tmp_path):
+  records = run_script(
+    tmp_path, "peers.py", python_prefix="import sys; sys.modules['torch'] = None"
+  )
+  assert len(records) == 1 and records[0]["mode"] == "skipped"
+  assert "not installed" in records[0]["skipped"]
