@@ -96,25 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--out", help="sweep folder (runs/, summary.md, summary.csv)")
   _add_model_flags(sweep, lists=True)
   _add_distributed_flags(sweep)
-  sweep.set_defaults(**{name: None for name in _SWEEP_SCALARS})
+  from bgn_jax.experiments.sweep import SCALAR_KEYS
+
+  # Scalar flags default to None, so that a TOML value is not overridden by a
+  # default the user never typed.
+  sweep.set_defaults(**{name: None for name in SCALAR_KEYS})
   return parser
-
-
-# Sweep flags whose parser default is None, so that a TOML value is not overridden
-# by a default the user never typed.
-_SWEEP_SCALARS = (
-  "dataset",
-  "width",
-  "init",
-  "bgn_every",
-  "momentum",
-  "batch_size",
-  "epochs",
-  "dtype",
-  "data_dir",
-  "log_every",
-  "checkpoint_every",
-)
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:

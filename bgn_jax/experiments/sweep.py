@@ -30,7 +30,7 @@ from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, train
 __all__ = ["SweepConfig", "run_name", "run_sweep", "summarize"]
 
 _LIST_KEYS = ("depths", "methods", "activations", "optimizers", "lrs", "seeds")
-_SCALAR_KEYS = (
+SCALAR_KEYS = (
   "out",
   "dataset",
   "width",
@@ -113,7 +113,7 @@ class SweepConfig:
         raise ValueError(f"--config: {path}: no such file.") from None
       except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config: {path}: not valid TOML ({e}).") from None
-    for key in _LIST_KEYS + _SCALAR_KEYS:
+    for key in _LIST_KEYS + SCALAR_KEYS:
       value = getattr(args, key, None)
       if value is not None:
         values[key] = value
