@@ -19,26 +19,10 @@ import pytest
 
 import bgn_jax
 from bgn_jax import bgn
+from tests.trees import assert_trees_differ, assert_trees_equal, inputs
 
 WIDTH = 8
 TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
-
-
-def inputs(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def assert_trees_differ(a, b):
-  assert any(
-    not np.array_equal(np.asarray(x), np.asarray(y))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 def loss_grads(apply_fn, variables, *args, **kwargs):
