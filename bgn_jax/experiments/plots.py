@@ -18,6 +18,14 @@ def _pyplot():
   return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: str | Path, title: str) -> Path:
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return Path(path)
+
+
 def plot_accuracy_curves(
   curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = ""
 ) -> Path:
@@ -31,11 +39,7 @@ def plot_accuracy_curves(
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend()
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return Path(path)
+  return _save(plt, fig, ax, path, title)
 
 
 def plot_grad_norms(
@@ -51,11 +55,7 @@ def plot_grad_norms(
   ax.set_ylabel("norm of the layer's parameter gradient")
   ax.grid(alpha=0.3, which="both")
   ax.legend()
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return Path(path)
+  return _save(plt, fig, ax, path, title)
 
 
 def plot_accuracy_vs_depth(
@@ -89,11 +89,7 @@ def plot_accuracy_vs_depth(
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return Path(path)
+  return _save(plt, fig, ax, path, title)
 
 
 def plot_run(records: Sequence[Mapping[str, Any]], results: Mapping[str, Any], out: Path) -> None:
