@@ -35,8 +35,8 @@ step() {
 step 90 benchmarks/overhead.py --dtypes float32 --loops scan --json "$OUT/overhead_f32_scan.json"
 step 45 benchmarks/op.py --dump-hlo "$OUT/hlo.txt" --json "$OUT/op.json"
 step 100 benchmarks/overhead.py --dtypes float32 --loops unrolled \
-  --variants naive,two_pass,masked_bands,bgn,deferred --json "$OUT/overhead_f32_unrolled.json"
-step 110 benchmarks/overhead.py --dtypes bfloat16 --variants naive,two_pass,bgn,deferred \
+  --variants naive,two_pass,masked_bands,three_sums,variadic,bgn,deferred --json "$OUT/overhead_f32_unrolled.json"
+step 110 benchmarks/overhead.py --dtypes bfloat16 --variants naive,two_pass,three_sums,variadic,bgn,deferred \
   --json "$OUT/overhead_bf16.json"
 step 60 benchmarks/compile.py --modes batch --max-seconds 30 --json "$OUT/compile.json"
 step 100 benchmarks/peers.py --dtypes float32,bfloat16 --compile-dtypes float32 \

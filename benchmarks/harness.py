@@ -10,9 +10,10 @@ against :func:`bgn_jax.bgn` on the same machine:
   of ``g / max``, then the multiply (three passes over ``g``);
 - ``masked_bands``: the library's backward before issue 6, Blue's three magnitude
   bands selected by masks (abs, two compares, three selects per entry);
-- ``three_sums``: the library's GPU branch on every platform (the plain sum and
-  two scaled copies, no masks, no conditional);
-- ``variadic``: the same three sums as one variadic ``lax.reduce``.
+- ``three_sums``: the library's first GPU branch (commit a69a74b) on every platform:
+  the plain sum and two scaled copies as three sibling sums, no masks, no conditional;
+- ``variadic``: the same three sums as one variadic ``lax.reduce``, the library's GPU
+  branch since XLA on an H100 was seen to read g three times for three sibling sums.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def _variadic(a: jax.Array, axes: tuple[int, ...] | None) -> tuple[jax.Array, ja
 
 
 def robust_norm(a: jax.Array, axes: tuple[int, ...] | None) -> tuple[jax.Array, jax.Array]:
-  """(r, k) with ||a|| = r / k: the library's GPU formulation (three sums, one pass)."""
-  return _three_sums(a, axes)
+  """(r, k) with ||a|| = r / k: the library's GPU formulation (three sums, one reduce)."""
+  return _variadic(a, axes)
 
 
 _NORMS = {

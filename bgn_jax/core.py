@@ -179,9 +179,34 @@ def _accumulator_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-def _sum_of_squares(v: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName) -> jax.Array:
-  ss = jnp.sum(v * v, axis=axes, keepdims=True)
-  return ss if axis_name is None else jax.lax.psum(ss, axis_name)
+def _sums_of_squares(
+  arrays: tuple[jax.Array, ...], axes: tuple[int, ...] | None, axis_name: AxisName
+) -> tuple[jax.Array, ...]:
+  """Sums of squares of same-shaped arrays over ``axes``, dims kept, as one reduction.
+
+  One variadic reduce is one kernel that reads its inputs once on the GPU, where
+  sibling sums are not always fused into one (measured on an H100 with XLA: the
+  cotangent straight out of a matmul was read by three kernels).
+  """
+  if len(arrays) == 1:  # a reduce_sum, which XLA on the CPU vectorizes best
+    (v,) = arrays
+    ss = jnp.sum(v * v, axis=axes, keepdims=True)
+    return (ss if axis_name is None else jax.lax.psum(ss, axis_name),)
+  dims = tuple(range(arrays[0].ndim)) if axes is None else axes
+  zero = arrays[0].dtype.type(0)
+  sums = jax.lax.reduce(
+    tuple(v * v for v in arrays),
+    (zero,) * len(arrays),
+    lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
+    dims,
+  )
+  kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
+  sums = tuple(s.reshape(kept) for s in sums)
+  return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+
+# False makes every platform take the GPU formulation (the tests check it on the CPU).
+_CPU_PLAIN_FIRST = True
 
 
 def _scaled_norm(
@@ -197,17 +222,14 @@ def _scaled_norm(
   down = acc.type(2.0**-scales.log2_down)
 
   def three_sums(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Three sums of one input, no masks: sibling reductions that XLA's GPU
-    # multi-output fusion can read in one pass; memory-bound there, the extra
-    # arithmetic should cost nothing.
+    # Three sums of one input, no masks, in one reduction that reads g once;
+    # memory-bound on the GPU, the extra arithmetic costs nothing there.
     a = g.astype(acc)
     # Behind a barrier, the scales are no constants to XLA's simplifier, which
     # would otherwise rewrite (a * up)**2 as a**2 * up**2 = a**2 * inf where the
     # reduction vanishes (a group of one entry).
     up_copy, down_copy = jax.lax.optimization_barrier((jnp.asarray(up), jnp.asarray(down)))
-    plain, small, large = (
-      _sum_of_squares(v, axes, axis_name) for v in (a, a * up_copy, a * down_copy)
-    )
+    plain, small, large = _sums_of_squares((a, a * up_copy, a * down_copy), axes, axis_name)
     use_large = ~jnp.isfinite(plain)
     use_small = plain < scales.floor
     ss = jnp.where(use_large, large, jnp.where(use_small, small, plain))
@@ -218,7 +240,7 @@ def _scaled_norm(
     # On the CPU a reduction costs time in proportion to its arithmetic, and
     # XLA there runs each sum as its own pass, while a conditional is cheap: sum
     # the plain squares, and go over g again only when a group needs a scale.
-    plain = _sum_of_squares(g.astype(acc), axes, axis_name)
+    (plain,) = _sums_of_squares((g.astype(acc),), axes, axis_name)
     safe = jnp.all(jnp.isfinite(plain) & (plain >= scales.floor))
     return jax.lax.cond(safe, lambda g: (plain, jnp.ones_like(plain)), three_sums, g)
 
@@ -229,7 +251,8 @@ def _scaled_norm(
       # The conditional's operand is the accumulator copy: for bf16 XLA on the
       # CPU then hands over the float32 product it holds anyway, where g itself
       # would be written out once more, at each node.
-      ss, k = jax.lax.platform_dependent(g.astype(acc), cpu=plain_first, default=three_sums)
+      branches = {"cpu": plain_first} if _CPU_PLAIN_FIRST else {}
+      ss, k = jax.lax.platform_dependent(g.astype(acc), **branches, default=three_sums)
     else:
       # A collective inside a conditional branch is avoided.
       ss, k = three_sums(g)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bgn_jax
+from bgn_jax import core
 from tests.reference import reference_backward, reference_norm, reference_target
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -34,6 +35,16 @@ def backward(x, g, **options):
 def eager_backward(x, g, **options):
   with jax.disable_jit():
     return backward(x, g, **options)
+
+
+@pytest.fixture(params=["platform", "gpu_formulation"])
+def formulation(request, monkeypatch):
+  """Runs a test with the norm this platform takes, then with the GPU's on this platform."""
+  if request.param == "gpu_formulation":
+    monkeypatch.setattr(core, "_CPU_PLAIN_FIRST", False)
+  jax.clear_caches()  # the backward rule's jit would reuse the other formulation
+  yield request.param
+  jax.clear_caches()
 
 
 def random_cotangent(shape, dtype=jnp.float32, seed=0, scale=1.0):
@@ -84,7 +95,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_backward_matches_reference(options, dtype):
+def test_backward_matches_reference(options, dtype, formulation):
   x = jnp.zeros((3, 4, 5, 6), dtype)
   g = random_cotangent(x.shape, dtype, seed=2)
   got = backward(x, g, **options)
@@ -158,7 +169,7 @@ def test_property_matches_reference(data, shape, dtype, power, target, eps, log_
 @pytest.mark.parametrize("run", [backward, eager_backward])
 @pytest.mark.parametrize("axes", [None, (1,)])
 @pytest.mark.parametrize("magnitude", [1e-37, 1e-30, 1e-20, 1.0, 1e20, 1e30, 1e38])
-def test_tiny_and_huge_groups_get_the_target_norm(axes, magnitude, run):
+def test_tiny_and_huge_groups_get_the_target_norm(axes, magnitude, run, formulation):
   x = jnp.zeros((4, 64))
   # Entries in [0.5, 1.5) * magnitude: at 1e38 the group norm itself exceeds float32's range.
   g = jnp.asarray(np.random.default_rng(6).uniform(0.5, 1.5, x.shape), jnp.float32)
@@ -178,7 +189,7 @@ def test_tiny_and_huge_groups_get_the_target_norm(axes, magnitude, run):
     [1e-20, 1e13, 3e-14, 0.0, -1e-36, 1e-12],
   ],
 )
-def test_mixed_magnitudes_in_one_group(values):
+def test_mixed_magnitudes_in_one_group(values, formulation):
   x = jnp.zeros((6,))
   g = jnp.array(values, jnp.float32)
   got = backward(x, g, target_norm=1.0)
@@ -186,8 +197,21 @@ def test_mixed_magnitudes_in_one_group(values):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=np.finfo(np.float32).tiny)
 
 
+@pytest.mark.parametrize("axes", [None, (1,)])
+def test_gpu_formulation_reads_g_in_one_reduction(axes, monkeypatch):
+  # Off the CPU: no conditional (its predicate would go to the host) and one variadic
+  # reduce for the three sums, so XLA cannot split them into three reads of g.
+  monkeypatch.setattr(core, "_CPU_PLAIN_FIRST", False)
+  config = core.make_config((8, 16), axes=axes)
+  hlo = jax.jit(lambda g: core.normalize_cotangent(g, config)).lower(jnp.ones((8, 16)))
+  hlo = hlo.compile().as_text()
+  reduces = [line for line in hlo.splitlines() if " reduce(" in line]
+  assert "conditional" not in hlo
+  assert len(reduces) == 1 and "(f32[" in reduces[0] and reduces[0].count("f32[") >= 3
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_accumulates_in_float32(dtype):
+def test_low_precision_accumulates_in_float32(dtype, formulation):
   # 4096 equal bf16/fp16 entries: a sum of squares in the input dtype stalls far below 4096.
   x = jnp.zeros((4096,), dtype)
   g = jnp.full(x.shape, 1.0, dtype)
@@ -196,7 +220,7 @@ def test_low_precision_accumulates_in_float32(dtype):
   np.testing.assert_allclose(np.linalg.norm(np.asarray(got, np.float64)), 1.0, rtol=1e-2)
 
 
-def test_low_precision_tiny_gradients():
+def test_low_precision_tiny_gradients(formulation):
   x = jnp.zeros((64,), jnp.bfloat16)
   g = jnp.full(x.shape, 1e-30, jnp.bfloat16)
   got = np.asarray(backward(x, g, target_norm=1.0), np.float64)
@@ -205,7 +229,7 @@ def test_low_precision_tiny_gradients():
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
 @pytest.mark.parametrize("axes", [None, (1,)])
-def test_zero_group_comes_back_zero(axes, eps):
+def test_zero_group_comes_back_zero(axes, eps, formulation):
   x = jnp.zeros((3, 5))
   g = jnp.zeros(x.shape).at[1].set(1.0) if axes else jnp.zeros(x.shape)
   got = np.asarray(backward(x, g, axes=axes, eps=eps))
@@ -215,7 +239,7 @@ def test_zero_group_comes_back_zero(axes, eps):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("power", [1.0, 0.5])
-def test_non_finite_group_comes_back_all_nan(bad, power):
+def test_non_finite_group_comes_back_all_nan(bad, power, formulation):
   x = jnp.zeros((3, 5))
   g = random_cotangent(x.shape, seed=7).at[1, 2].set(bad)
   per_example = np.asarray(backward(x, g, axes=1, power=power))
@@ -238,7 +262,7 @@ def test_eps_caps_the_scale_up():
   np.testing.assert_allclose(got, 1e-8 * 1.0 / 1e-2, rtol=1e-6)
 
 
-def test_float64():
+def test_float64(formulation):
   with jax.enable_x64(True):
     x = jnp.zeros((4, 6), jnp.float64)
     for magnitude in (1e-300, 1.0, 1e300):
