@@ -166,11 +166,12 @@ class _Scales:
   log2_up: int  # the copy for tiny groups is g * 2**log2_up
   log2_down: int  # the copy for huge groups is g * 2**-log2_down
   floor: float  # a plain sum of squares below this is replaced by the scaled-up one
+  log2_pre_down: int  # a huge group is rescaled as (g * 2**-log2_pre_down) * scalar
 
 
 _SCALES = {
-  np.dtype(np.float32): _Scales(log2_up=64, log2_down=88, floor=2.0**-56),
-  np.dtype(np.float64): _Scales(log2_up=600, log2_down=600, floor=2.0**-900),
+  np.dtype(np.float32): _Scales(log2_up=64, log2_down=88, floor=2.0**-56, log2_pre_down=40),
+  np.dtype(np.float64): _Scales(log2_up=600, log2_down=600, floor=2.0**-900, log2_pre_down=300),
 }
 
 
@@ -330,17 +331,28 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
   if config.eps > 0:
     # eps in the group's scale; a floor above the norm replaces it.
     r = jnp.maximum(r, acc.type(config.eps) * inverse_scale)
-  band_factor = inverse_scale if c == 1.0 else inverse_scale**c
   ratio = acc.type(config.target_norm) / r
   factor = ratio if c == 1.0 else ratio**c
   factor = jnp.where(positive, factor, 0)
   factor = jnp.where(finite, factor, jnp.nan)
-  # Two multiplies, ordered so neither overflows nor flushes an entry that the
-  # result can hold: a big band scales down last, a small band scales up first.
-  big_band = inverse_scale < 1
-  first = jnp.where(big_band, factor, band_factor)
-  second = jnp.where(big_band, band_factor, factor)
-  return ((g.astype(acc) * first) * second).astype(g.dtype)
+  # g * factor * k**c as (g * pre) * (factor * post), pre * post = k**c, where
+  # pre and post are powers of two chosen by the band alone: `factor` is used
+  # once, so XLA on the GPU computes it inside the pass that multiplies (two uses
+  # of it cost a kernel of its own per node, measured on an H200). A small band
+  # scales up first; a huge one (norm >= 2**64) scales down by 2**-40 first,
+  # which flushes only entries < 2**-86 whose results are below float32's range,
+  # and its scalar t * 2**40 / ||g|| stays a normal number for any finite group.
+  scales = _SCALES[acc]
+  small_band, big_band = inverse_scale > 1, inverse_scale < 1
+  pre = jnp.where(
+    small_band, inverse_scale, jnp.where(big_band, acc.type(2.0**-scales.log2_pre_down), 1)
+  )
+  post = jnp.where(
+    small_band,
+    acc.type(2.0 ** ((c - 1) * scales.log2_up)),
+    jnp.where(big_band, acc.type(2.0 ** (scales.log2_pre_down - c * scales.log2_down)), 1),
+  )
+  return ((g.astype(acc) * pre) * (factor * post)).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
