@@ -180,34 +180,41 @@ def _accumulator_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
+# False makes every platform take the GPU formulation (the tests check it on the CPU).
+_CPU_FORMULATION = True
+
+
 def _sums_of_squares(
   arrays: tuple[jax.Array, ...], axes: tuple[int, ...] | None, axis_name: AxisName
 ) -> tuple[jax.Array, ...]:
-  """Sums of squares of same-shaped arrays over ``axes``, dims kept, as one reduction.
+  """Sums of squares of same-shaped arrays over ``axes``, dims kept.
 
-  One variadic reduce is one kernel that reads its inputs once on the GPU, where
-  sibling sums are not always fused into one (measured on an H100 with XLA: the
-  cotangent straight out of a matmul was read by three kernels).
+  Off the CPU as one variadic reduce: one kernel that reads its inputs once,
+  where XLA on an H100 gave three sibling sums of a matmul's output three
+  kernels. On the CPU as separate sums, which XLA there vectorizes and a
+  variadic reduce it runs 2-3x slower.
   """
-  if len(arrays) == 1:  # a reduce_sum, which XLA on the CPU vectorizes best
-    (v,) = arrays
-    ss = jnp.sum(v * v, axis=axes, keepdims=True)
-    return (ss if axis_name is None else jax.lax.psum(ss, axis_name),)
-  dims = tuple(range(arrays[0].ndim)) if axes is None else axes
-  zero = arrays[0].dtype.type(0)
-  sums = jax.lax.reduce(
-    tuple(v * v for v in arrays),
-    (zero,) * len(arrays),
-    lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
-    dims,
-  )
-  kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
-  sums = tuple(s.reshape(kept) for s in sums)
+
+  def separate(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(jnp.sum(v * v, axis=axes, keepdims=True) for v in arrays)
+
+  def variadic(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    dims = tuple(range(arrays[0].ndim)) if axes is None else axes
+    zero = arrays[0].dtype.type(0)
+    sums = jax.lax.reduce(
+      tuple(v * v for v in arrays),
+      (zero,) * len(arrays),
+      lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
+      dims,
+    )
+    kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
+    return tuple(s.reshape(kept) for s in sums)
+
+  if len(arrays) == 1 or not _CPU_FORMULATION:
+    sums = (separate if len(arrays) == 1 else variadic)(arrays)
+  else:
+    sums = jax.lax.platform_dependent(arrays, cpu=separate, default=variadic)
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)
-
-
-# False makes every platform take the GPU formulation (the tests check it on the CPU).
-_CPU_PLAIN_FIRST = True
 
 
 def _scaled_norm(
@@ -252,7 +259,7 @@ def _scaled_norm(
       # The conditional's operand is the accumulator copy: for bf16 XLA on the
       # CPU then hands over the float32 product it holds anyway, where g itself
       # would be written out once more, at each node.
-      branches = {"cpu": plain_first} if _CPU_PLAIN_FIRST else {}
+      branches = {"cpu": plain_first} if _CPU_FORMULATION else {}
       ss, k = jax.lax.platform_dependent(g.astype(acc), **branches, default=three_sums)
     else:
       # A collective inside a conditional branch is avoided.

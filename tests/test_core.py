@@ -41,7 +41,7 @@ def eager_backward(x, g, **options):
 def formulation(request, monkeypatch):
   """Runs a test with the norm this platform takes, then with the GPU's on this platform."""
   if request.param == "gpu_formulation":
-    monkeypatch.setattr(core, "_CPU_PLAIN_FIRST", False)
+    monkeypatch.setattr(core, "_CPU_FORMULATION", False)
   jax.clear_caches()  # the backward rule's jit would reuse the other formulation
   yield request.param
   jax.clear_caches()
@@ -201,7 +201,7 @@ def test_mixed_magnitudes_in_one_group(values, formulation):
 def test_gpu_formulation_reads_g_in_one_reduction(axes, monkeypatch):
   # Off the CPU: no conditional (its predicate would go to the host) and one variadic
   # reduce for the three sums, so XLA cannot split them into three reads of g.
-  monkeypatch.setattr(core, "_CPU_PLAIN_FIRST", False)
+  monkeypatch.setattr(core, "_CPU_FORMULATION", False)
   config = core.make_config((8, 16), axes=axes)
   hlo = jax.jit(lambda g: core.normalize_cotangent(g, config)).lower(jnp.ones((8, 16)))
   hlo = hlo.compile().as_text()
