@@ -51,10 +51,12 @@ F32 = jnp.float32
 def environment() -> dict[str, Any]:
   """What ran the benchmark: versions, device and host."""
   device = jax.devices()[0]
+  # The cores this process may run on (fewer than the machine's under taskset).
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {
     "jax_version": jax.__version__,
     "backend": jax.default_backend(),
-    "device": device.device_kind if device.platform != "cpu" else f"cpu ({os.cpu_count()} cores)",
+    "device": device.device_kind if device.platform != "cpu" else f"cpu ({cores} cores)",
     "python": platform.python_version(),
     "host": platform.machine(),
   }

@@ -148,6 +148,28 @@ def peers_table(records: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def reduction_table(records: list[dict[str, Any]]) -> list[str]:
+  """One row per size; cells: microseconds a node adds per iteration (ratio to the pass)."""
+  variants = [v for v in dict.fromkeys(r["variant"] for r in records) if v != "pass"]
+  by_key = {(r["n"], r["variant"]): r for r in records}
+  header = "| n x n | KiB | elementwise pass (us) | " + " | ".join(variants) + " |"
+  lines = [header, "|---" * (3 + len(variants)) + "|"]
+  for n in sorted({r["n"] for r in records}):
+    base = by_key[(n, "pass")]
+    cells = [
+      f"+{by_key[(n, v)]['extra_us']:.1f} ({by_key[(n, v)]['ratio']:.2f})"
+      if (n, v) in by_key
+      else "-"
+      for v in variants
+    ]
+    lines.append(
+      f"| {n} | {base['bytes'] / 1024:.0f} | {base['us_per_iteration']:.2f} | "
+      + " | ".join(cells)
+      + " |"
+    )
+  return lines
+
+
 def load(paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
   """Records grouped by the script that wrote them (the first part of ``name``)."""
   groups: dict[str, list[dict[str, Any]]] = {}
@@ -168,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     "op": ("The backward alone", op_table),
     "compile": ("Compile time", compile_table),
     "peers": ("PyTorch peers: step-time ratio, with BGN / without", peers_table),
+    "reduction": ("What a node adds to an elementwise pass, per iteration", reduction_table),
   }
   for key, (title, table) in sections.items():
     if key not in groups:

@@ -75,3 +75,9 @@ def test_peers_without_torch(tmp_path):
   )
   assert len(records) == 1 and records[0]["mode"] == "skipped"
   assert "not installed" in records[0]["skipped"]
+
+
+def test_reduction(tmp_path):
+  records = run_script(tmp_path, "reduction.py", "--variants", "sum,bgn,bgn_per_example")
+  assert [r["variant"] for r in records] == ["pass", "sum", "bgn", "bgn_per_example"]
+  assert all("extra_us" in r for r in records if r["variant"] != "pass")
