@@ -346,9 +346,11 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
   # pre and post are powers of two chosen by the band alone: `factor` is used
   # once, so XLA on the GPU computes it inside the pass that multiplies (two uses
   # of it cost a kernel of its own per node, measured on an H200). A small band
-  # scales up first; a huge one (norm >= 2**64) scales down by 2**-40 first,
-  # which flushes only entries < 2**-86 whose results are below float32's range,
-  # and its scalar t * 2**40 / ||g|| stays a normal number for any finite group.
+  # scales up first, as before. A huge one (norm >= 2**64 in float32) scales
+  # down by 2**-40 first: that flushes only entries < 2**-86, whose results
+  # (< t * 2**-150) are below float32's normal range for t < 2**24, and leaves
+  # the scalar t * 2**40 / ||g|| (power 1) a normal number for every finite
+  # group of up to 2**40 entries when t >= 2**-18.
   scales = _SCALES[acc]
   small_band, big_band = inverse_scale > 1, inverse_scale < 1
   pre = jnp.where(

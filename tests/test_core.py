@@ -180,6 +180,21 @@ def test_tiny_and_huge_groups_get_the_target_norm(axes, magnitude, run, formulat
   np.testing.assert_allclose(got, reference_backward(g, axes=axes, target_norm=3.0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("target", [1e-3, 1e3])
+@pytest.mark.parametrize("magnitude", [1e-37, 1e-25, 1e25, 1e38])
+def test_extreme_groups_with_any_target_and_power(magnitude, target, power, formulation):
+  # Both scaled bands, with targets and powers far from 1: their two multiplies
+  # must neither overflow nor flush what the result can hold.
+  x = jnp.zeros((4, 64))
+  g = jnp.asarray(np.random.default_rng(10).uniform(0.5, 1.5, x.shape), jnp.float32)
+  g = g * jnp.float32(magnitude)
+  got = np.asarray(backward(x, g, target_norm=target, power=power), np.float64)
+  want = reference_backward(g, target_norm=target, power=power)
+  assert np.isfinite(want).all() and (np.abs(want) > np.finfo(np.float32).tiny).all()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
   "values",
   [
