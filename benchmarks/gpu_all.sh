@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the benchmarks issue in one device call, under 9 minutes
+# Every GPU measurement of the benchmarks issue in one device call, under 10 minutes
 # even if every step runs into its limit: each step has its own timeout, so one
 # hang loses only its own numbers, and each writes its JSON straight under $OUT
-# (8 files with the log, $OUT/log.txt, and the optimized HLO, $OUT/hlo.txt).
+# (9 files with the log, $OUT/log.txt, and the optimized HLO, $OUT/hlo.txt).
 #
 #   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh           # on the GPU machine
 #   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh   # tiny sizes, to test it on a CPU
@@ -41,4 +41,5 @@ step 110 benchmarks/overhead.py --dtypes bfloat16 --variants naive,two_pass,thre
 step 60 benchmarks/compile.py --modes batch --max-seconds 30 --json "$OUT/compile.json"
 step 100 benchmarks/peers.py --dtypes float32,bfloat16 --compile-dtypes float32 \
   --json "$OUT/peers.json"
+step 40 benchmarks/reduction.py --sizes 256,1024,2048 --json "$OUT/reduction.json"
 cat "$LOG"
