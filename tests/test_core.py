@@ -426,7 +426,7 @@ def test_transforms(name, options):
   np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
-def test_grad_of_grad_matches_the_plain_formula():
+def test_grad_of_grad_matches_the_plain_formula(formulation):
   # d/dw of <grad_x loss, v> differentiates the backward rule itself.
   v = weights((4, 6), seed=13)
 
@@ -439,7 +439,7 @@ def test_grad_of_grad_matches_the_plain_formula():
   np.testing.assert_allclose(jax.grad(through_bgn)(W), jax.grad(formula)(W), rtol=1e-5)
 
 
-def test_grad_of_grad_zero_cotangent_is_finite():
+def test_grad_of_grad_zero_cotangent_is_finite(formulation):
   v = weights((4, 6), seed=14)
   got = jax.grad(lambda w: jnp.sum(jax.grad(loss)(X, w) * v))(jnp.zeros((4, 6)))
   assert np.isfinite(np.asarray(got)).all()
