@@ -439,6 +439,22 @@ def test_grad_of_grad_matches_the_plain_formula(formulation):
   np.testing.assert_allclose(jax.grad(through_bgn)(W), jax.grad(formula)(W), rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_grad_of_grad_at_tiny_and_huge_scales(scale, formulation):
+  # d/dw <t w / ||w||, v> = t (v / ||w|| - w <w, v> / ||w||**3), in float64 by hand.
+  v = weights((4, 6), seed=13)
+  w = W * jnp.float32(scale)
+
+  def through_bgn(w):
+    return jnp.sum(jax.grad(loss)(X, w, target_norm=2.0) * v)
+
+  got = np.asarray(jax.jit(jax.grad(through_bgn))(w), np.float64)
+  w64, v64 = np.asarray(w, np.float64), np.asarray(v, np.float64)
+  norm = np.linalg.norm(w64)
+  want = 2.0 * (v64 / norm - w64 * np.sum(w64 * v64) / norm**3)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_grad_of_grad_zero_cotangent_is_finite(formulation):
   v = weights((4, 6), seed=14)
   got = jax.grad(lambda w: jnp.sum(jax.grad(loss)(X, w) * v))(jnp.zeros((4, 6)))
