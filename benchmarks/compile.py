@@ -79,18 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     for (variant, mode), node in configs.items():
       previous = None
       for depth in depths:
-        record = {
-          "name": f"compile/{loop}/{mode}/{variant}/depth{depth}",
-          "mode": mode,
-          "device": env["device"],
-          "backend": env["backend"],
-          "jax_version": env["jax_version"],
-          "variant": variant,
-          "loop": loop,
-          "depth": depth,
-          "width": width,
-          "dtype": args.dtype,
-        }
+        record = harness.record(
+          f"compile/{loop}/{mode}/{variant}/depth{depth}",
+          mode,
+          env,
+          variant=variant,
+          loop=loop,
+          depth=depth,
+          width=width,
+          dtype=args.dtype,
+        )
         predicted = None if previous is None else previous[1] * depth / previous[0]
         if loop == "unrolled" and predicted is not None and predicted > args.max_seconds:
           record["skipped"] = (

@@ -41,6 +41,8 @@ __all__ = [
   "paired_ratio",
   "parse_list",
   "print_environment",
+  "ratios",
+  "record",
   "robust_norm",
   "write_json",
 ]
@@ -67,6 +69,28 @@ def print_environment(script: str) -> dict[str, Any]:
   env = environment()
   print(f"{script}: jax {env['jax_version']} on {env['backend']}: {env['device']}", flush=True)
   return env
+
+
+def record(name: str, mode: str, env: dict[str, Any], **fields: Any) -> dict[str, Any]:
+  """One JSON record: the contract's ``name``, ``mode`` and ``device``, the backend
+  and jax version from ``env`` (:func:`environment`), then ``fields``."""
+  return {
+    "name": name,
+    "mode": mode,
+    "device": env["device"],
+    "backend": env["backend"],
+    "jax_version": env["jax_version"],
+    **fields,
+  }
+
+
+def ratios(stats: dict[str, Any], base: dict[str, Any], suffix: str = "") -> dict[str, float]:
+  """``ratio`` (of the median samples) and ``paired_ratio`` of one timing from
+  :func:`interleaved_medians` against a baseline's, the keys ending in ``suffix``."""
+  return {
+    f"ratio{suffix}": stats["median_s"] / base["median_s"],
+    f"paired_ratio{suffix}": paired_ratio(stats["values"], base["values"]),
+  }
 
 
 def write_json(path: str | None, records: Sequence[dict[str, Any]]) -> None:

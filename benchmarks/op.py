@@ -154,40 +154,34 @@ def main(argv: list[str] | None = None) -> None:
   stats = harness.interleaved_medians(
     {name: (lambda run=run: run(g)) for name, run in runs.items()}, rounds, steps
   )
-  base = stats["scale"]["median_s"]
   records = []
   for name, s in stats.items():
     variant, _, mode = name.partition("/")
-    record = {
-      "name": f"op/{args.dtype}/{name}",
-      "mode": mode or "scale",
-      "device": env["device"],
-      "backend": env["backend"],
-      "jax_version": env["jax_version"],
-      "variant": variant,
-      "dtype": args.dtype,
-      "entries": g.size,
-      "ms": 1e3 * s["median_s"],
-      "q1_ms": 1e3 * s["q1_s"],
-      "q3_ms": 1e3 * s["q3_s"],
-      "samples": s["samples"],
-      "bytes_moved": moved[name],
-      "gb_per_s": moved[name] / s["median_s"] / 1e9,
-    }
+    record = harness.record(
+      f"op/{args.dtype}/{name}",
+      mode or "scale",
+      env,
+      variant=variant,
+      dtype=args.dtype,
+      entries=g.size,
+      ms=1e3 * s["median_s"],
+      q1_ms=1e3 * s["q1_s"],
+      q3_ms=1e3 * s["q3_s"],
+      samples=s["samples"],
+      bytes_moved=moved[name],
+      gb_per_s=moved[name] / s["median_s"] / 1e9,
+    )
     if name != "scale":
-      record["ratio"] = s["median_s"] / base
-      record["paired_ratio"] = harness.paired_ratio(s["values"], stats["scale"]["values"])
+      record.update(harness.ratios(s, stats["scale"]))
     records.append(record)
   records.append(
-    {
-      "name": "op/check",
-      "mode": "check",
-      "device": env["device"],
-      "backend": env["backend"],
-      "jax_version": env["jax_version"],
-      "bgn_version": bgn_jax.__version__,
-      "check": "ok" if not failures else "; ".join(failures),
-    }
+    harness.record(
+      "op/check",
+      "check",
+      env,
+      bgn_version=bgn_jax.__version__,
+      check="ok" if not failures else "; ".join(failures),
+    )
   )
   harness.write_json(args.json, records)
 

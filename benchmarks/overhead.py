@@ -179,33 +179,28 @@ def measure(
   records = []
   for variant, mode in configs:
     s = stats[f"{variant}/{mode}"]
-    record = {
-      "name": f"overhead/{dtype_name}/{loop}/{mode}/{variant}",
-      "mode": mode,
-      "device": env["device"],
-      "backend": env["backend"],
-      "jax_version": env["jax_version"],
-      "variant": variant,
-      "dtype": dtype_name,
-      "loop": loop,
-      "depth": args.depth,
-      "width": args.width,
-      "batch": args.batch,
-      "ms_per_step": 1e3 * s["median_s"],
-      "q1_ms": 1e3 * s["q1_s"],
-      "q3_ms": 1e3 * s["q3_s"],
-      "samples": s["samples"],
-      "steps_per_sample": args.steps_per_round,
+    record = harness.record(
+      f"overhead/{dtype_name}/{loop}/{mode}/{variant}",
+      mode,
+      env,
+      variant=variant,
+      dtype=dtype_name,
+      loop=loop,
+      depth=args.depth,
+      width=args.width,
+      batch=args.batch,
+      ms_per_step=1e3 * s["median_s"],
+      q1_ms=1e3 * s["q1_s"],
+      q3_ms=1e3 * s["q3_s"],
+      samples=s["samples"],
+      steps_per_sample=args.steps_per_round,
       **memory[(variant, mode)],
-      "baseline_peak_bytes": base_memory["peak_bytes"],
-    }
+      baseline_peak_bytes=base_memory["peak_bytes"],
+    )
     if variant == "deferred":
-      own = stats["handwritten/none"]
-      record["ratio_vs_handwritten"] = s["median_s"] / own["median_s"]
-      record["paired_ratio_vs_handwritten"] = harness.paired_ratio(s["values"], own["values"])
+      record.update(harness.ratios(s, stats["handwritten/none"], suffix="_vs_handwritten"))
     if variant not in ("none", "handwritten"):
-      record["ratio"] = s["median_s"] / base
-      record["paired_ratio"] = harness.paired_ratio(s["values"], stats["none/none"]["values"])
+      record.update(harness.ratios(s, stats["none/none"]))
       record["baseline_ms_per_step"] = 1e3 * base
       extra = memory[(variant, mode)]["peak_bytes"] - base_memory["peak_bytes"]
       record["extra_peak_bytes"] = extra

@@ -32,14 +32,13 @@ import jax.numpy as jnp
 
 from bgn_jax import core
 
-
-def _plain_sums() -> dict[str, Callable[[jax.Array], jax.Array]]:
-  return {
-    "sum": lambda g: jnp.sum(g * g),
-    "rows_then_all": lambda g: jnp.sum(jnp.sum(g * g, axis=1)),
-    "lanes1024": lambda g: jnp.sum(jnp.sum((g * g).reshape(-1, min(g.size, 1024)), axis=0)),
-    "gemv": lambda g: ((g * g).reshape(1, -1) @ jnp.ones((g.size, 1), g.dtype))[0, 0],
-  }
+#: Formulations of the same plain sum of squares.
+PLAIN_SUMS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "sum": lambda g: jnp.sum(g * g),
+  "rows_then_all": lambda g: jnp.sum(jnp.sum(g * g, axis=1)),
+  "lanes1024": lambda g: jnp.sum(jnp.sum((g * g).reshape(-1, min(g.size, 1024)), axis=0)),
+  "gemv": lambda g: ((g * g).reshape(1, -1) @ jnp.ones((g.size, 1), g.dtype))[0, 0],
+}
 
 
 def make_iteration(variant: str, n: int) -> Callable[[jax.Array], jax.Array]:
@@ -50,12 +49,12 @@ def make_iteration(variant: str, n: int) -> Callable[[jax.Array], jax.Array]:
   if variant in ("bgn", "bgn_per_example"):
     config = core.make_config((n, n), axes=None if variant == "bgn" else 1)
     return lambda g: core.normalize_cotangent(g, config) * c + d
-  sum_of_squares = _plain_sums()[variant]
+  sum_of_squares = PLAIN_SUMS[variant]
   target = jnp.float32(n)  # sqrt of the n * n entries
   return lambda g: g * (target / jnp.sqrt(sum_of_squares(g))) * c + d
 
 
-VARIANTS = ("pass", *_plain_sums(), "bgn", "bgn_per_example")
+VARIANTS = ("pass", *PLAIN_SUMS, "bgn", "bgn_per_example")
 
 
 def measure(n: int, args: argparse.Namespace, env: dict[str, Any]) -> list[dict[str, Any]]:
@@ -74,20 +73,17 @@ def measure(n: int, args: argparse.Namespace, env: dict[str, Any]) -> list[dict[
   records = []
   for variant in args.variants:
     s = stats[variant]
-    record = {
-      "name": f"reduction/{n}/{variant}",
-      "mode": "batch" if variant != "bgn_per_example" else "per_example",
-      "device": env["device"],
-      "backend": env["backend"],
-      "jax_version": env["jax_version"],
-      "variant": variant,
-      "n": n,
-      "bytes": 4 * n * n,
-      "us_per_iteration": 1e6 * s["median_s"] / args.length,
-    }
+    record = harness.record(
+      f"reduction/{n}/{variant}",
+      "batch" if variant != "bgn_per_example" else "per_example",
+      env,
+      variant=variant,
+      n=n,
+      bytes=4 * n * n,
+      us_per_iteration=1e6 * s["median_s"] / args.length,
+    )
     if variant != "pass":
-      record["ratio"] = s["median_s"] / base["median_s"]
-      record["paired_ratio"] = harness.paired_ratio(s["values"], base["values"])
+      record.update(harness.ratios(s, base))
       record["extra_us"] = 1e6 * (s["median_s"] - base["median_s"]) / args.length
     records.append(record)
   return records

@@ -210,10 +210,12 @@ def _sums_of_squares(
     kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
     return tuple(s.reshape(kept) for s in sums)
 
-  if len(arrays) == 1 or not _CPU_FORMULATION:
-    sums = (separate if len(arrays) == 1 else variadic)(arrays)
-  else:
+  if len(arrays) == 1:
+    sums = separate(arrays)
+  elif _CPU_FORMULATION:
     sums = jax.lax.platform_dependent(arrays, cpu=separate, default=variadic)
+  else:
+    sums = variadic(arrays)
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
