@@ -1,21 +1,20 @@
-"""bgn_jax: Backward Gradient Normalization for JAX and Flax.
+"""bgn_jax: Backward Gradient Normalization for JAX, Flax and equinox.
+
+``bgn`` and ``l2_norm`` are framework-free. One namespace per framework holds the
+same verbs (``BGN``, ``insert``, ``placements``, ``grad_norms``):
+:mod:`bgn_jax.linen`, :mod:`bgn_jax.nnx` and :mod:`bgn_jax.equinox` (the last one
+imported on demand, with the ``equinox`` extra). The top-level ``BGN``,
+``insert``, ``placements`` and ``grad_norms`` are the linen ones.
 
 References:
   Cabana & Lago-Fernandez, *Backward Gradient Normalization in Deep Neural
   Networks*, 2021. https://arxiv.org/abs/2106.09475
 """
 
-from bgn_jax import nnx
-from bgn_jax.core import bgn
-from bgn_jax.diagnostics import (
-  GRAD_NORMS_COLLECTION,
-  depth_profile,
-  grad_norms,
-  plot_grad_norms,
-  relative_updates,
-)
-from bgn_jax.linen import BGN
-from bgn_jax.transform import insert
+from bgn_jax import linen, nnx
+from bgn_jax.core import bgn, l2_norm
+from bgn_jax.linen import BGN, GRAD_NORMS_COLLECTION, grad_norms, insert
+from bgn_jax.reports import depth_profile, plot_grad_norms, relative_updates
 
 __version__ = "0.1.0"
 
@@ -27,6 +26,8 @@ __all__ = [
   "depth_profile",
   "grad_norms",
   "insert",
+  "l2_norm",
+  "linen",
   "nnx",
   "plot_grad_norms",
   "relative_updates",

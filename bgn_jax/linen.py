@@ -1,13 +1,47 @@
-"""The BGN node as a ``flax.linen`` module: a thin wrapper around :func:`bgn_jax.bgn`."""
+"""BGN for ``flax.linen``: the layer, :func:`insert`, :func:`placements` and :func:`grad_norms`.
+
+:class:`BGN` is a thin module around :func:`bgn_jax.bgn`. :func:`insert` wraps a
+``model.apply``-like function so that, while it runs, the outputs (or inputs) of
+the selected submodule calls pass through :func:`bgn_jax.bgn`; it uses
+:func:`flax.linen.intercept_methods`, and parameters, forward values and
+returned state are untouched. :func:`grad_norms` measures, in one forward and
+one backward pass, the norm of the gradient at the output and at the parameters
+of each selected module call.
+
+References:
+  Cabana & Lago-Fernandez, *Backward Gradient Normalization in Deep Neural
+  Networks*, 2021. https://arxiv.org/abs/2106.09475
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from flax.core import unfreeze
 
+from bgn_jax._common import (
+  SEEN_LISTED,
+  Path,
+  Position,
+  Where,
+  apply_bgn,
+  check_options,
+  flatten_leaves,
+  get_path,
+  group_norms,
+  matcher,
+  no_match_message,
+)
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn
 
-__all__ = ["BGN"]
+__all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert"]
 
 
 class BGN(nn.Module):
@@ -42,3 +76,496 @@ class BGN(nn.Module):
       eps=self.eps,
       axis_name=self.axis_name,
     )
+
+
+def module_path(module: Any) -> str:
+  """The path of a bound linen module, its scope names joined with "/"."""
+  path = getattr(module, "path", None)
+  if path is None and getattr(module, "scope", None) is not None:
+    path = module.scope.path
+  return "/".join(str(p) for p in (path or ()))
+
+
+class _Insertion:
+  """The interceptor state of one call of the wrapped apply function."""
+
+  def __init__(
+    self,
+    is_match: Callable[[Any, str], bool],
+    position: Position,
+    every: int,
+    options: dict[str, Any],
+  ):
+    self._is_match = is_match
+    self._position = position
+    self._every = every
+    self._options = options
+    self._match_index: dict[str, int] = {}
+    self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s, in order
+
+  @property
+  def matched(self) -> int:
+    return len(self._match_index)
+
+  def __call__(
+    self,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+  ) -> Any:
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    module = context.module
+    path = module_path(module)
+    self.seen[(type(module).__name__, path)] = None
+    if not self._is_match(module, path):
+      return next_fun(*args, **kwargs)
+    # Matches are counted by path, not by call: a lifted transform may trace its
+    # body more than once (nn.scan does, by default), and a retrace cannot be told
+    # apart from a second call. So a module called twice is one match, and all of
+    # its calls share the decision.
+    index = self._match_index.setdefault(path, len(self._match_index))
+    if index % self._every:
+      return next_fun(*args, **kwargs)
+    if self._position == "before":
+      return next_fun(*apply_bgn(args, self._options), **kwargs)
+    return apply_bgn(next_fun(*args, **kwargs), self._options)
+
+
+def insert(
+  apply_fn: Callable[..., Any],
+  *,
+  where: Where,
+  position: Position = "after",
+  every: int = 1,
+  **bgn_options: Any,
+) -> Callable[..., Any]:
+  """Returns ``apply_fn`` with BGN nodes after (or before) the selected module calls.
+
+  Every ``__call__`` of a bound ``flax.linen`` module made while the returned
+  function runs is tested against ``where``; the selected ones get
+  :func:`bgn_jax.bgn` on the floating-point ``jax.Array`` leaves of their output
+  (``position="after"``) or of their positional arguments (``"before"``; keyword
+  arguments are left alone). Other methods (``encode``, ``setup``, methods of
+  lifted transforms) are never matched, but the modules they call are.
+
+  The forward pass, the parameters and every returned value, ``mutable``
+  collections included, are bit for bit those of ``apply_fn``; only gradients
+  change. Matching happens at trace time, so it works under ``jit`` and
+  ``grad``, and inside ``nn.scan``, ``nn.remat`` and ``nn.vmap`` bodies.
+
+  References:
+    Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
+
+  Args:
+    apply_fn: ``model.apply`` of a linen module, or any function that calls
+      linen modules, e.g. ``functools.partial(model.apply, method=model.encode)``.
+    where: a Module class or tuple of classes (``isinstance``); a predicate
+      ``module -> bool``; or a regular expression (``str`` or compiled),
+      searched in the module path joined with "/" (``r"Dense_\\d+$"``,
+      ``r"^encoder/"``; the top-level module has the path ``""``).
+    position: ``"after"`` the module's output, or ``"before"`` its positional
+      inputs.
+    every: keep every ``every``-th matched module, starting with the first
+      (``matches[::every]``). Matched modules are told apart by path and
+      numbered in the order of their first call, afresh in each call of the
+      returned function, so the same layers are chosen at every step. All calls
+      of a module share its decision: a module called twice, a scanned stack,
+      and a body that a lifted transform traces twice each count once.
+    **bgn_options: ``axes``, ``target_norm``, ``power``, ``eps``, ``axis_name``,
+      passed to :func:`bgn_jax.bgn` for every node.
+
+  Returns:
+    A function with the signature and return values of ``apply_fn``.
+
+  Raises:
+    TypeError: ``apply_fn`` is not callable, ``where``, ``position``, ``every``
+      or a BGN option has the wrong type, or an option name is unknown.
+    ValueError: an argument is out of range, or ``where`` is not a valid regular
+      expression. The returned function raises ValueError when ``where`` matches
+      no module call.
+  """
+  if not callable(apply_fn):
+    raise TypeError(
+      f"insert: `apply_fn` must be callable, e.g. model.apply; got {type(apply_fn).__name__}."
+    )
+  is_match = matcher(where)
+  options = check_options("insert", position, every, bgn_options)
+
+  @functools.wraps(apply_fn)
+  def apply_with_bgn(*args: Any, **kwargs: Any) -> Any:
+    insertion = _Insertion(is_match, position, int(every), options)
+    with nn.intercept_methods(insertion):
+      outputs = apply_fn(*args, **kwargs)
+    if not insertion.matched:
+      raise ValueError(no_match_message("insert", where, insertion.seen, "module __call__"))
+    return outputs
+
+  return apply_with_bgn
+
+
+GRAD_NORMS_COLLECTION = "grad_norms"
+"""The collection of grad_norms's zero perturbations; list it in nn.scan's variable_axes."""
+
+Report = dict[str, dict[str, jax.Array]]
+
+
+def _is_inexact_array(leaf: Any) -> bool:
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+@dataclasses.dataclass
+class _Call:
+  """One selected module call, as found by the shape pass."""
+
+  path: Path  # the module path in the variable trees
+  location: Path  # where its reported perturbation lies in the collection (path + name)
+  output_ndims: tuple[int, ...]  # rank of each perturbed leaf in one call
+  params_ndims: Any  # rank of each params leaf in one call (inside any nn.scan)
+
+
+class _Probe:
+  """The interceptor of one :func:`grad_norms` pass.
+
+  In the shape pass ("discover") each top-level module call is run again as
+  ``apply(..., mutable=True)``, so that ``Module.perturb`` creates the zero
+  perturbations and lifted transforms (``nn.scan``) stack them per iteration
+  as they stack parameters. In the gradient pass ("measure") the perturbations
+  come in with the variables and ``Module.perturb`` adds them.
+
+  Perturbations are numbered in call order, which both passes share. A body
+  that a lifted transform traces more than once (``nn.scan`` traces it twice)
+  takes a number per trace; the traces whose variables the transform discards
+  leave no perturbation, and the shape pass drops their calls.
+  """
+
+  def __init__(self, is_match: Callable[[Any, str], bool], discover: bool):
+    self._is_match = is_match
+    self._discover = discover
+    self._depth = 0  # nesting of intercepted calls; 0 is a top-level call
+    self._reapplying = False  # the next call is the shape pass's re-applied top call
+    self._prefix: Path = ()  # path of the module the shape pass re-applies
+    self._count = 0
+    # Outputs of selected calls, by id, so that a BGN layer fed one is recognised.
+    self._tagged: dict[int, tuple[Any, _Call]] = {}
+    self.calls: list[_Call] = []  # in call order
+    self.grafts: list[tuple[Path, Any]] = []  # (prefix, perturbation shapes) per apply
+    self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
+
+  def __call__(
+    self,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+  ) -> Any:
+    module = context.module
+    if context.method_name == "setup":
+      return next_fun(*args, **kwargs)
+    if self._reapplying:
+      self._reapplying = False
+    elif self._discover and self._depth == 0:
+      return self._reapply(context, args, kwargs)
+    self._depth += 1
+    try:
+      outputs = next_fun(*args, **kwargs)
+    finally:
+      self._depth -= 1
+    if context.method_name != "__call__":
+      return outputs
+    path = self._prefix + tuple(str(p) for p in module.path)
+    joined = "/".join(path)
+    self.seen[(type(module).__name__, joined)] = None
+    if isinstance(module, BGN) and args:
+      tagged = self._tagged.get(id(args[0]))
+      if tagged is not None and tagged[0] is args[0]:
+        # A BGN layer fed the selected output: report the gradient arriving at
+        # the BGN node, before it normalizes it, i.e. the one at its output.
+        call = tagged[1]
+        name = self._next_name("after_bgn")
+        outputs = self._perturb(module, joined, outputs, name)
+        call.location = path + (name,)
+        self._tagged[id(outputs)] = (outputs, call)
+    if self._is_match(module, joined):
+      name = self._next_name("output")
+      call = self._record(module, path + (name,), outputs)
+      outputs = self._perturb(module, joined, outputs, name)
+      self._tagged[id(outputs)] = (outputs, call)
+    return outputs
+
+  def _next_name(self, kind: str) -> str:
+    self._count += 1
+    return f"{kind}_{self._count - 1}"
+
+  def _reapply(
+    self, context: nn.module.InterceptorContext, args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> Any:
+    module = context.module
+    unbound, variables = module.unbind()
+    # Shapes only (this runs under jax.eval_shape): any key will do.
+    rngs = {name: jax.random.key(0) for name in getattr(module.scope, "rngs", {})}
+    self._reapplying = True
+    self._prefix = tuple(str(p) for p in module.path)
+    self._depth += 1
+    try:
+      outputs, state = unbound.apply(
+        variables, *args, method=context.method_name, mutable=True, rngs=rngs, **kwargs
+      )
+    finally:
+      self._depth -= 1
+      self._reapplying = False
+      self._prefix = ()
+    tree = unfreeze(state).get(GRAD_NORMS_COLLECTION)
+    if tree:
+      shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+      self.grafts.append((tuple(str(p) for p in module.path), shapes))
+    return outputs
+
+  def _record(self, module: nn.Module, location: Path, outputs: Any) -> _Call:
+    params = module.variables.get("params", {})
+    call = _Call(
+      path=location[:-1],
+      location=location,
+      output_ndims=tuple(x.ndim for x in jax.tree.leaves(outputs) if _is_inexact_array(x)),
+      params_ndims=jax.tree.map(jnp.ndim, unfreeze(params)),
+    )
+    self.calls.append(call)
+    return call
+
+  def _perturb(self, module: nn.Module, joined: str, outputs: Any, name: str) -> Any:
+    leaves, treedef = jax.tree.flatten(outputs)
+    chosen = [i for i, leaf in enumerate(leaves) if _is_inexact_array(leaf)]
+    if not chosen:
+      return outputs
+    if self._discover and not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
+      raise ValueError(
+        f"grad_norms: the module call at {joined!r} runs inside a lifted transform "
+        f"(nn.scan, nn.vmap, ...) that does not carry the {GRAD_NORMS_COLLECTION!r} "
+        f"collection. Add it with axis 0, e.g. nn.scan(..., variable_axes={{'params': 0, "
+        f"{GRAD_NORMS_COLLECTION!r}: 0}}), or select modules outside the transform."
+      )
+    if not self._discover and not module.has_variable(GRAD_NORMS_COLLECTION, name):
+      if GRAD_NORMS_COLLECTION in module.variables:
+        return outputs  # a trace whose variables the lifted transform discards
+      raise ValueError(
+        f"grad_norms: no {GRAD_NORMS_COLLECTION!r} perturbation reached the module call "
+        f"at {joined!r}. loss_fn must pass the `variables` it receives to apply as they "
+        f"are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
+      )
+    perturbed = module.perturb(name, [leaves[i] for i in chosen], collection=GRAD_NORMS_COLLECTION)
+    for i, leaf in zip(chosen, perturbed, strict=True):
+      leaves[i] = leaf
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _graft(tree: dict[str, Any], prefix: Path, subtree: Mapping[str, Any]) -> None:
+  for name in prefix:
+    tree = tree.setdefault(name, {})
+  for name, value in subtree.items():
+    if isinstance(value, Mapping):
+      _graft(tree, (name,), value)
+    else:
+      tree[name] = value
+
+
+def _leading_axes(
+  stacked: Sequence[int], per_call: Sequence[int], what: str, path: Path
+) -> tuple[int, ...]:
+  """How many leading (lifted-transform) axes each leaf has beyond its rank in one call."""
+  lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
+  if any(n < 0 for n in lead):
+    raise ValueError(
+      f"grad_norms: the {what} of {'/'.join(path)!r} have lower rank in the variables "
+      f"than in one call; list {GRAD_NORMS_COLLECTION!r} and 'params' with axis 0 in the "
+      f"lifted transform's variable_axes."
+    )
+  return lead
+
+
+# (perturbation location, its leading axes per leaf, module path, params leading
+# axes per leaf, the leading shape) of one report entry.
+_PlanEntry = tuple[Path, tuple[int, ...], Path, tuple[int, ...], tuple[int, ...]]
+
+
+def _plan_entry(call: _Call, shapes: Mapping[str, Any], params: Mapping[str, Any]) -> _PlanEntry:
+  output_shapes = [s.shape for s in jax.tree.leaves(get_path(shapes, call.location))]
+  output_lead = _leading_axes(
+    [len(s) for s in output_shapes], call.output_ndims, "outputs", call.path
+  )
+  lead_shape = tuple(output_shapes[0][: output_lead[0]]) if output_shapes else ()
+  param_leaves = jax.tree.leaves(get_path(params, call.path) or {})
+  params_lead = _leading_axes(
+    [jnp.ndim(p) for p in param_leaves], jax.tree.leaves(call.params_ndims), "params", call.path
+  )
+  if len(set(params_lead)) > 1:  # mixed scanned and shared parameters: one norm
+    params_lead = (0,) * len(params_lead)
+  return call.location, output_lead, call.path, params_lead, lead_shape
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _report_norms(
+  grad_params: Any, grad_perturbations: Any, plan: tuple[_PlanEntry, ...]
+) -> list[tuple[jax.Array, jax.Array]]:
+  # One compiled computation for all norms, cached per plan: eagerly, the
+  # op-by-op version costs seconds of dispatch and compilation.
+  flats, lead_shapes = [], []
+  for location, output_lead, path, params_lead, lead_shape in plan:
+    output_leaves = jax.tree.leaves(get_path(grad_perturbations, location))
+    param_leaves = jax.tree.leaves(get_path(grad_params, path) or {})
+    flats += [flatten_leaves(output_leaves, output_lead), flatten_leaves(param_leaves, params_lead)]
+    lead_shapes += [lead_shape, lead_shape]
+  norms = group_norms(flats, lead_shapes)
+  return list(zip(norms[::2], norms[1::2], strict=True))
+
+
+def _keys(calls: Iterable[_Call]) -> list[str]:
+  counts: dict[Path, int] = {}
+  keys = []
+  for call in calls:
+    index = counts.get(call.path, 0)
+    counts[call.path] = index + 1
+    joined = "/".join(call.path)
+    keys.append(joined if index == 0 else f"{joined}#{index}")
+  return keys
+
+
+def _no_match_message(where: Any, seen: Iterable[tuple[str, str]]) -> str:
+  calls = [f"{name} at {path!r}" for name, path in seen]
+  listed = ", ".join(calls[:SEEN_LISTED])
+  if len(calls) > SEEN_LISTED:
+    listed += f", ... and {len(calls) - SEEN_LISTED} more"
+  return (
+    f"grad_norms: `where` {where!r} matched no module call. The __call__s seen (module "
+    f"type at path; '' is the top-level module) were: {listed or 'none'}. A class matches "
+    f"by isinstance, a string is searched (re.search) in the '/'-joined path, a predicate "
+    f"gets the module. If loss_fn calls a jax.jit-compiled apply, its cached trace skips "
+    f"the module calls: call apply directly in loss_fn and jit the grad_norms call."
+  )
+
+
+def grad_norms(
+  loss_fn: Callable[..., jax.Array],
+  variables: Mapping[str, Any],
+  *args: Any,
+  where: Where,
+  **kwargs: Any,
+) -> Report:
+  """Norms of the gradient at the output and at the parameters of selected module calls.
+
+  A zero perturbation is added to the output of every ``__call__`` of a bound
+  ``flax.linen`` module that ``where`` selects (like ``Module.perturb``, in the
+  collection ``GRAD_NORMS_COLLECTION``); one ``jax.grad`` with respect to the
+  parameters and the perturbations gives both kinds of gradient. The shapes of
+  the perturbations come from an abstract pass (``jax.eval_shape``), so the
+  arithmetic is one forward and one backward pass. Works under ``jax.jit`` with
+  ``loss_fn`` and ``where`` static (``functools.partial`` or ``static_argnames``).
+
+  "output" is the gradient as it arrives from the layers above, before any BGN
+  node at that output normalizes it: BGN placed by :func:`bgn_jax.insert` inside
+  ``loss_fn`` runs inside this function's interceptor, so the perturbation lands
+  after the BGN node; a :class:`bgn_jax.BGN` layer fed the output directly is
+  recognised and the perturbation moved after it. (A bare :func:`bgn_jax.bgn`
+  call, or an ``insert`` that wraps the call of ``grad_norms`` itself, is not
+  seen: its normalized gradient is reported.)
+
+  Keys are module paths joined with "/" (``"Dense_3"``,
+  ``"encoder/layer_1/Dense_0"``), in the order the calls return (input side
+  first for a feed-forward stack; a selected module after the selected modules
+  inside it); the result is an ``OrderedDict``, whose order survives ``jit``. A
+  module called several times gets one entry per call: ``"Dense_0"``,
+  ``"Dense_0#1"``, ``"Dense_0#2"``; its "params" entry is the same in each, the
+  gradient summed over its calls.
+
+  A module inside ``nn.scan`` (or ``nn.vmap``) gets one entry whose arrays have a
+  leading axis per lifted transform, one value per iteration:
+  ``report["layers/Dense_0"]["output"].shape == (length,)``, as do its "params"
+  when the parameters are scanned (``variable_axes={"params": 0, ...}``; shared
+  parameters give one norm). The transform must carry the perturbations: add
+  ``GRAD_NORMS_COLLECTION`` (``"grad_norms"``) with axis 0 to its
+  ``variable_axes``, otherwise ValueError. Listing it does nothing outside
+  ``grad_norms``. For gradient norm against depth, :func:`depth_profile`
+  flattens a report into one array ordered by depth (a scanned entry gives one
+  value per iteration) and :func:`plot_grad_norms` draws it.
+
+  ``loss_fn`` must call the modules directly: a ``jax.jit``-compiled apply
+  inside it may reuse a trace made without this function's interceptor.
+
+  Norms use :func:`bgn_jax.core.l2_norm`: float32 (float64 for float64
+  gradients), exact for gradients far below the float32 range of their squares.
+
+  References:
+    Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
+
+  Args:
+    loss_fn: ``loss_fn(variables, *args, **kwargs) -> scalar``; it must pass
+      ``variables`` (or a dict that keeps their ``"grad_norms"`` entry) to
+      ``model.apply``.
+    variables: the model variables, with a ``"params"`` collection.
+    *args: positional arguments for ``loss_fn``.
+    where: a Module class or tuple of classes (``isinstance``); a predicate
+      ``module -> bool``; or a regular expression (``str`` or compiled)
+      searched in the "/"-joined module path.
+    **kwargs: keyword arguments for ``loss_fn``.
+
+  Returns:
+    ``{path: {"output": norm, "params": norm}}``; each norm a 0-d array, or one
+    with a leading axis per enclosing ``nn.scan``. Modules without parameters
+    have ``"params"`` zero. Only floating-point leaves of a module's output are
+    perturbed; "output" is their global norm.
+
+  Raises:
+    TypeError: ``loss_fn`` is not callable, ``variables`` not a mapping, or
+      ``where`` of none of the accepted forms.
+    ValueError: ``where`` matches no module call, ``variables`` already holds a
+      ``"grad_norms"`` collection, ``loss_fn`` drops the perturbations, or an
+      ``nn.scan`` that holds a selected module does not carry them.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
+  if not isinstance(variables, Mapping):
+    raise TypeError(
+      f"grad_norms: `variables` must be a mapping of collections, e.g. model.init(...); "
+      f"got {type(variables).__name__}."
+    )
+  if GRAD_NORMS_COLLECTION in variables:
+    raise ValueError(
+      f"grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} collection; "
+      f"that name is reserved for the perturbations grad_norms adds."
+    )
+  is_match = matcher(where)
+
+  discovery = _Probe(is_match, discover=True)
+
+  def shape_pass() -> jax.Array:
+    with nn.intercept_methods(discovery):
+      return loss_fn(variables, *args, **kwargs)
+
+  jax.eval_shape(shape_pass)
+  if not discovery.calls:
+    raise ValueError(_no_match_message(where, discovery.seen))
+  shapes: dict[str, Any] = {}
+  for prefix, tree in discovery.grafts:
+    _graft(shapes, prefix, tree)
+  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  # A call without a perturbation in the collection came from a trace whose
+  # variables a lifted transform discarded (or had no floating-point output).
+  calls = [c for c in discovery.calls if not c.output_ndims or get_path(shapes, c.location)]
+
+  def loss_of(params: Any, perturbations: Any) -> jax.Array:
+    measured = dict(variables)
+    measured["params"] = params
+    measured[GRAD_NORMS_COLLECTION] = perturbations
+    with nn.intercept_methods(_Probe(is_match, discover=False)):
+      return loss_fn(measured, *args, **kwargs)
+
+  params = variables.get("params", {})
+  grad_params, grad_perturbations = jax.grad(loss_of, argnums=(0, 1))(params, perturbations)
+
+  plan = tuple(_plan_entry(call, shapes, unfreeze(params)) for call in calls)
+  norms = _report_norms(unfreeze(grad_params), grad_perturbations, plan)
+  # An OrderedDict keeps the call order through jit (pytree dicts sort their keys).
+  return collections.OrderedDict(
+    (key, {"output": output, "params": params})
+    for key, (output, params) in zip(_keys(calls), norms, strict=True)
+  )

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bgn_jax.core import bgn
-from bgn_jax.diagnostics import GRAD_NORMS_COLLECTION
+from bgn_jax.linen import GRAD_NORMS_COLLECTION
 
 __all__ = ["ACTIVATIONS", "INITS", "METHODS", "DeepMLP", "bgn_flags"]
 

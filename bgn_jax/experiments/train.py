@@ -31,9 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bgn_jax.diagnostics import depth_profile, grad_norms
 from bgn_jax.experiments.data import DATASETS, Dataset, epoch_permutation, load_dataset
 from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS, DeepMLP, HiddenLayer
+from bgn_jax.linen import grad_norms
+from bgn_jax.reports import depth_profile
 
 __all__ = [
   "NonFiniteLossError",

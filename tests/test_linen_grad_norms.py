@@ -1,4 +1,4 @@
-"""Tests of bgn_jax.diagnostics against a hand-written NumPy float64 backprop."""
+"""Tests of bgn_jax.linen.grad_norms and bgn_jax.reports against a float64 NumPy backprop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bgn_jax
-from bgn_jax.diagnostics import (
+from bgn_jax import (
   GRAD_NORMS_COLLECTION,
   depth_profile,
   grad_norms,
