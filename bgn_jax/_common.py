@@ -121,18 +121,23 @@ def no_match_message(
   )
 
 
-def matcher(where: Where) -> Callable[[Any, str], bool]:
+def matcher(
+  where: Where, *, fn_name: str, module_type: type | tuple[type, ...] = ()
+) -> Callable[[Any, str], bool]:
   """Turns a ``where`` into a test ``(module, path) -> bool``.
 
   Args:
     where: a module class or a tuple of them; a predicate ``module -> bool``; or
       a regular expression (str or compiled), searched in the "/"-joined path.
+    fn_name: the public name, for the messages.
+    module_type: the framework's module base class(es): an instance of one is a
+      module object, not a predicate, and is refused.
 
   Returns:
     The test.
 
   Raises:
-    TypeError: ``where`` is none of the forms above.
+    TypeError: ``where`` is none of the forms above, or a module instance.
     ValueError: ``where`` is a string that is not a valid regular expression.
   """
   if isinstance(where, type) or (
@@ -144,15 +149,24 @@ def matcher(where: Where) -> Callable[[Any, str], bool]:
     try:
       where = re.compile(where)
     except re.error as err:
-      raise ValueError(f"`where` {where!r} is not a valid regular expression: {err}.") from None
+      raise ValueError(
+        f"{fn_name}: `where` {where!r} is not a valid regular expression: {err}."
+      ) from None
   if isinstance(where, re.Pattern):
     pattern = where
     return lambda module, path: pattern.search(path) is not None
+  if module_type and isinstance(where, module_type):
+    # Module objects are callable, so they would otherwise be taken for predicates.
+    raise TypeError(
+      f"{fn_name}: `where` is a module instance ({type(where).__name__}), not a way to "
+      f"select modules; pass its class ({type(where).__name__}), a predicate "
+      f"module -> bool, or a regular expression on the module path."
+    )
   if callable(where):
     predicate = where
     return lambda module, path: bool(predicate(module))
   raise TypeError(
-    f"`where` must be a Module class, a tuple of Module classes, a predicate "
+    f"{fn_name}: `where` must be a Module class, a tuple of Module classes, a predicate "
     f"module -> bool, or a regular expression on the module path; got {where!r}."
   )
 

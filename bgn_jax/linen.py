@@ -190,7 +190,7 @@ def insert(
     raise TypeError(
       f"insert: `apply_fn` must be callable, e.g. model.apply; got {type(apply_fn).__name__}."
     )
-  is_match = matcher(where)
+  is_match = matcher(where, fn_name="insert", module_type=nn.Module)
   options = check_options("insert", position, every, bgn_options)
 
   @functools.wraps(apply_fn)
@@ -533,7 +533,7 @@ def grad_norms(
       f"grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} collection; "
       f"that name is reserved for the perturbations grad_norms adds."
     )
-  is_match = matcher(where)
+  is_match = matcher(where, fn_name="grad_norms", module_type=nn.Module)
 
   discovery = _Probe(is_match, discover=True)
 

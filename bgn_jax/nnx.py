@@ -161,7 +161,7 @@ def insert(
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"nnx.insert: `model` must be an nnx.Module; got {type(model).__name__}.")
-  is_match = matcher(where)
+  is_match = matcher(where, fn_name="nnx.insert", module_type=nnx.Module)
   options = tuple(sorted(check_options("nnx.insert", position, every, bgn_options).items()))
   seen: dict[tuple[str, str], None] = {}
   matches = 0

@@ -195,7 +195,7 @@ def relative_updates(
     )
   leading: dict[str, int] = {}
   if where is None or isinstance(where, (str, re.Pattern)):
-    is_match = None if where is None else matcher(where)
+    is_match = None if where is None else matcher(where, fn_name="relative_updates")
     for path in _module_paths(old_params):
       joined = "/".join(path)
       if is_match is None or is_match(None, joined):
