@@ -1,0 +1,69 @@
+"""The ``bgn-jax`` entry point and the package's dependencies: what runs without the extras."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+from bgn_jax import __main__ as entry
+
+# The extras' packages that `import bgn_jax` must not import. optax is not among them: flax
+# depends on it and `flax.nnx` imports it.
+EXTRA_MODULES = ("orbax", "chex", "equinox", "sklearn", "matplotlib", "tqdm")
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+  return subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+  )
+
+
+def test_console_script_is_the_checked_entry_point():
+  (script,) = importlib.metadata.entry_points(group="console_scripts", name="bgn-jax")
+  assert script.value == "bgn_jax.__main__:main"
+
+
+def test_python_m_without_the_cli_extra_one_line_and_exit_2():
+  # A None entry in sys.modules makes the module unimportable, as if it were not installed.
+  done = _run(
+    "import runpy, sys; sys.modules['sklearn'] = None; sys.argv = ['bgn-jax', 'demo']; "
+    "runpy.run_module('bgn_jax', run_name='__main__')"
+  )
+  assert done.returncode == 2, done.stderr
+  assert done.stdout == ""
+  assert done.stderr.count("\n") == 1, done.stderr
+  assert 'pip install "bgn_jax[cli]"' in done.stderr
+  assert "sklearn" in done.stderr
+
+
+@pytest.mark.parametrize("blocked", entry.CLI_MODULES)
+def test_each_missing_cli_module_is_named(blocked, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, blocked, None)
+  assert entry.main(["demo"]) == 2
+  out, err = capsys.readouterr()
+  assert out == ""
+  assert err.count("\n") == 1, err
+  assert f"(missing: {blocked})" in err
+  assert 'pip install "bgn_jax[cli]"' in err
+
+
+def test_missing_cli_modules_empty_when_installed():
+  assert entry.missing_cli_modules() == []
+
+
+def test_with_the_cli_extra_main_runs_the_command_line(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    entry.main(["--help"])
+  assert exit_info.value.code == 0
+  assert "demo" in capsys.readouterr().out
+
+
+def test_import_bgn_jax_imports_no_extra():
+  done = _run(
+    f"import sys, bgn_jax; print(sorted(m for m in {EXTRA_MODULES!r} if m in sys.modules))"
+  )
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "[]"
