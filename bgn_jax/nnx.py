@@ -1,9 +1,14 @@
-"""BGN for ``flax.nnx``: the layer and :func:`insert`.
+"""BGN for ``flax.nnx``: the layer, :func:`insert`, :func:`remove`, :func:`placements`
+and :func:`grad_norms`.
 
-:func:`insert` returns a copy of the model's module graph that shares every
-``Variable`` with the original; in the copy, each selected module's class is
-replaced by a subclass whose ``__call__`` passes the output (or the inputs)
-through :func:`bgn_jax.bgn`.
+:func:`insert` follows the nnx surgery convention: it edits the model in place,
+swapping the class of each selected module for a subclass whose ``__call__``
+passes the output (or the inputs) through :func:`bgn_jax.bgn`, and
+:func:`remove` swaps the original classes back. The model keeps its identity,
+its state and its Variables, so it behaves exactly like the same model with the
+nodes written by hand. :func:`grad_norms` measures, in one forward and one
+backward pass, the norm of the gradient at the output and at the parameters of
+each selected module call.
 
 References:
   Cabana & Lago-Fernandez, *Backward Gradient Normalization in Deep Neural
@@ -12,16 +17,36 @@ References:
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import functools
 import types
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import filterlib
 
-from bgn_jax._common import Position, Where, apply_bgn, check_options, matcher, no_match_message
+from bgn_jax._common import (
+  SEEN_LISTED,
+  Placement,
+  Placements,
+  Position,
+  Where,
+  check_options,
+  flatten_leaves,
+  group_norms,
+  is_float_array,
+  matcher,
+  no_match_message,
+)
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
-__all__ = ["BGN", "insert"]
+__all__ = ["BGN", "grad_norms", "insert", "placements", "remove"]
 
 
 class BGN(nnx.Module):
@@ -68,10 +93,18 @@ class BGN(nnx.Module):
 
 
 M = TypeVar("M", bound=nnx.Module)
+Options = tuple[tuple[str, Any], ...]
 
-# One subclass per (class, position, options), so that repeated inserts give equal
-# graph definitions and nnx.jit reuses its compilation.
-_SUBCLASSES: dict[tuple[type, Position, tuple[tuple[str, Any], ...]], type] = {}
+# The class attribute that marks a subclass made here: (kind, position, options).
+# Subclasses are found again through cls.__subclasses__(), which holds them weakly,
+# so bgn_jax keeps no class alive and makes one subclass per (class, marker): equal
+# graph definitions for repeated inserts, so nnx.jit reuses its compilation.
+_MARKER = "_bgn_jax_marker"
+# The instance attribute (static, part of the graph definition) of a module with a
+# node: its _Site. Copies made inside nnx transforms carry it along.
+_SITE = "_bgn_jax_site"
+# The instance attribute of a module that grad_norms probes: its "/"-joined path.
+_PROBE_PATH = "_bgn_jax_probe_path"
 
 
 def _has_call(cls: type) -> bool:
@@ -79,33 +112,198 @@ def _has_call(cls: type) -> bool:
   return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
 
 
-def _with_bgn(cls: type, position: Position, options: tuple[tuple[str, Any], ...]) -> type:
-  """The subclass of ``cls`` whose ``__call__`` adds the BGN node."""
-  key = (cls, position, options)
-  if key in _SUBCLASSES:
-    return _SUBCLASSES[key]
-  bgn_options = dict(options)
+def _marker(cls: type) -> tuple[Any, ...] | None:
+  return vars(cls).get(_MARKER)
 
-  def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    if position == "before":
-      args = apply_bgn(args, bgn_options)
-    outputs = cls.__call__(self, *args, **kwargs)
-    if position == "after":
-      outputs = apply_bgn(outputs, bgn_options)
-    return outputs
+
+def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc: str) -> type:
+  """The subclass of ``cls`` with ``marker`` and ``__call__``, made once."""
+  for existing in cls.__subclasses__():
+    if _marker(existing) == marker:
+      return existing
+  suffix = "WithBGN" if marker[0] == "bgn" else "WithGradProbe"
 
   def fill(namespace: dict[str, Any]) -> None:
     namespace.update(
-      __call__=__call__,
+      {_MARKER: marker},
+      __call__=call,
       __module__=__name__,
-      __qualname__=f"{cls.__qualname__}WithBGN",
-      __doc__=f"{cls.__name__} with a BGN node {position} its __call__ ({bgn_options}).",
+      __qualname__=f"{cls.__qualname__}{suffix}",
+      __doc__=doc,
     )
 
   keywords = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
-  subclass = types.new_class(f"{cls.__name__}WithBGN", (cls,), keywords, fill)
-  _SUBCLASSES[key] = subclass
-  return subclass
+  return types.new_class(f"{cls.__name__}{suffix}", (cls,), keywords, fill)
+
+
+@dataclasses.dataclass(eq=False)
+class _Insertion:
+  """What one :func:`insert` call placed; shared by the sites it made."""
+
+  where: Any
+  position: Position
+  paths: list[str]  # of the modules that got a node
+  modules: list[str]  # their class names
+  empty: dict[str, None] = dataclasses.field(default_factory=dict)  # called, nothing to normalize
+  has_node: bool = False  # some call had a floating-point leaf
+
+
+@dataclasses.dataclass(eq=False)
+class _Site:
+  """One module with a node: its path and the insertion it belongs to."""
+
+  path: str
+  insertion: _Insertion
+
+
+# The list that placements() fills while it traces, None otherwise.
+_RECORDER: contextvars.ContextVar[list[Placement] | None] = contextvars.ContextVar(
+  "bgn_jax_nnx_recorder", default=None
+)
+
+
+def _variable_values(module: nnx.Module) -> set[int]:
+  """ids of the values of the module's Variables (a returned parameter is one of them)."""
+  return {
+    id(node.get_value()) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)
+  }
+
+
+def _classify(module: nnx.Module, tree: Any) -> tuple[list[Any], list[str | None], Any, list[Any]]:
+  """The leaves of ``tree`` (Variables kept whole) with the reason each gets no node."""
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  owned = _variable_values(module)
+  reasons: list[str | None] = []
+  for _, leaf in keyed:
+    if isinstance(leaf, nnx.Variable) or id(leaf) in owned:
+      reasons.append("a variable of the model, passed through")
+    elif not isinstance(leaf, jax.Array):
+      reasons.append(f"not a jax.Array ({type(leaf).__name__})")
+    elif not is_float_array(leaf):
+      reasons.append(f"not floating-point ({leaf.dtype})")
+    else:
+      reasons.append(None)
+  return [leaf for _, leaf in keyed], reasons, treedef, [key for key, _ in keyed]
+
+
+def _with_nodes(module: nnx.Module, tree: Any, options: dict[str, Any]) -> Any:
+  """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
+  site: _Site = getattr(module, _SITE)
+  insertion = site.insertion
+  leaves, reasons, treedef, keys = _classify(module, tree)
+  recorder = _RECORDER.get()
+  if recorder is not None:
+    name = _original(type(module)).__name__
+    for key, leaf, reason in zip(keys, leaves, reasons, strict=True):
+      recorder.append(
+        Placement(
+          path=site.path,
+          module=name,
+          position=insertion.position,
+          leaf=jax.tree_util.keystr(key),
+          shape=tuple(getattr(leaf, "shape", ())),
+          dtype=str(getattr(leaf, "dtype", type(leaf).__name__)),
+          reason=reason,
+        )
+      )
+  if any(reason is None for reason in reasons):
+    insertion.has_node = True
+  elif not insertion.has_node:
+    insertion.empty[site.path] = None
+    if len(insertion.empty) == len(insertion.paths):
+      listed = ", ".join(
+        f"{name} at {path!r}" for name, path in zip(insertion.modules, insertion.paths)
+      )
+      what = "output" if insertion.position == "after" else "positional input"
+      raise ValueError(
+        f"nnx.insert: `where` {insertion.where!r} matched {len(insertion.paths)} module(s) "
+        f"and none had a floating-point jax.Array in its {what} to normalize, so no BGN "
+        f"node was placed: {listed}. Select the modules whose {what} is a floating-point "
+        f"activation (bgn_jax.nnx.placements shows the leaves of each match)."
+      )
+  leaves = [bgn(leaf, **options) if r is None else leaf for leaf, r in zip(leaves, reasons)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _with_bgn(cls: type, position: Position, options: Options) -> type:
+  """The subclass of ``cls`` whose ``__call__`` adds the BGN node."""
+  bgn_options = dict(options)
+
+  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    if position == "before":
+      args = _with_nodes(self, args, bgn_options)
+    outputs = cls.__call__(self, *args, **kwargs)
+    if position == "after":
+      outputs = _with_nodes(self, outputs, bgn_options)
+    return outputs
+
+  doc = f"{cls.__name__} with a BGN node {position} its __call__ ({bgn_options})."
+  return _subclass(cls, ("bgn", position, options), __call__, doc)
+
+
+def _is_nnx_filter(where: Any) -> bool:
+  filters = (
+    filterlib.WithTag,
+    filterlib.PathContains,
+    filterlib.PathIn,
+    filterlib.OfType,
+    filterlib.Any,
+    filterlib.All,
+    filterlib.Not,
+    filterlib.Everything,
+    filterlib.Nothing,
+  )
+  if isinstance(where, filters) or where is Ellipsis:
+    return True
+  return isinstance(where, (tuple, list)) and any(_is_nnx_filter(w) for w in where)
+
+
+def _module_matcher(where: Where, fn_name: str) -> Callable[[Any, tuple[Any, ...]], bool]:
+  """``where`` as a test ``(module, path parts) -> bool``; nnx filters get the path parts."""
+  if _is_nnx_filter(where):
+    predicate = filterlib.to_predicate(where)
+    return lambda module, parts: bool(predicate(parts, module))
+  is_match = matcher(where, fn_name=fn_name, module_type=nnx.Module)
+  return lambda module, parts: is_match(module, _joined(parts))
+
+
+def _joined(parts: tuple[Any, ...]) -> str:
+  return "/".join(str(part) for part in parts)
+
+
+def _selected(
+  model: nnx.Module, where: Where, fn_name: str
+) -> tuple[list[tuple[str, nnx.Module]], dict[tuple[str, str], None]]:
+  """The modules ``where`` selects, as (path, module) in ``nnx.iter_graph`` order."""
+  is_match = _module_matcher(where, fn_name)
+  seen: dict[tuple[str, str], None] = {}
+  chosen = []
+  for parts, node in nnx.iter_graph(model):
+    if not (isinstance(node, nnx.Module) and _has_call(type(node))):
+      continue
+    seen[(type(node).__name__, _joined(parts))] = None
+    if is_match(node, parts):
+      chosen.append((_joined(parts), node))
+  return chosen, seen
+
+
+def _set_class(module: nnx.Module, cls: type) -> None:
+  # Module.__setattr__ would record "__class__" as an attribute of the graph.
+  object.__setattr__(module, "__class__", cls)
+
+
+def _original(cls: type) -> type:
+  while _marker(cls) is not None:
+    cls = cls.__mro__[1]
+  return cls
+
+
+def _options_text(marker: tuple[Any, ...]) -> str:
+  _, position, options = marker
+  named = ", ".join(f"{k}={v!r}" for k, v in options) or "the default BGN options"
+  return f"(position={position!r}, {named})"
 
 
 def insert(
@@ -116,21 +314,29 @@ def insert(
   every: int = 1,
   **bgn_options: Any,
 ) -> M:
-  """Returns a copy of an nnx model with BGN nodes after (or before) the selected modules.
+  """Adds BGN nodes after (or before) the selected modules of an nnx model, in place.
 
-  The copy is a new module graph (as ``nnx.clone(model, variables=False)``) that
-  shares every ``Variable`` with ``model``: parameters, BatchNorm statistics and
-  RNG counts are the same objects, so an optimizer step or a statistics update
-  through the copy is seen by ``model`` and the other way round, and the state
-  of both has the same paths. ``model`` itself is not modified. Plain attributes
-  are copied, not shared: ``model.eval()`` later does not switch the copy.
+  Follows the nnx surgery convention: the model is edited in place and returned
+  (the same object). Each selected module's class is swapped for a subclass
+  (named ``<Class>WithBGN``) whose ``__call__`` applies :func:`bgn_jax.bgn` to
+  the floating-point ``jax.Array`` leaves of the output (``position="after"``)
+  or of the positional arguments (``"before"``). Nothing else changes: the
+  model's Variables, state paths and plain attributes are the same objects, so
+  ``model.eval()``/``model.train()``, an ``nnx.Optimizer``, checkpoints and
+  Variables that ``__call__`` assigns behave exactly as in the same model with
+  the nodes written by hand. Other methods are unchanged, and ``isinstance``
+  checks still hold. :func:`remove` undoes it.
 
-  In the copy, each selected module's class is replaced by a subclass (named
-  ``<Class>WithBGN``) whose ``__call__`` applies :func:`bgn_jax.bgn` to the
-  floating-point ``jax.Array`` leaves of the output (``position="after"``) or of
-  the positional arguments (``"before"``). Other methods are unchanged, and
-  ``isinstance`` checks still hold. A module referenced at two paths is one
-  module and gets one node, applied at each call.
+  A leaf that is one of the module's own Variables, or a value of one (a
+  parameter passed through unchanged), never gets a node. If, at the first
+  call, none of the selected modules had a floating-point leaf to normalize,
+  that call raises ValueError listing them. :func:`placements` shows where the
+  nodes went.
+
+  Inserting again with the same ``position`` and options leaves the modules
+  that already have a node as they are (a second call is a no-op); other
+  options on a module that has a node are a ValueError. A module referenced at
+  two paths is one module and gets one node, applied at each call.
 
   References:
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
@@ -138,10 +344,14 @@ def insert(
   Args:
     model: an ``nnx.Module``.
     where: an nnx Module class or tuple of classes (``isinstance``); a predicate
-      ``module -> bool``; or a regular expression (``str`` or compiled), searched
-      in the attribute path joined with "/" (``r"layers/\\d+$"``; the model
-      itself has the path ``""``). Only modules that define ``__call__`` are
-      tested (``nnx.List`` and ``nnx.Dict`` containers are not).
+      ``module -> bool``; a regular expression (``str`` or compiled), searched in
+      the attribute path joined with "/" (``r"layers/\\d+$"``; the model itself
+      has the path ``""``); or an nnx filter (``nnx.OfType``,
+      ``nnx.PathContains``, ``nnx.All``, ``nnx.Not``, ...), which gets the
+      path as a tuple of keys, so type and path combine:
+      ``nnx.All(nnx.OfType(nnx.Linear), nnx.PathContains("decoder"))``. Only
+      modules that define ``__call__`` are tested (``nnx.List`` and ``nnx.Dict``
+      containers are not).
     position: ``"after"`` the module's output, or ``"before"`` its positional
       inputs.
     every: keep every ``every``-th match, starting with the first
@@ -151,36 +361,353 @@ def insert(
       passed to :func:`bgn_jax.bgn` for every node.
 
   Returns:
-    The copy of ``model`` with the BGN nodes.
+    ``model`` itself, with the nodes.
 
   Raises:
     TypeError: ``model`` is not an ``nnx.Module``, ``where``, ``position``,
       ``every`` or a BGN option has the wrong type, or an option name is unknown.
     ValueError: an argument is out of range, ``where`` is not a valid regular
-      expression, or ``where`` matches no module.
+      expression, ``where`` matches no module, or a selected module already has
+      a node with other options.
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"nnx.insert: `model` must be an nnx.Module; got {type(model).__name__}.")
-  is_match = matcher(where, fn_name="nnx.insert", module_type=nnx.Module)
   options = tuple(sorted(check_options("nnx.insert", position, every, bgn_options).items()))
-  seen: dict[tuple[str, str], None] = {}
-  matches = 0
-
-  def add_bgn(path: tuple[Any, ...], node: Any) -> Any:
-    nonlocal matches
-    if not (isinstance(node, nnx.Module) and _has_call(type(node))):
-      return node
-    joined = "/".join(str(part) for part in path)
-    seen[(type(node).__name__, joined)] = None
-    if not is_match(node, joined):
-      return node
-    matches += 1
-    if (matches - 1) % every == 0:
-      # node is already the copy that recursive_map made, not a module of `model`.
-      node.__class__ = _with_bgn(type(node), position, options)
-    return node
-
-  copy = nnx.recursive_map(add_bgn, model)
-  if not matches:
+  chosen, seen = _selected(model, where, "nnx.insert")
+  if not chosen:
     raise ValueError(no_match_message("nnx.insert", where, seen, "module"))
-  return copy
+  chosen = chosen[::every]
+  marker = ("bgn", position, options)
+  for path, module in chosen:
+    existing = _marker(type(module))
+    if existing is not None and existing != marker:
+      raise ValueError(
+        f"nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) already "
+        f"has a BGN node with {_options_text(existing)}; asked now: {_options_text(marker)}. "
+        f"Call bgn_jax.nnx.remove(model) first to replace the nodes."
+      )
+  new = [(path, module) for path, module in chosen if _marker(type(module)) is None]
+  insertion = _Insertion(
+    where=where,
+    position=position,
+    paths=[path for path, _ in new],
+    modules=[type(module).__name__ for _, module in new],
+  )
+  for path, module in new:
+    setattr(module, _SITE, _Site(path, insertion))
+    _set_class(module, _with_bgn(type(module), position, options))
+  return model
+
+
+def remove(model: M) -> M:
+  """Removes the BGN nodes that :func:`insert` added to an nnx model, in place.
+
+  The selected modules get their original classes back; the model, its state
+  and its Variables are left as they are. A model without nodes is returned
+  unchanged.
+
+  Args:
+    model: an ``nnx.Module``.
+
+  Returns:
+    ``model`` itself, without the nodes.
+
+  Raises:
+    TypeError: ``model`` is not an ``nnx.Module``.
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"nnx.remove: `model` must be an nnx.Module; got {type(model).__name__}.")
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and _marker(type(node)) is not None:
+      _set_class(node, _original(type(node)))
+      if hasattr(node, _SITE):
+        delattr(node, _SITE)
+  return model
+
+
+def _inserted(model: nnx.Module) -> bool:
+  return any(
+    isinstance(node, nnx.Module) and hasattr(node, _SITE) for _, node in nnx.iter_graph(model)
+  )
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[list[Placement]]:
+  records: list[Placement] = []
+  token = _RECORDER.set(records)
+  try:
+    yield records
+  finally:
+    _RECORDER.reset(token)
+
+
+def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
+  """Where the BGN nodes of an inserted nnx model go in ``model(*args, **kwargs)``.
+
+  Traces the call abstractly (``nnx.eval_shape``: no FLOPs, the model's state
+  is not changed) and lists one record per leaf of each call of a module with a
+  node, in call order: the leaves that get a node, and those skipped with the
+  reason (not floating-point, not an array, a variable of the model passed
+  through). Inside ``nnx.scan``/``nnx.vmap`` the shapes are those one call
+  sees. ``str()`` of the result is a table.
+
+  Args:
+    model: a model returned by :func:`insert`.
+    *args: positional arguments of the model's ``__call__`` (closed over, so
+      Python values such as flags stay static).
+    **kwargs: keyword arguments of the model's ``__call__``.
+
+  Returns:
+    A :class:`bgn_jax._common.Placements` list of ``Placement`` records.
+
+  Raises:
+    TypeError: ``model`` is not an ``nnx.Module``.
+    ValueError: ``model`` has no BGN node, or none of its selected modules has a
+      floating-point leaf to normalize.
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"nnx.placements: `model` must be an nnx.Module; got {type(model).__name__}.")
+  if not _inserted(model):
+    raise ValueError(
+      "nnx.placements: `model` has no BGN node; add them with bgn_jax.nnx.insert(model, "
+      "where=...) first."
+    )
+  with _recording() as records:
+    nnx.eval_shape(lambda m: m(*args, **kwargs), model)
+  return Placements(records)
+
+
+# grad_norms ----------------------------------------------------------------------------
+
+Report = dict[str, dict[str, jax.Array]]
+
+
+class GradProbe(nnx.Variable):
+  """A zero perturbation that :func:`grad_norms` adds to a module output leaf."""
+
+
+@dataclasses.dataclass
+class _ProbedCall:
+  """One call of a probed module, as the shape pass saw it."""
+
+  path: str
+  name: str  # the prefix of its GradProbe attributes
+  output_ndims: tuple[int, ...]  # rank of each probed leaf in one call
+  params_ndims: tuple[int, ...]  # rank of each Param leaf of the module in one call
+
+
+@dataclasses.dataclass
+class _Pass:
+  discover: bool
+  calls: list[_ProbedCall] = dataclasses.field(default_factory=list)
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+_PASS: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
+  "bgn_jax_nnx_grad_norms", default=None
+)
+
+
+def _param_leaves(module: nnx.Module) -> list[jax.Array]:
+  return jax.tree.leaves(nnx.state(module, nnx.Param))
+
+
+def _probe_call(self: nnx.Module, outputs: Any) -> Any:
+  current = _PASS.get()
+  if current is None:  # called outside grad_norms (not possible through the public API)
+    return outputs
+  path = getattr(self, _PROBE_PATH)
+  index = current.counts.get(path, 0)
+  current.counts[path] = index + 1
+  name = f"grad_norms_{index}"
+  leaves, reasons, treedef, _ = _classify(self, outputs)
+  chosen = [i for i, reason in enumerate(reasons) if reason is None]
+  if current.discover:
+    current.calls.append(
+      _ProbedCall(
+        path=path,
+        name=name,
+        output_ndims=tuple(leaves[i].ndim for i in chosen),
+        params_ndims=tuple(jnp.ndim(p) for p in _param_leaves(self)),
+      )
+    )
+  for n, i in enumerate(chosen):
+    attribute = f"{name}_{n}"
+    if current.discover:
+      setattr(self, attribute, GradProbe(jnp.zeros_like(leaves[i])))
+    probe = getattr(self, attribute, None)
+    if probe is not None:  # None: a trace whose variables the transform discarded
+      leaves[i] = leaves[i] + probe[...]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _with_probe(cls: type) -> type:
+  """The subclass of ``cls`` whose ``__call__`` adds grad_norms's perturbations."""
+
+  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    return _probe_call(self, cls.__call__(self, *args, **kwargs))
+
+  return _subclass(cls, ("probe",), __call__, f"{cls.__name__} with grad_norms's probes.")
+
+
+@contextlib.contextmanager
+def _in_pass(current: _Pass) -> Iterator[_Pass]:
+  token = _PASS.set(current)
+  try:
+    yield current
+  finally:
+    _PASS.reset(token)
+
+
+def _state_at(state: Any, parts: tuple[Any, ...]) -> Any:
+  for part in parts:
+    if part not in state:
+      return None
+    state = state[part]
+  return state
+
+
+def _leading(stacked: list[int], per_call: tuple[int, ...], what: str, path: str) -> tuple:
+  lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
+  if any(n < 0 for n in lead):
+    raise ValueError(
+      f"nnx.grad_norms: the {what} of {path!r} have lower rank outside the module call "
+      f"than in it; a transform around it changes their shapes in a way grad_norms "
+      f"cannot read."
+    )
+  return lead
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _report_norms(grad_params: Any, grad_probes: Any, plan: tuple[Any, ...]) -> list:
+  flats, lead_shapes = [], []
+  for probe_keys, output_lead, module_parts, params_lead, lead_shape in plan:
+    outputs = [_state_at(grad_probes, keys) for keys in probe_keys]
+    params = jax.tree.leaves(_state_at(grad_params, module_parts) or {})
+    flats += [flatten_leaves(outputs, output_lead), flatten_leaves(params, params_lead)]
+    lead_shapes += [lead_shape, lead_shape]
+  norms = group_norms(flats, lead_shapes)
+  return list(zip(norms[::2], norms[1::2], strict=True))
+
+
+def grad_norms(
+  loss_fn: Callable[..., jax.Array],
+  model: nnx.Module,
+  *args: Any,
+  where: Where,
+  **kwargs: Any,
+) -> Report:
+  """Norms of the gradient at the output and at the parameters of selected module calls.
+
+  The nnx version of :func:`bgn_jax.linen.grad_norms`. On a copy of the model
+  graph (``nnx.split``/``nnx.merge``: the same arrays, new Variable objects), a
+  zero perturbation (a :class:`GradProbe` Variable, as ``Module.perturb`` does)
+  is added to each floating-point leaf of the output of every call of a
+  selected module, and one ``nnx.grad`` with respect to the ``nnx.Param``
+  Variables and the perturbations gives both kinds of gradient. Their shapes
+  come from an abstract pass (``nnx.eval_shape``), so the arithmetic is one
+  forward and one backward pass. ``model`` is not modified: the state updates of
+  the pass (BatchNorm statistics, RNG counts, Variables assigned in
+  ``__call__``) are discarded, as in the linen version. Works under ``nnx.jit``
+  and ``jax.jit`` (``nnx.merge`` inside), with ``loss_fn`` and ``where`` static.
+
+  "output" is the norm of the gradient of the loss with respect to the module's
+  output as its callers see it, over all its consumers; for a module with a node
+  from :func:`insert`, that is the gradient arriving at the node, before the
+  node normalizes it. "params" is the norm of the gradient of the module's
+  ``nnx.Param`` Variables (its submodules' included), summed over its calls.
+
+  Keys are the "/"-joined attribute paths (``"layers/3"``,
+  ``"blocks/linear"``), in call order; the result is an ``OrderedDict``. A
+  module called several times gets one entry per call: ``"linear"``,
+  ``"linear#1"``. A module in an ``nnx.vmap``-made stack run by ``nnx.scan``
+  (or ``nnx.vmap``) gets arrays with a leading axis per transform, one value
+  per layer, as do its "params" when they are stacked. Norms use
+  :func:`bgn_jax.core.l2_norm`.
+
+  References:
+    Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
+
+  Args:
+    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``.
+    model: an ``nnx.Module``, with or without BGN nodes.
+    *args: positional arguments for ``loss_fn``.
+    where: as in :func:`insert`: a Module class or tuple of classes, a
+      predicate ``module -> bool``, a regular expression on the "/"-joined
+      path, or an nnx filter.
+    **kwargs: keyword arguments for ``loss_fn``.
+
+  Returns:
+    ``{path: {"output": norm, "params": norm}}``, float32 (float64 for float64
+    gradients); a module without parameters has "params" zero, a call without
+    floating-point output has "output" zero.
+
+  Raises:
+    TypeError: ``loss_fn`` is not callable, ``model`` is not an ``nnx.Module``,
+      or ``where`` is of none of the accepted forms.
+    ValueError: ``where`` matches no module, or no selected module is called.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"nnx.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"nnx.grad_norms: `model` must be an nnx.Module; got {type(model).__name__}.")
+  work = nnx.merge(*nnx.split(model))
+  chosen, seen = _selected(work, where, "nnx.grad_norms")
+  if not chosen:
+    raise ValueError(no_match_message("nnx.grad_norms", where, seen, "module"))
+  module_parts = {}
+  for parts, node in nnx.iter_graph(work):
+    if isinstance(node, nnx.Module):
+      module_parts.setdefault(_joined(parts), parts)
+  for path, module in chosen:
+    setattr(module, _PROBE_PATH, path)
+    _set_class(module, _with_probe(type(module)))
+
+  def discover(work: nnx.Module) -> nnx.Module:
+    loss_fn(work, *args, **kwargs)
+    return work
+
+  with _in_pass(_Pass(discover=True)) as shapes_pass:
+    abstract = nnx.eval_shape(discover, work)
+  probe_shapes = nnx.state(abstract, GradProbe)
+  calls = []
+  for call in shapes_pass.calls:
+    parts = module_parts[call.path]
+    keys = [parts + (f"{call.name}_{n}",) for n in range(len(call.output_ndims))]
+    shapes = [_state_at(probe_shapes, k) for k in keys]
+    if all(s is not None for s in shapes):
+      calls.append((call, parts, keys, [s.shape for s in shapes]))
+  if not calls:
+    raise ValueError(
+      f"nnx.grad_norms: `where` {where!r} selected "
+      f"{', '.join(repr(p) for p, _ in chosen[:SEEN_LISTED])}, but loss_fn called none "
+      f"of them."
+    )
+  nnx.update(work, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe_shapes))
+
+  def loss_of(work: nnx.Module) -> jax.Array:
+    with _in_pass(_Pass(discover=False)):
+      return loss_fn(work, *args, **kwargs)
+
+  grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, (nnx.Param, GradProbe)))(work)
+  grad_params = nnx.state(grads, nnx.Param)
+  grad_probes = nnx.state(grads, GradProbe)
+  params = nnx.state(work, nnx.Param)
+  plan = []
+  for call, parts, keys, shapes in calls:
+    output_lead = _leading([len(s) for s in shapes], call.output_ndims, "outputs", call.path)
+    lead_shape = tuple(shapes[0][: output_lead[0]]) if shapes else ()
+    stacked = [jnp.ndim(p) for p in jax.tree.leaves(_state_at(params, parts) or {})]
+    params_lead = _leading(stacked, call.params_ndims, "parameters", call.path)
+    if len(set(params_lead)) > 1 or (params_lead and params_lead[0] != len(lead_shape)):
+      params_lead = (0,) * len(params_lead)  # shared and stacked mixed: one norm
+    plan.append((tuple(keys), output_lead, parts, params_lead, lead_shape))
+  norms = _report_norms(nnx.to_pure_dict(grad_params), nnx.to_pure_dict(grad_probes), tuple(plan))
+  counts: dict[str, int] = {}
+  report = collections.OrderedDict()
+  for (call, *_), (output, param) in zip(calls, norms, strict=True):
+    index = counts.get(call.path, 0)
+    counts[call.path] = index + 1
+    key = call.path if index == 0 else f"{call.path}#{index}"
+    report[key] = {"output": output, "params": param}
+  return report

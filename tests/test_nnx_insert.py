@@ -7,7 +7,9 @@ must give the same forward values and gradients, bit for bit.
 
 from __future__ import annotations
 
+import gc
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -56,45 +58,47 @@ class MLP(nnx.Module):
 
 
 def check_against_hand(model, reference, x, **insert_args):
-  """insert(model) against the hand model; returns the copy."""
+  """insert(model) in place against the hand model; returns the model."""
   plain_y, plain = forward_and_grads(model, x)
-  copy = bgn_jax.nnx.insert(model, **insert_args)
-  y, got = forward_and_grads(copy, x)
+  inserted = bgn_jax.nnx.insert(model, **insert_args)
+  assert inserted is model
+  y, got = forward_and_grads(model, x)
   _, expected = forward_and_grads(reference, x)
   assert_trees_equal(y, plain_y)
   assert_trees_equal(got, expected)
   assert_trees_differ(got, plain)
-  return copy
+  return model
 
 
-def test_mlp_copy_shares_variables_and_leaves_the_model_untouched():
+def test_insert_edits_the_model_in_place_and_remove_undoes_it():
   model = MLP(rngs=nnx.Rngs(0))
+  layers = list(model.layers)
+  kernels = [layer.kernel for layer in layers]
   before = jax.tree.map(np.asarray, nnx.state(model))
   x = inputs((5, 6))
-  copy = check_against_hand(model, MLP(hand_after=range(4), rngs=nnx.Rngs(0)), x, where=nnx.Linear)
-  for layer, copied in zip(model.layers, copy.layers, strict=True):
-    assert type(layer) is nnx.Linear
-    assert type(copied).__name__ == "LinearWithBGN" and isinstance(copied, nnx.Linear)
-    assert copied is not layer and copied.kernel is layer.kernel
-  assert type(copy) is MLP
-  assert_trees_equal(nnx.state(copy), nnx.state(model))
+  check_against_hand(model, MLP(hand_after=range(4), rngs=nnx.Rngs(0)), x, where=nnx.Linear)
+  for layer, original, kernel in zip(model.layers, layers, kernels, strict=True):
+    assert layer is original and layer.kernel is kernel
+    assert type(layer).__name__ == "LinearWithBGN" and isinstance(layer, nnx.Linear)
+  assert type(model) is MLP
   assert_trees_equal(nnx.state(model), before)
-  # The original still computes plain gradients.
+  assert bgn_jax.nnx.remove(model) is model
+  assert all(type(layer) is nnx.Linear for layer in model.layers)
+  assert nnx.graphdef(model) == nnx.graphdef(MLP(rngs=nnx.Rngs(0)))
   _, plain = forward_and_grads(model, x)
   _, again = forward_and_grads(MLP(rngs=nnx.Rngs(0)), x)
   assert_trees_equal(plain, again)
 
 
-def test_optimizer_step_through_the_copy_updates_the_model():
-  model = MLP(rngs=nnx.Rngs(0))
-  copy = bgn_jax.nnx.insert(model, where=nnx.Linear)
-  kernel = np.asarray(model.layers[0].kernel[...])
-  optimizer = nnx.Optimizer(copy, optax.sgd(0.1), wrt=nnx.Param)
-  _, grads = forward_and_grads(copy, inputs((5, 6)))
-  optimizer.update(copy, grads)
-  np.testing.assert_array_equal(
-    model.layers[0].kernel[...], kernel - 0.1 * np.asarray(grads["layers"][0]["kernel"][...])
-  )
+def test_optimizer_step_on_the_inserted_model_matches_the_hand_model():
+  model, reference = MLP(rngs=nnx.Rngs(0)), MLP(hand_after=range(4), rngs=nnx.Rngs(0))
+  bgn_jax.nnx.insert(model, where=nnx.Linear)
+  optimizers = [nnx.Optimizer(m, optax.adam(0.1), wrt=nnx.Param) for m in (model, reference)]
+  for step in range(2):
+    for m, optimizer in zip((model, reference), optimizers, strict=True):
+      _, grads = forward_and_grads(m, inputs((5, 6), seed=step))
+      optimizer.update(m, grads)
+  assert_trees_equal(nnx.state(model), nnx.state(reference))
 
 
 @pytest.mark.parametrize(
@@ -122,9 +126,9 @@ def test_every_keeps_matches_from_the_first(every, hand_after):
 def test_position_before_and_options():
   model, reference = MLP(rngs=nnx.Rngs(0)), MLP(hand_before=(1, 3), rngs=nnx.Rngs(0))
   check_against_hand(model, reference, inputs((5, 6)), where=r"/[13]$", position="before")
-  copy = bgn_jax.nnx.insert(model, where=nnx.Linear, axes=[1], power=0.5)
-  assert type(copy.layers[0]).__name__ == "LinearWithBGN"
-  _, got = forward_and_grads(copy, inputs((5, 6)))
+  model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, axes=[1], power=0.5)
+  assert type(model.layers[0]).__name__ == "LinearWithBGN"
+  _, got = forward_and_grads(model, inputs((5, 6)))
   hand = HandOptions(rngs=nnx.Rngs(0))
   _, expected = forward_and_grads(hand, inputs((5, 6)))
   assert_trees_equal(got, expected)
@@ -139,18 +143,102 @@ class HandOptions(MLP):
 
 def test_top_level_module_is_matchable():
   model, reference = MLP(rngs=nnx.Rngs(0)), MLP(hand_output=True, rngs=nnx.Rngs(0))
-  copy = check_against_hand(model, reference, inputs((5, 6)), where=r"^$")
-  assert type(copy).__name__ == "MLPWithBGN" and isinstance(copy, MLP)
+  check_against_hand(model, reference, inputs((5, 6)), where=r"^$")
+  assert type(model).__name__ == "MLPWithBGN" and isinstance(model, MLP)
+  assert type(bgn_jax.nnx.remove(model)) is MLP
 
 
-def test_repeated_inserts_reuse_the_subclass():
+def test_inserting_again_with_the_same_options_is_a_no_op():
   model = MLP(rngs=nnx.Rngs(0))
-  first = bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.5)
-  second = bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.5)
-  other = bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.25)
-  assert type(first.layers[0]) is type(second.layers[0])
-  assert type(first.layers[0]) is not type(other.layers[0])
-  assert nnx.graphdef(first) == nnx.graphdef(second)
+  bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.5)
+  graphdef = nnx.graphdef(model)
+  assert bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.5) is model
+  assert nnx.graphdef(model) == graphdef
+  assert [type(layer).__name__ for layer in model.layers] == ["LinearWithBGN"] * 4
+  # A second model gets the same subclass: equal graph definitions, one nnx.jit trace.
+  other = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, power=0.5)
+  assert type(other.layers[0]) is type(model.layers[0])
+  _, got = forward_and_grads(model, inputs((5, 6)))
+  _, expected = forward_and_grads(HandPower(rngs=nnx.Rngs(0)), inputs((5, 6)))
+  assert_trees_equal(got, expected)
+
+
+class HandPower(MLP):
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jnp.tanh(bgn(layer(x), power=0.5))
+    return x
+
+
+def test_inserting_again_with_other_options_names_both():
+  model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=r"layers/[01]$", power=0.5)
+  graphdef = nnx.graphdef(model)
+  with pytest.raises(ValueError, match="already has a BGN node") as error:
+    bgn_jax.nnx.insert(model, where=nnx.Linear, power=0.25)
+  message = str(error.value)
+  assert "(position='after', power=0.5)" in message
+  assert "(position='after', power=0.25)" in message
+  assert "bgn_jax.nnx.remove" in message
+  assert nnx.graphdef(model) == graphdef  # nothing was changed
+  with pytest.raises(ValueError, match="position='before'"):
+    bgn_jax.nnx.insert(model, where=r"layers/1$", position="before", power=0.5)
+  # Modules without a node can get one with other options.
+  bgn_jax.nnx.insert(model, where=r"layers/[23]$", power=0.25)
+  bgn_jax.nnx.remove(model)
+  assert all(type(layer) is nnx.Linear for layer in model.layers)
+
+
+def _reachable(root, target, depth=6):
+  """Whether ``target`` is reachable from ``root`` through containers and class dicts."""
+  stack, seen = [(root, 0)], set()
+  while stack:
+    obj, level = stack.pop()
+    if obj is target:
+      return True
+    if id(obj) in seen or level > depth:
+      continue
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+      children = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+      children = list(obj)
+    elif isinstance(obj, types.FunctionType):
+      children = [c.cell_contents for c in obj.__closure__ or ()]
+    else:
+      continue
+    stack.extend((child, level + 1) for child in children)
+  return False
+
+
+def test_bgn_jax_keeps_no_class_alive():
+  def make_local_class():
+    class Local(nnx.Module):
+      def __init__(self, rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+      def __call__(self, x):
+        return self.linear(x)
+
+    return Local
+
+  local = make_local_class()
+  model = bgn_jax.nnx.insert(local(nnx.Rngs(0)), where=r"^$")
+  subclass = type(model)
+  assert subclass.__name__ == "LocalWithBGN"
+  model(jnp.ones((1, 2)))
+  bgn_jax.nnx.remove(model)
+  del model
+  gc.collect()
+  # flax itself keeps every nnx Module class alive (its graph-node registry and JAX's
+  # pytree registry hold them), so the check is that bgn_jax holds neither class.
+  for cls in (local, subclass):
+    assert not _reachable(vars(bgn_jax.nnx), cls)
+    assert not _reachable(vars(bgn_jax._common), cls)
+  # One subclass per (class, position, options), however many models.
+  for _ in range(3):
+    bgn_jax.nnx.insert(local(nnx.Rngs(0)), where=r"^$", power=0.5)
+  names = [c.__name__ for c in local.__subclasses__()]
+  assert names == ["LocalWithBGN", "LocalWithBGN"]
 
 
 class Tied(nnx.Module):
@@ -170,11 +258,11 @@ class Tied(nnx.Module):
 
 def test_module_at_two_paths_is_one_module():
   model, reference = Tied(rngs=nnx.Rngs(0)), Tied(hand=True, rngs=nnx.Rngs(0))
-  copy = check_against_hand(model, reference, inputs((5, WIDTH)), where=nnx.Linear)
-  assert copy.first is copy.second
+  check_against_hand(model, reference, inputs((5, WIDTH)), where=nnx.Linear)
+  assert model.first is model.second
   # It is tested at its first path in graph order only.
   with pytest.raises(ValueError, match="matched no module"):
-    bgn_jax.nnx.insert(model, where=r"^second$")
+    bgn_jax.nnx.insert(Tied(rngs=nnx.Rngs(0)), where=r"^second$")
 
 
 class Block(nnx.Module):
@@ -226,25 +314,29 @@ class BatchNormNet(nnx.Module):
     return bgn(x) if self.hand else x
 
 
-def test_batchnorm_in_train_mode_updates_the_model_statistics():
+def test_batchnorm_statistics_and_eval_mode_are_the_models():
   model, reference = BatchNormNet(rngs=nnx.Rngs(0)), BatchNormNet(hand=True, rngs=nnx.Rngs(0))
   plain = BatchNormNet(rngs=nnx.Rngs(0))
-  copy = bgn_jax.nnx.insert(model, where=nnx.Linear)
-  assert copy.norm.mean is model.norm.mean
-  # Plain attributes are copied: switching the model to eval mode leaves the copy in train.
-  model.eval()
-  assert model.norm.use_running_average and not copy.norm.use_running_average
+  bgn_jax.nnx.insert(model, where=nnx.Linear)
   x = inputs((5, 6))
   for step in range(2):
-    y, got = forward_and_grads(copy, x + step)
+    y, got = forward_and_grads(model, x + step)
     expected_y, expected = forward_and_grads(reference, x + step)
     plain_y, plain_grads = forward_and_grads(plain, x + step)
     assert_trees_equal(y, plain_y)
     assert_trees_equal(got, expected)
     assert_trees_differ(got, plain_grads)
   statistics = nnx.state(model, nnx.BatchStat)
-  assert_trees_equal(statistics, nnx.state(plain, nnx.BatchStat))
+  assert_trees_equal(statistics, nnx.state(reference, nnx.BatchStat))
   assert_trees_differ(statistics, nnx.state(BatchNormNet(rngs=nnx.Rngs(0)), nnx.BatchStat))
+  # eval() on the model switches the model that is trained: there is no copy.
+  for m in (model, reference):
+    m.eval()
+  assert model.norm.use_running_average
+  y, got = forward_and_grads(model, x)
+  expected_y, expected = forward_and_grads(reference, x)
+  assert_trees_equal((y, got), (expected_y, expected))
+  assert_trees_equal(nnx.state(model, nnx.BatchStat), statistics)
 
 
 def test_no_match_raises_listing_what_was_seen():
