@@ -3,7 +3,9 @@
 The blocks of one page run in order in one namespace (a later block may use the
 names of an earlier one), in a temporary working folder of the page's own. A block
 preceded by an HTML comment ``<!-- skip: REASON -->`` (needs a GPU, a pod, a
-download, or an API still being written: ``pending``) is skipped with that reason.
+download, or an API still being written: ``pending``) is skipped with that reason;
+``BGN_JAX_DOCS_RUN_PENDING=1`` runs the ``pending`` ones too, to see which can be
+unmarked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT_BYTES = 12 * 1024
+RUN_PENDING = os.environ.get("BGN_JAX_DOCS_RUN_PENDING") == "1"
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 _SKIP = re.compile(r"^\s*<!--\s*skip:\s*(?P<reason>.+?)\s*-->\s*$")
@@ -73,6 +76,10 @@ def _block_id(block: Block) -> str:
   return f"{block.page.relative_to(ROOT)}:{block.line}"
 
 
+def _skipped(block: Block) -> bool:
+  return block.skip is not None and not (RUN_PENDING and block.skip == "pending")
+
+
 @dataclasses.dataclass
 class _PageRun:
   namespace: dict[str, Any]
@@ -97,7 +104,7 @@ def _run_block(block: Block, run: _PageRun) -> None:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 def test_code_block_runs(block: Block, tmp_path_factory: pytest.TempPathFactory) -> None:
-  if block.skip:
+  if _skipped(block):
     pytest.skip(block.skip)
   run = _RUNS.get(block.page)
   if run is None or run.done > block.index:
@@ -109,7 +116,7 @@ def test_code_block_runs(block: Block, tmp_path_factory: pytest.TempPathFactory)
     _RUNS[block.page] = run
   page_blocks = python_blocks(block.page)
   for earlier in page_blocks[run.done : block.index]:
-    if not earlier.skip and run.failed is None:
+    if not _skipped(earlier) and run.failed is None:
       try:
         _run_block(earlier, run)
       except Exception:
