@@ -16,32 +16,42 @@ References:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
+import flax.core.lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import unfreeze
 
 from bgn_jax._common import (
   SEEN_LISTED,
   Path,
+  Placement,
+  Placements,
   Position,
   Where,
-  apply_bgn,
   check_options,
   flatten_leaves,
   get_path,
   group_norms,
+  is_float_array,
   matcher,
   no_match_message,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn
 
-__all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert"]
+__all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert", "placements"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class BGN(nn.Module):
@@ -86,26 +96,147 @@ def module_path(module: Any) -> str:
   return "/".join(str(p) for p in (path or ()))
 
 
+_TRACE_KEY = jax.make_user_context(None)
+
+
+@contextlib.contextmanager
+def _own_traces(token: object) -> Iterator[None]:
+  """Gives every ``jax.jit`` called inside (``nn.jit`` too) trace cache entries of its own.
+
+  An interceptor changes what a trace holds, but jit keys its cache on the function
+  and its arguments: without the token, a trace made under an interceptor would be
+  reused by a plain call of the same jitted function, and the other way round.
+  Nesting keeps the outer tokens, so each combination of interceptors is apart.
+  """
+  with _TRACE_KEY((_TRACE_KEY.value, token)):
+    yield
+
+
+_LIFT_FILE = inspect.getsourcefile(flax.core.lift)
+_TRANSFORMS_FILE = inspect.getsourcefile(nn.transforms)
+_PER_STEP = ("scan", "while_loop")  # lifted transforms whose body runs once per step
+
+
+def _per_step_body(module: nn.Module, method: Callable[..., Any]) -> str | None:
+  """The lifted loop (``"scan"``, ``"while_loop"``) whose body is this very call, or None.
+
+  Flax intercepts a module whose ``__call__`` a lifted transform wraps (``nn.scan(Cls)``
+  or ``@nn.scan`` on the method) only inside the transform's body, on a clone bound to
+  the body's own root scope. A module that such a body merely calls (the cell that
+  ``nn.RNN`` scans) is not the body: its method is not the transformed function.
+  """
+  if module.scope is None or module.scope.parent is not None:
+    return None
+  frame = sys._getframe(1)
+  body_found = False
+  while frame is not None:
+    code = frame.f_code
+    if code.co_filename == _TRANSFORMS_FILE:
+      if code.co_name == "core_fn" and not body_found:
+        local = frame.f_locals
+        body = local.get("class_fn", local.get("fn"))
+        if local.get("cloned") is not module or body is None:
+          return None
+        if inspect.unwrap(body) is not inspect.unwrap(method):
+          return None
+        body_found = True
+      elif code.co_name == "wrapped_fn" and body_found:
+        return None
+    elif body_found and code.co_filename == _LIFT_FILE:
+      transform = code.co_qualname.split(".")[0]
+      if transform in _PER_STEP:
+        return transform
+    frame = frame.f_back
+  return None
+
+
+def _variable_names(module: nn.Module) -> dict[int, str]:
+  """The variables of the module's root scope, by ``id``, as "collection/path" names."""
+  if module.scope is None:
+    return {}
+  flat, _ = jax.tree_util.tree_flatten_with_path(unfreeze(module.scope.root.variables()))
+  return {id(leaf): "/".join(str(getattr(k, "key", k)) for k in path) for path, leaf in flat}
+
+
+def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
+  dtype = getattr(leaf, "dtype", None)
+  return tuple(int(n) for n in np.shape(leaf)), str(dtype) if dtype is not None else type(
+    leaf
+  ).__name__
+
+
 class _Insertion:
-  """The interceptor state of one call of the wrapped apply function."""
+  """What one :func:`insert` keeps across the calls of the function it returns.
+
+  Matches are numbered once, in the order of their first call, and the numbers are
+  kept: a call that reuses a cached trace (``jax.jit``, ``nn.jit``) does not run the
+  module calls inside it, so numbering afresh would shift the later ones.
+  """
 
   def __init__(
     self,
+    where: Where,
     is_match: Callable[[Any, str], bool],
     position: Position,
     every: int,
     options: dict[str, Any],
   ):
-    self._is_match = is_match
-    self._position = position
-    self._every = every
-    self._options = options
-    self._match_index: dict[str, int] = {}
+    self.where = where
+    self.is_match = is_match
+    self.position = position
+    self.every = every
+    self.options = options
+    self.match_index: dict[str, int] = {}
+    self.matched: dict[tuple[str, str], str] = {}  # (type name, path) -> what it gave
+    self.placed = False  # some call placed a node
+    self.token = object()  # this insert's own jit cache entries
+
+  def run(
+    self, apply_fn: Callable[..., Any], args: Any, kwargs: Any, token: object
+  ) -> tuple[Any, _Interceptor]:
+    interceptor = _Interceptor(self)
+    with _own_traces(token), nn.intercept_methods(interceptor):
+      outputs = apply_fn(*args, **kwargs)
+    if not self.matched:
+      hint = (
+        ""
+        if interceptor.seen
+        else " No linen module __call__ ran: `apply_fn` must call linen modules "
+        "(model.apply, or a function that calls it)."
+      )
+      raise ValueError(
+        no_match_message("insert", self.where, interceptor.seen, "module __call__") + hint
+      )
+    return outputs, interceptor
+
+  def check_placed(self) -> None:
+    if self.placed:
+      return
+    what = "output" if self.position == "after" else "positional input"
+    listed = [f"{call} at {path!r} ({gave})" for (call, path), gave in self.matched.items()]
+    more = len(listed) - SEEN_LISTED
+    kept = f" kept by every={self.every}" if self.every > 1 else ""
+    raise ValueError(
+      f"insert: `where` {self.where!r} matched {len(listed)} module call(s), but none"
+      f"{kept} had a floating-point {what} to normalize (model variables passed through "
+      f"are never normalized), so no BGN node was inserted: "
+      f"{', '.join(listed[:SEEN_LISTED])}{f', ... and {more} more' if more > 0 else ''}. "
+      f"Select modules whose {what}s are floating-point activations; "
+      f"bgn_jax.linen.placements(fn, *args) lists every match and why it was skipped."
+    )
+
+
+class _Interceptor:
+  """The interceptor of one call of an inserted function; records what it placed."""
+
+  def __init__(self, insertion: _Insertion):
+    self._insertion = insertion
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s, in order
+    self._records: dict[Placement, None] = {}  # in call order, without repeats
 
   @property
-  def matched(self) -> int:
-    return len(self._match_index)
+  def records(self) -> Placements:
+    return Placements(self._records)
 
   def __call__(
     self,
@@ -116,31 +247,78 @@ class _Insertion:
   ) -> Any:
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    insertion = self._insertion
     module = context.module
     path = module_path(module)
     self.seen[(type(module).__name__, path)] = None
-    if not self._is_match(module, path):
+    if not insertion.is_match(module, path):
       return next_fun(*args, **kwargs)
     # Matches are counted by path, not by call: a lifted transform may trace its
     # body more than once (nn.scan does, by default), and a retrace cannot be told
     # apart from a second call. So a module called twice is one match, and all of
     # its calls share the decision.
-    index = self._match_index.setdefault(path, len(self._match_index))
-    if index % self._every:
-      return next_fun(*args, **kwargs)
-    if self._position == "before":
-      return next_fun(*apply_bgn(args, self._options), **kwargs)
-    return apply_bgn(next_fun(*args, **kwargs), self._options)
+    index = insertion.match_index.setdefault(path, len(insertion.match_index))
+    skip = None if index % insertion.every == 0 else f"every={insertion.every} (match {index})"
+    if skip is None:
+      transform = _per_step_body(module, context.orig_method.func)
+      if transform is not None:
+        raise ValueError(
+          f"insert: `where` {insertion.where!r} matched {type(module).__name__} at "
+          f"{path!r}, whose __call__ is the body of an nn.{transform}: flax calls it once "
+          f"per step, inside the loop, so a node there would normalize the carry at every "
+          f"step and never the values the loop returns (the final carry and the stacked "
+          f"outputs). For nodes on the returned values, apply bgn_jax.bgn (or "
+          f"bgn_jax.linen.BGN) to them in the calling module; for nodes at every step, "
+          f"select the modules the body calls (e.g. its cell); to leave it out, narrow "
+          f"`where` (a path regex or a predicate)."
+        )
+    if insertion.position == "before":
+      return next_fun(*self._place(module, path, args, skip), **kwargs)
+    return self._place(module, path, next_fun(*args, **kwargs), skip)
+
+  def _place(self, module: nn.Module, path: str, tree: Any, skip: str | None) -> Any:
+    """``tree`` with a node on each floating-point leaf that is not a model variable."""
+    insertion = self._insertion
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    variables = None
+    leaves, gave = [], []
+    for key, leaf in flat:
+      reason = skip
+      if reason is None and not is_float_array(leaf):
+        reason = "not a floating-point jax.Array"
+      if reason is None:
+        variables = _variable_names(module) if variables is None else variables
+        name = variables.get(id(leaf))
+        reason = None if name is None else f"the model variable {name!r} passed through"
+      shape, dtype = _describe(leaf)
+      if reason is None:
+        insertion.placed = True
+        leaf = bgn(leaf, **insertion.options)
+      self._records[
+        Placement(
+          path=path,
+          module=type(module).__name__,
+          position=insertion.position,
+          leaf=jax.tree_util.keystr(key),
+          shape=shape,
+          dtype=dtype,
+          reason=reason,
+        )
+      ] = None
+      gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
+      leaves.append(leaf)
+    insertion.matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def insert(
-  apply_fn: Callable[..., Any],
+  apply_fn: Callable[P, R],
   *,
   where: Where,
   position: Position = "after",
   every: int = 1,
   **bgn_options: Any,
-) -> Callable[..., Any]:
+) -> Callable[P, R]:
   """Returns ``apply_fn`` with BGN nodes after (or before) the selected module calls.
 
   Every ``__call__`` of a bound ``flax.linen`` module made while the returned
@@ -148,19 +326,27 @@ def insert(
   :func:`bgn_jax.bgn` on the floating-point ``jax.Array`` leaves of their output
   (``position="after"``) or of their positional arguments (``"before"``; keyword
   arguments are left alone). Other methods (``encode``, ``setup``, methods of
-  lifted transforms) are never matched, but the modules they call are.
+  lifted transforms) are never matched, but the modules they call are. A leaf
+  that is one of the model's variables (a parameter a module returns unchanged,
+  as the ``DenseParams`` inside ``nn.OptimizedLSTMCell`` do) never gets a node;
+  :func:`placements` lists it, and every other skipped leaf, with the reason.
 
   The forward pass, the parameters and every returned value, ``mutable``
   collections included, are bit for bit those of ``apply_fn``; only gradients
   change. Matching happens at trace time, so it works under ``jit`` and
-  ``grad``, and inside ``nn.scan``, ``nn.remat`` and ``nn.vmap`` bodies.
+  ``grad``, and inside ``nn.remat``, ``nn.jit`` and ``nn.vmap`` bodies and the
+  bodies of ``nn.scan`` (``nn.RNN``): a module the scan body calls gets a node at
+  every step. ``apply_fn`` may itself be ``jax.jit``-compiled, and the model may
+  use ``nn.jit``: the returned function traces them apart from their plain calls,
+  so it gets its nodes at every call and the plain function never does.
 
   References:
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
     apply_fn: ``model.apply`` of a linen module, or any function that calls
-      linen modules, e.g. ``functools.partial(model.apply, method=model.encode)``.
+      linen modules, e.g. ``functools.partial(model.apply, method=model.encode)``
+      or ``jax.jit(model.apply)``.
     where: a Module class or tuple of classes (``isinstance``); a predicate
       ``module -> bool``; or a regular expression (``str`` or compiled),
       searched in the module path joined with "/" (``r"Dense_\\d+$"``,
@@ -169,7 +355,7 @@ def insert(
       inputs.
     every: keep every ``every``-th matched module, starting with the first
       (``matches[::every]``). Matched modules are told apart by path and
-      numbered in the order of their first call, afresh in each call of the
+      numbered in the order of their first call, once for all calls of the
       returned function, so the same layers are chosen at every step. All calls
       of a module share its decision: a module called twice, a scanned stack,
       and a body that a lifted transform traces twice each count once.
@@ -177,14 +363,20 @@ def insert(
       passed to :func:`bgn_jax.bgn` for every node.
 
   Returns:
-    A function with the signature and return values of ``apply_fn``.
+    A function with the signature and return values of ``apply_fn``; give it to
+    :func:`placements` to see where its nodes are.
 
   Raises:
     TypeError: ``apply_fn`` is not callable, ``where``, ``position``, ``every``
-      or a BGN option has the wrong type, or an option name is unknown.
+      or a BGN option has the wrong type (a module instance as ``where`` too),
+      or an option name is unknown.
     ValueError: an argument is out of range, or ``where`` is not a valid regular
-      expression. The returned function raises ValueError when ``where`` matches
-      no module call.
+      expression. The returned function raises ValueError when ``where``
+      matches no module call; when the matches have no floating-point leaf to
+      normalize (integer or boolean outputs, parameters passed through); and
+      when it matches a module whose ``__call__`` is the body of an ``nn.scan``
+      (or ``nn.while_loop``), where a node would land on every step's carry
+      instead of on the values the loop returns.
   """
   if not callable(apply_fn):
     raise TypeError(
@@ -192,17 +384,61 @@ def insert(
     )
   is_match = matcher(where, fn_name="insert", module_type=nn.Module)
   options = check_options("insert", position, every, bgn_options)
+  insertion = _Insertion(where, is_match, position, int(every), options)
 
   @functools.wraps(apply_fn)
-  def apply_with_bgn(*args: Any, **kwargs: Any) -> Any:
-    insertion = _Insertion(is_match, position, int(every), options)
-    with nn.intercept_methods(insertion):
-      outputs = apply_fn(*args, **kwargs)
-    if not insertion.matched:
-      raise ValueError(no_match_message("insert", where, insertion.seen, "module __call__"))
+  def apply_with_bgn(*args: P.args, **kwargs: P.kwargs) -> R:
+    outputs, _ = insertion.run(apply_fn, args, kwargs, insertion.token)
+    insertion.check_placed()
     return outputs
 
+  apply_with_bgn._bgn_insert = (insertion, apply_fn)  # type: ignore[attr-defined]
   return apply_with_bgn
+
+
+def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
+  """Where the function :func:`insert` returned puts its nodes, for these arguments.
+
+  Runs ``fn(*args, **kwargs)`` abstractly (``jax.eval_shape``: shapes only, no
+  arithmetic) and lists, in call order, one record per leaf of each matched
+  module call: a node, or a skipped leaf with the reason (not floating-point, a
+  model variable passed through, left out by ``every``). The calls of a module
+  called several times, and the traces of a body that a lifted transform traces
+  twice, share their records; inside a lifted transform a shape is the one one
+  step (or one mapped instance) sees.
+
+  Args:
+    fn: a function returned by :func:`insert`.
+    *args: its positional arguments, as for a real call.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    A :class:`bgn_jax._common.Placements`: a list of ``Placement(path, module,
+    position, leaf, shape, dtype, reason)``, ``reason`` None for a node, that
+    prints as a table.
+
+  Raises:
+    TypeError: ``fn`` was not returned by :func:`insert`.
+    ValueError: ``where`` matches no module call in this call.
+  """
+  inserted = getattr(fn, "_bgn_insert", None)
+  if not isinstance(inserted, tuple) or not isinstance(inserted[0], _Insertion):
+    raise TypeError(
+      f"placements: `fn` must be a function returned by bgn_jax.linen.insert; got "
+      f"{getattr(fn, '__qualname__', type(fn).__name__)!r}. Pass insert(model.apply, "
+      f"where=...), not model.apply."
+    )
+  insertion, apply_fn = inserted
+  found: list[Placements] = []
+
+  def trace() -> Any:
+    # A token of its own: cached traces would skip the module calls it records.
+    outputs, interceptor = insertion.run(apply_fn, args, kwargs, object())
+    found.append(interceptor.records)
+    return outputs
+
+  jax.eval_shape(trace)
+  return found[0]
 
 
 GRAD_NORMS_COLLECTION = "grad_norms"
