@@ -20,6 +20,7 @@ from flax import nnx
 
 import bgn_jax
 from bgn_jax import bgn
+from bgn_jax._common import Placement
 from tests.trees import assert_trees_differ, assert_trees_equal, inputs
 
 WIDTH = 8
@@ -372,3 +373,202 @@ def test_bad_arguments(arguments, error, message):
 def test_model_must_be_an_nnx_module():
   with pytest.raises(TypeError, match="`model` must be an nnx.Module; got dict"):
     bgn_jax.nnx.insert({"layer": nnx.Linear(2, 2, rngs=nnx.Rngs(0))}, where=nnx.Linear)
+
+
+@pytest.mark.parametrize(
+  "where, hand_after",
+  [
+    (nnx.OfType(nnx.Linear), (0, 1, 2, 3)),
+    (nnx.All(nnx.OfType(nnx.Linear), nnx.PathContains(1)), (1,)),
+    (nnx.All(nnx.OfType(nnx.Linear), nnx.Not(nnx.PathContains(0))), (1, 2, 3)),
+    ((nnx.PathContains(0), nnx.PathContains(3)), (0, 3)),
+  ],
+  ids=["OfType", "All-PathContains", "Not", "tuple-of-filters"],
+)
+def test_where_nnx_filters_combine_type_and_path(where, hand_after):
+  model, reference = MLP(rngs=nnx.Rngs(0)), MLP(hand_after=hand_after, rngs=nnx.Rngs(0))
+  check_against_hand(model, reference, inputs((5, 6)), where=where)
+
+
+def test_where_a_module_instance_is_a_type_error():
+  model = MLP(rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"nnx.insert: `where` is a module instance \(Linear\)"):
+    bgn_jax.nnx.insert(model, where=model.layers[0])
+  assert all(type(layer) is nnx.Linear for layer in model.layers)
+
+
+class Loss(nnx.Variable):
+  pass
+
+
+class Encoder(nnx.Module):
+  """The encoder of flax's examples/nnx_toy_examples/05_vae.py, at toy size."""
+
+  def __init__(self, din, dmid, dout, *, hand, rngs):
+    self.linear1 = nnx.Linear(din, dmid, rngs=rngs)
+    self.linear_mean = nnx.Linear(dmid, dout, rngs=rngs)
+    self.linear_std = nnx.Linear(dmid, dout, rngs=rngs)
+    self.rngs = rngs
+    self.hand = hand
+
+  def __call__(self, x):
+    node = bgn if self.hand else (lambda v: v)
+    x = x.reshape((x.shape[0], -1))
+    x = jax.nn.relu(node(self.linear1(x)))
+    mean = node(self.linear_mean(x))
+    std = jnp.exp(node(self.linear_std(x)))
+    self.kl_loss = Loss(jnp.mean(0.5 * jnp.mean(-jnp.log(std**2) - 1.0 + std**2 + mean**2, -1)))
+    return mean + std * jax.random.normal(self.rngs.noise(), mean.shape)
+
+
+class Decoder(nnx.Module):
+  def __init__(self, din, dmid, dout, *, hand, rngs):
+    self.linear1 = nnx.Linear(din, dmid, rngs=rngs)
+    self.linear2 = nnx.Linear(dmid, dout, rngs=rngs)
+    self.hand = hand
+
+  def __call__(self, z):
+    node = bgn if self.hand else (lambda v: v)
+    return node(self.linear2(jax.nn.relu(node(self.linear1(z)))))
+
+
+class VAE(nnx.Module):
+  def __init__(self, *, hand=False, rngs):
+    self.encoder = Encoder(12, 8, 4, hand=hand, rngs=rngs)
+    self.decoder = Decoder(4, 8, 12, hand=hand, rngs=rngs)
+
+  def __call__(self, x):
+    return self.decoder(self.encoder(x))
+
+
+@nnx.jit
+def vae_step(model, optimizer, x):
+  def loss_fn(model):
+    logits = model(x)
+    reconstruction = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, x))
+    return reconstruction + 0.1 * model.encoder.kl_loss[...]
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def test_vae_variable_assigned_in_call_lands_on_the_trained_model():
+  model, reference = VAE(rngs=nnx.Rngs(0)), VAE(hand=True, rngs=nnx.Rngs(0))
+  bgn_jax.nnx.insert(model, where=nnx.Linear)
+  x = (inputs((6, 12)) > 0).astype(jnp.float32)
+  optimizers = [nnx.Optimizer(m, optax.adam(0.05), wrt=nnx.Param) for m in (model, reference)]
+  losses = [
+    [float(vae_step(m, o, x)) for _ in range(3)] for m, o in zip((model, reference), optimizers)
+  ]
+  assert losses[0] == losses[1]
+  assert isinstance(model.encoder.kl_loss, Loss)
+  no_keys = nnx.Not(nnx.RngKey)  # key arrays do not convert to NumPy; their counts do
+  assert_trees_equal(nnx.state(model, no_keys), nnx.state(reference, no_keys))
+  assert_trees_differ(nnx.state(model, nnx.Param), nnx.state(VAE(rngs=nnx.Rngs(0)), nnx.Param))
+
+
+class ScaleAndWeight(nnx.Module):
+  """Returns an activation, its own parameter's value and the parameter Variable."""
+
+  def __init__(self):
+    self.weight = nnx.Param(jnp.linspace(0.5, 1.5, WIDTH))
+
+  def __call__(self, x):
+    return x * self.weight[...], self.weight[...], self.weight
+
+
+class PassThrough(nnx.Module):
+  def __init__(self, *, hand=False, rngs):
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    self.scale = ScaleAndWeight()
+    self.hand = hand
+
+  def __call__(self, x):
+    y, weight, variable = self.scale(self.linear(x))
+    y = bgn(y) if self.hand else y
+    return jnp.tanh(y) * weight + variable[...]
+
+
+def test_a_parameter_passed_through_gets_no_node_and_shows_as_skipped():
+  model, reference = PassThrough(rngs=nnx.Rngs(0)), PassThrough(hand=True, rngs=nnx.Rngs(0))
+  x = inputs((5, WIDTH))
+  check_against_hand(model, reference, x, where=ScaleAndWeight)
+  records = bgn_jax.nnx.placements(model, x)
+  assert [(p.leaf, p.shape, p.reason) for p in records] == [
+    ("[0]", (5, WIDTH), None),
+    ("[1]", (WIDTH,), "a variable of the model, passed through"),
+    ("[2]", (WIDTH,), "a variable of the model, passed through"),
+  ]
+
+
+class Tokens(nnx.Module):
+  """Token ids into an embedding, then a Linear; returns the output and the ids."""
+
+  def __init__(self, *, hand=False, rngs):
+    self.embed = nnx.Embed(10, WIDTH, rngs=rngs)
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    self.hand = hand
+
+  def __call__(self, ids):
+    x = self.embed(ids)
+    return self.linear(bgn(x) if self.hand else x), ids
+
+
+TOKENS = jnp.asarray([[1, 2, 3], [4, 5, 9]], jnp.int32)
+
+
+def tokens_loss_grads(model):
+  return nnx.grad(lambda m: jnp.sum(jnp.sin(m(TOKENS)[0])))(model)
+
+
+def test_matches_with_nothing_to_normalize_raise_at_the_first_call():
+  model = bgn_jax.nnx.insert(Tokens(rngs=nnx.Rngs(0)), where=nnx.Embed, position="before")
+  with pytest.raises(ValueError, match="none had a floating-point jax.Array") as error:
+    model(TOKENS)
+  message = str(error.value)
+  assert "matched 1 module(s)" in message and "Embed at 'embed'" in message
+  assert "positional input" in message
+  with pytest.raises(ValueError, match="none had a floating-point"):
+    bgn_jax.nnx.placements(model, TOKENS)
+  # The top-level output holds the ids too, but also a float: no error, a node on it.
+  model = bgn_jax.nnx.insert(
+    Tokens(rngs=nnx.Rngs(0)), where=(nnx.Embed, nnx.Linear), position="before"
+  )
+  assert_trees_equal(
+    tokens_loss_grads(model), tokens_loss_grads(Tokens(hand=True, rngs=nnx.Rngs(0)))
+  )
+  records = bgn_jax.nnx.placements(model, TOKENS)
+  assert [(p.path, p.module, p.leaf, p.shape, p.dtype, p.reason) for p in records] == [
+    ("embed", "Embed", "[0]", (2, 3), "int32", "not floating-point (int32)"),
+    ("linear", "Linear", "[0]", (2, 3, WIDTH), "float32", None),
+  ]
+
+
+def test_placements_table_in_call_order_without_changing_the_model():
+  model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=r"layers/[13]$|^$")
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  records = bgn_jax.nnx.placements(model, inputs((5, 6)))
+  assert records == [
+    Placement("layers/1", "Linear", "after", "", (5, WIDTH), "float32"),
+    Placement("layers/3", "Linear", "after", "", (5, WIDTH), "float32"),
+    Placement("", "MLP", "after", "", (5, WIDTH), "float32"),
+  ]
+  assert str(records).splitlines() == [
+    "path        module  position  leaf  shape   dtype    node",
+    "----------  ------  --------  ----  ------  -------  ----",
+    "'layers/1'  Linear  after     -     (5, 8)  float32  yes",
+    "'layers/3'  Linear  after     -     (5, 8)  float32  yes",
+    "''          MLP     after     -     (5, 8)  float32  yes",
+    "3 nodes, 0 skipped",
+  ]
+  assert_trees_equal(nnx.state(model), before)
+  with pytest.raises(ValueError, match="has no BGN node"):
+    bgn_jax.nnx.placements(MLP(rngs=nnx.Rngs(0)), inputs((5, 6)))
+
+
+def test_placements_inside_a_scan_give_the_shapes_of_one_layer():
+  model = bgn_jax.nnx.insert(ScanStack(rngs=nnx.Rngs(0)), where=r"^blocks/linear$")
+  assert bgn_jax.nnx.placements(model, inputs((3, WIDTH))) == [
+    Placement("blocks/linear", "Linear", "after", "", (3, WIDTH), "float32")
+  ]
