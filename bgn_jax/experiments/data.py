@@ -155,9 +155,9 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
   """scikit-learn's bundled 8x8 digits (1797 images), a fixed random train/test split."""
   from sklearn.datasets import load_digits as sk_load_digits
 
-  bunch = sk_load_digits()
-  order = np.random.default_rng(0).permutation(len(bunch.target))
-  x, y = bunch.data[order], bunch.target[order]
+  images, labels = sk_load_digits(return_X_y=True)
+  order = np.random.default_rng(0).permutation(len(labels))
+  x, y = images[order], labels[order]
   n_test = int(round(test_fraction * len(y)))
   return _standardize("digits", x[n_test:], x[:n_test], y[n_test:], y[:n_test], 10)
 
