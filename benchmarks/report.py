@@ -170,6 +170,71 @@ def reduction_table(records: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+MODEL_COLUMNS = [
+  ("block", "batch"),
+  ("block", "per_example"),
+  ("layer", "batch"),
+  ("layer", "per_example"),
+]
+
+
+def _model_rows(records: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+  """(model, dtype, records by "placement/mode") in the order the script ran them."""
+  rows: dict[tuple[str, str], dict[str, Any]] = {}
+  for r in records:
+    rows.setdefault((r["model"], r["dtype"]), {})[f"{r['placement']}/{r['mode']}"] = r
+  return [(model, dtype, cells) for (model, dtype), cells in rows.items()]
+
+
+def _size(record: dict[str, Any]) -> str:
+  if "image" in record:
+    return f"batch {record['batch']}, {record['image']}x{record['image']}"
+  return f"batch {record['batch']} x {record['length']} tokens"
+
+
+def models_table(records: list[dict[str, Any]]) -> list[str]:
+  """One row per model and dtype; cells: ratio (paired ratio) and the node count."""
+  header = "| model | dtype | size | step without BGN (ms) | "
+  header += " | ".join(f"{p} {m}" for p, m in MODEL_COLUMNS) + " |"
+  lines = [header, "|---" * (4 + len(MODEL_COLUMNS)) + "|"]
+  for model, dtype, cells in _model_rows(records):
+    base = cells["none/none"]
+    row = [model, dtype, _size(base), f"{base['ms_per_step']:.1f}"]
+    for placement, mode in MODEL_COLUMNS:
+      r = cells.get(f"{placement}/{mode}")
+      row.append("-" if r is None else f"{_ratio(r)}, {r['nodes']} nodes")
+    lines.append("| " + " | ".join(row) + " |")
+  return lines
+
+
+def models_cost_table(records: list[dict[str, Any]]) -> list[str]:
+  """Peak memory and compile time without BGN, and what each placement adds."""
+  header = "| model | dtype | peak without BGN (MiB) | compile without BGN (s) | "
+  header += " | ".join(f"{p} {m}: extra KiB, compile x" for p, m in MODEL_COLUMNS) + " |"
+  lines = [header, "|---" * (4 + len(MODEL_COLUMNS)) + "|"]
+  for model, dtype, cells in _model_rows(records):
+    base = cells["none/none"]
+    row = [model, dtype, f"{base['peak_bytes'] / 2**20:.1f}", f"{base['compile_total_s']:.1f}"]
+    for placement, mode in MODEL_COLUMNS:
+      r = cells.get(f"{placement}/{mode}")
+      row.append(
+        "-" if r is None else f"{r['extra_peak_bytes'] / 1024:+.1f}, {r['compile_ratio']:.2f}"
+      )
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  lines.append(f"Commit {records[0].get('commit', '?')}. The 1-minute load average when each")
+  lines.append("model and dtype started and ended its timed rounds:")
+  lines.append(
+    "; ".join(
+      f"{model} {dtype} {cells['none/none']['load_average_start'][0]:.1f}"
+      f" -> {cells['none/none']['load_average_end'][0]:.1f}"
+      for model, dtype, cells in _model_rows(records)
+    )
+    + "."
+  )
+  return lines
+
+
 def load(paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
   """Records grouped by the script that wrote them (the first part of ``name``)."""
   groups: dict[str, list[dict[str, Any]]] = {}
@@ -191,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     "compile": ("Compile time", compile_table),
     "peers": ("PyTorch peers: step-time ratio, with BGN / without", peers_table),
     "reduction": ("What a node adds to an elementwise pass, per iteration", reduction_table),
+    "models": ("Real models: step-time ratio, with BGN / without (paired)", models_table),
   }
   for key, (title, table) in sections.items():
     if key not in groups:
@@ -203,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     if key == "overhead":
       print("### Peak memory from memory_analysis()\n")
       print("\n".join(memory_table(groups[key])))
+      print()
+    if key == "models":
+      print("### Real models: peak memory and compile time\n")
+      print("\n".join(models_cost_table(groups[key])))
       print()
 
 

@@ -81,3 +81,26 @@ def test_reduction(tmp_path):
   records = run_script(tmp_path, "reduction.py", "--variants", "sum,bgn,bgn_per_example")
   assert [r["variant"] for r in records] == ["pass", "sum", "bgn", "bgn_per_example"]
   assert all("extra_us" in r for r in records if r["variant"] != "pass")
+
+
+def test_models(tmp_path):
+  records = run_script(
+    tmp_path,
+    "models.py",
+    "--models",
+    "lm1b_small,resnet18",
+    "--dtypes",
+    "float32",
+    "--placements",
+    "block,layer",
+    "--groupings",
+    "batch,per_example",
+  )
+  by_key = {(r["model"], r["placement"], r["mode"]): r for r in records}
+  for model, blocks, layers in (("lm1b_small", 2, 13), ("resnet18", 2, 6)):
+    assert by_key[(model, "none", "none")]["nodes"] == 0
+    for mode in ("batch", "per_example"):
+      assert by_key[(model, "block", mode)]["nodes"] == blocks
+      assert by_key[(model, "layer", mode)]["nodes"] == layers
+  assert all(r["peak_bytes"] > 0 and r["compile_total_s"] > 0 for r in records)
+  assert all("paired_ratio" in r for r in records if r["placement"] != "none")
