@@ -18,7 +18,6 @@ References:
 from __future__ import annotations
 
 import collections
-import math
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -56,24 +55,6 @@ Report = dict[str, dict[str, jax.Array]]
 DEFAULT_TARGET = "sqrt_size"
 
 
-def _core_has_sqrt_size() -> bool:
-  try:
-    make_config((1,), target_norm="sqrt_size")
-  except ValueError:
-    return False
-  return True
-
-
-_CORE_SQRT_SIZE = _core_has_sqrt_size()
-
-
-def _resolved(options: dict[str, Any], leaf: jax.Array) -> dict[str, Any]:
-  """The options for one leaf: ``"sqrt_size"`` as a number where the core lacks it."""
-  if options.get("target_norm") == "sqrt_size" and not _CORE_SQRT_SIZE:
-    return {**options, "target_norm": math.sqrt(max(leaf.size, 1))}
-  return options
-
-
 def _axes_tuple(axes: Axes) -> Axes:
   return tuple(axes) if isinstance(axes, list) else axes
 
@@ -101,7 +82,7 @@ class BGN(eqx.Module):
   """
 
   axes: Axes = eqx.field(static=True, default=None, converter=_axes_tuple)
-  target_norm: TargetNorm | str = eqx.field(static=True, default=DEFAULT_TARGET)
+  target_norm: TargetNorm = eqx.field(static=True, default=DEFAULT_TARGET)
   power: float = eqx.field(static=True, default=1.0)
   eps: float = eqx.field(static=True, default=0.0)
   axis_name: AxisName = eqx.field(static=True, default=None)
@@ -109,8 +90,9 @@ class BGN(eqx.Module):
   def __check_init__(self) -> None:
     # Options that do not depend on the input shape are checked at construction;
     # axes and the shape-dependent targets are checked at the call.
-    target = 1.0 if self.target_norm == "sqrt_size" else self.target_norm
-    make_config((), target_norm=target, power=self.power, eps=self.eps, axis_name=self.axis_name)
+    make_config(
+      (), target_norm=self.target_norm, power=self.power, eps=self.eps, axis_name=self.axis_name
+    )
 
   def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
     """Applies the node; ``key`` is accepted (and unused) for ``eqx.nn.Sequential``."""
@@ -121,7 +103,7 @@ class BGN(eqx.Module):
       "eps": self.eps,
       "axis_name": self.axis_name,
     }
-    return bgn(x, **_resolved(options, x))
+    return bgn(x, **options)
 
 
 # ---------------------------------------------------------------------------
@@ -135,7 +117,9 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _map_modules(fn: Callable[[str, eqx.Module], Any], tree: Any, path: tuple[str, ...] = ()) -> Any:
+def _map_modules(
+  fn: Callable[[str, eqx.Module], Any], tree: Any, path: tuple[str, ...] = ()
+) -> Any:
   """Rebuilds ``tree`` with ``fn(path, module)`` for every module, submodules first.
 
   Modules are found through the pytree structure (dynamic fields, and the lists,
@@ -243,14 +227,14 @@ def _apply_nodes(module: eqx.Module, tree: Any, position: Position, options: dic
   leaves = []
   for keys, leaf in flat:
     if not isinstance(leaf, jax.Array):
-      reason = "not a jax.Array"
-    elif not jnp.issubdtype(leaf.dtype, jnp.floating):
-      reason = "not floating-point"
+      reason = f"not a jax.Array ({type(leaf).__name__})"
+    elif not is_float_array(leaf):
+      reason = f"not floating-point ({leaf.dtype})"
     elif id(leaf) in own:
-      reason = "a parameter of the module, passed through unchanged"
+      reason = "a parameter of the module, passed through"
     else:
       reason = None
-    leaves.append(leaf if reason else apply_bgn(leaf, _resolved(options, leaf)))
+    leaves.append(leaf if reason else apply_bgn(leaf, options))
     if listener is not None:
       listener.node(
         module,
@@ -314,9 +298,7 @@ def _probe(module: eqx.Module, path: str, taps: tuple[jax.Array, ...] = ()) -> e
 
 
 def _is_inserted(module: eqx.Module) -> bool:
-  return any(
-    vars(base).get("_bgn_marker", ("",))[0] == "insert" for base in type(module).__mro__
-  )
+  return any(vars(base).get("_bgn_marker", ("",))[0] == "insert" for base in type(module).__mro__)
 
 
 def _check_model(model: Any, fn_name: str) -> None:
@@ -388,13 +370,9 @@ def insert(
   """
   _check_model(model, "equinox.insert")
   is_match = matcher(where, fn_name="equinox.insert", module_type=eqx.Module)
-  given = dict(bgn_options)
-  sqrt_size = given.get("target_norm", DEFAULT_TARGET) == "sqrt_size"
-  if sqrt_size:
-    given.pop("target_norm", None)
-  options = check_options("equinox.insert", position, every, given)
-  if sqrt_size:
-    options["target_norm"] = "sqrt_size"
+  options = check_options(
+    "equinox.insert", position, every, {"target_norm": DEFAULT_TARGET, **bgn_options}
+  )
   seen: dict[tuple[str, str], None] = {}
   matches = 0
 
@@ -509,7 +487,9 @@ def _tap_norm(sums: jax.Array) -> jax.Array:
   scales = jnp.asarray(_TAP_SCALES, sums.dtype)
   norms = jnp.sqrt(sums) / scales
   finite = jnp.isfinite(sums)
-  return jnp.where(finite[..., 0], norms[..., 0], jnp.where(finite[..., 1], norms[..., 1], norms[..., 2]))
+  return jnp.where(
+    finite[..., 0], norms[..., 0], jnp.where(finite[..., 1], norms[..., 1], norms[..., 2])
+  )
 
 
 def _param_leaves(module: eqx.Module) -> list[jax.Array]:
