@@ -35,16 +35,36 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(parser: argparse.ArgumentParser, *, lists: bool) -> None:
   from bgn_jax.experiments.data import DATASETS
-  from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS
-  from bgn_jax.experiments.train import DTYPES, OPTIMIZERS
+  from bgn_jax.experiments.models import ACTIVATIONS, ARCHS, INITS, METHODS
+  from bgn_jax.experiments.train import DTYPES, OPTIMIZERS, SCHEDULES
 
   parser.add_argument("--dataset", choices=DATASETS, default="digits")
-  parser.add_argument("--width", type=int, default=128, help="units per hidden layer")
-  parser.add_argument("--init", choices=tuple(INITS), default="lecun")
+  parser.add_argument(
+    "--arch",
+    choices=ARCHS,
+    default="mlp",
+    help="mlp; cnn (3x3 convolutions, stride-2 stages, global average pooling); transformer "
+    "(post-LN encoder over the image rows as tokens)",
+  )
+  parser.add_argument(
+    "--width", type=int, default=128, help="units per hidden layer (cnn: channels; model width)"
+  )
+  parser.add_argument("--heads", type=int, default=4, help="attention heads (transformer)")
   parser.add_argument("--bgn-every", type=int, default=1, help="BGN after every K-th layer")
+  parser.add_argument(
+    "--bgn-target", default="sqrt_units", help="the BGN target norm: sqrt_units or a number"
+  )
   parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+  parser.add_argument("--weight-decay", type=float, default=1e-4, help="adamw's weight decay")
+  parser.add_argument(
+    "--warmup-steps", type=int, default=0, help="linear LR warm-up over N steps (0: none)"
+  )
+  parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="LR schedule")
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument(
+    "--train-examples", type=int, default=0, help="train on a fixed random subset (0: all)"
+  )
   parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
   parser.add_argument("--data-dir", help="folder with the data files (see docs)")
   parser.add_argument("--log-every", type=int, default=50, help="steps between metric records")
@@ -56,12 +76,18 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, lists: bool) -> None:
     parser.add_argument("--depths", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument("--activations", nargs="+", choices=tuple(ACTIVATIONS))
+    parser.add_argument(
+      "--inits", nargs="+", choices=tuple(INITS), help="crossed with --lrs (each method its best)"
+    )
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
     parser.add_argument("--lrs", type=float, nargs="+", help="the LR grid (each method its best)")
     parser.add_argument("--seeds", type=int, nargs="+")
   else:
-    parser.add_argument("--depth", type=int, default=10, help="hidden layers")
+    parser.add_argument(
+      "--depth", type=int, default=10, help="hidden layers (cnn: convolutions; transformer: blocks)"
+    )
     parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu")
+    parser.add_argument("--init", choices=tuple(INITS), default="lecun")
     parser.add_argument("--method", choices=METHODS, default="plain")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -76,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
 
   demo = commands.add_parser(
-    "demo", help="a depth-50 ReLU MLP with and without BGN on bundled data (about a minute)"
+    "demo",
+    help="a depth-50 ReLU MLP: plain (LeCun and He init) and with BGN, on bundled data "
+    "(about a minute)",
   )
   demo.add_argument("--out", default="bgn-demo", help="output folder (default ./bgn-demo)")
   demo.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits")
@@ -90,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(train)
 
   sweep = commands.add_parser(
-    "sweep", help="a resumable grid of runs, summarized as best-over-LR tables"
+    "sweep", help="a resumable grid of runs, summarized as best-over-(init, LR) tables"
   )
   sweep.add_argument("--config", help="a TOML file with the grid (flags given override it)")
   sweep.add_argument("--out", help="sweep folder (runs/, summary.md, summary.csv)")
@@ -134,17 +162,24 @@ def _run_train(args: argparse.Namespace) -> int:
   config = TrainConfig(
     out=args.out,
     dataset=args.dataset,
+    arch=args.arch,
     depth=args.depth,
     width=args.width,
     activation=args.activation,
     init=args.init,
     method=args.method,
     bgn_every=args.bgn_every,
+    bgn_target=args.bgn_target,
+    heads=args.heads,
     optimizer=args.optimizer,
     lr=args.lr,
+    weight_decay=args.weight_decay,
+    warmup_steps=args.warmup_steps,
+    schedule=args.schedule,
     momentum=args.momentum,
     batch_size=args.batch_size,
     epochs=args.epochs,
+    train_examples=args.train_examples,
     seed=args.seed,
     dtype=args.dtype,
     log_every=args.log_every,

@@ -1,4 +1,4 @@
-"""``bgn-jax sweep``: a resumable grid of training runs and its best-over-LR summary.
+"""``bgn-jax sweep``: a resumable grid of training runs and its best-over-(init, LR) summary.
 
 Each run lives in ``OUT/runs/<name>/``; a run whose ``results.json`` exists is
 finished and skipped after a restart, and a run killed midway continues from its
@@ -7,8 +7,10 @@ checkpoints. After every run the summary is rewritten (``summary.md``,
 finished is usable while the sweep goes on.
 
 A cell is (dataset, depth, activation, optimizer, method). Its reported accuracy
-is the one of its best learning rate: the LR with the highest mean test accuracy
-over seeds, chosen per cell, so each method gets its own best LR.
+is the one of its best setting: the (init, LR) pair with the highest mean test
+accuracy over seeds, chosen per cell, so each method gets its own best init and
+LR. The summary names the winning init and LR, and how many of that setting's
+seeds ended within 5 points of its best seed (the stability column).
 """
 
 from __future__ import annotations
@@ -27,23 +29,32 @@ from typing import Any
 
 from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, train
 
-__all__ = ["SweepConfig", "run_name", "run_sweep", "summarize"]
+__all__ = ["SweepConfig", "run_name", "run_sweep", "stable_seeds", "summarize"]
 
-_LIST_KEYS = ("depths", "methods", "activations", "optimizers", "lrs", "seeds")
+_LIST_KEYS = ("depths", "methods", "activations", "inits", "optimizers", "lrs", "seeds")
 SCALAR_KEYS = (
   "out",
   "dataset",
+  "arch",
   "width",
-  "init",
   "bgn_every",
+  "bgn_target",
+  "heads",
   "momentum",
+  "weight_decay",
+  "warmup_steps",
+  "schedule",
   "batch_size",
   "epochs",
+  "train_examples",
   "dtype",
   "data_dir",
   "log_every",
   "checkpoint_every",
 )
+# A seed counts as stable when it ended within this much test accuracy of the
+# best seed of its setting.
+STABLE_WITHIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +64,11 @@ class SweepConfig:
   Attributes:
     out: the sweep folder.
     depths, methods, activations, optimizers, seeds: the grid axes.
+    inits: the initializations, crossed with the LRs: each method gets its
+      best (init, LR) pair. A TOML ``init = "he"`` is read as ``inits = ["he"]``.
     lrs: the LR grid: one list for every optimizer, or ``{optimizer: [lr, ...]}``.
-    dataset, width, init, bgn_every, momentum, batch_size, epochs, dtype,
+    dataset, arch, width, bgn_every, bgn_target, heads, momentum, weight_decay,
+      warmup_steps, schedule, batch_size, epochs, train_examples, dtype,
       data_dir, log_every, checkpoint_every: as in :class:`TrainConfig`.
   """
 
@@ -62,16 +76,23 @@ class SweepConfig:
   depths: tuple[int, ...] = (10,)
   methods: tuple[str, ...] = ("plain", "bgn")
   activations: tuple[str, ...] = ("relu",)
+  inits: tuple[str, ...] = ("lecun",)
   optimizers: tuple[str, ...] = ("adam",)
   lrs: tuple[float, ...] | Mapping[str, tuple[float, ...]] = (1e-3,)
   seeds: tuple[int, ...] = (0,)
   dataset: str = "digits"
+  arch: str = "mlp"
   width: int = 128
-  init: str = "lecun"
   bgn_every: int = 1
+  bgn_target: str = "sqrt_units"
+  heads: int = 4
   momentum: float = 0.9
+  weight_decay: float = 1e-4
+  warmup_steps: int = 0
+  schedule: str = "constant"
   batch_size: int = 128
   epochs: int = 2
+  train_examples: int = 0
   dtype: str = "float32"
   data_dir: str | None = None
   log_every: int = 50
@@ -84,6 +105,8 @@ class SweepConfig:
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
       name = key.replace("-", "_")
+      if name == "init" and "inits" not in values:
+        name, value = "inits", [value]
       if name not in known:
         raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}.")
       if name == "lrs" and isinstance(value, Mapping):
@@ -131,24 +154,31 @@ class SweepConfig:
   def runs(self) -> list[TrainConfig]:
     """Every run of the grid, in order (deeper and slower cells last)."""
     configs = []
-    for depth, activation, optimizer, method, seed in itertools.product(
-      sorted(self.depths), self.activations, self.optimizers, self.methods, self.seeds
+    for depth, activation, optimizer, method, seed, init in itertools.product(
+      sorted(self.depths), self.activations, self.optimizers, self.methods, self.seeds, self.inits
     ):
       for lr in self.lrs_for(optimizer):
         config = TrainConfig(
           out="",
           dataset=self.dataset,
+          arch=self.arch,
           depth=depth,
           width=self.width,
           activation=activation,
-          init=self.init,
+          init=init,
           method=method,
           bgn_every=self.bgn_every,
+          bgn_target=self.bgn_target,
+          heads=self.heads,
           optimizer=optimizer,
           lr=lr,
+          weight_decay=self.weight_decay,
+          warmup_steps=self.warmup_steps,
+          schedule=self.schedule,
           momentum=self.momentum,
           batch_size=self.batch_size,
           epochs=self.epochs,
+          train_examples=self.train_examples,
           seed=seed,
           dtype=self.dtype,
           log_every=self.log_every,
@@ -176,11 +206,29 @@ class SweepConfig:
 
 
 def run_name(config: TrainConfig) -> str:
-  """The folder name of a run inside ``OUT/runs``."""
-  return (
-    f"{config.dataset}-d{config.depth}-w{config.width}-{config.activation}-{config.init}-"
+  """The folder name of a run inside ``OUT/runs``.
+
+  Settings at their defaults are left out, so the MLP runs of earlier sweeps keep
+  their names.
+  """
+  defaults = TrainConfig(out="")
+  arch = "" if config.arch == "mlp" else f"{config.arch}-"
+  name = (
+    f"{config.dataset}-{arch}d{config.depth}-w{config.width}-{config.activation}-{config.init}-"
     f"{config.method}-k{config.bgn_every}-{config.optimizer}-lr{config.lr:g}-s{config.seed}"
   )
+  extras = {
+    "heads": f"h{config.heads}" if config.arch == "transformer" else "",
+    "bgn_target": f"t{config.bgn_target}",
+    "weight_decay": f"wd{config.weight_decay:g}" if config.optimizer == "adamw" else "",
+    "warmup_steps": f"wu{config.warmup_steps}",
+    "schedule": config.schedule,
+    "train_examples": f"n{config.train_examples}",
+  }
+  for field, suffix in extras.items():
+    if suffix and getattr(config, field) != getattr(defaults, field):
+      name += f"-{suffix}"
+  return name
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
@@ -190,36 +238,48 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def stable_seeds(accuracies: Sequence[float | None]) -> int:
+  """How many seeds ended within ``STABLE_WITHIN`` of the best seed (a diverged seed never)."""
+  finished = [a for a in accuracies if a is not None]
+  if not finished:
+    return 0
+  best = max(finished)
+  return sum(1 for a in finished if a >= best - STABLE_WITHIN)
+
+
 def summarize(config: SweepConfig) -> list[dict[str, Any]]:
-  """The best-over-LR rows of the finished runs; writes summary.md, .csv and PNGs.
+  """The best-over-(init, LR) rows of the finished runs; writes summary.md, .csv and PNGs.
 
   Returns:
     One row per cell with any finished run: dataset, depth, activation,
-    optimizer, method, best_lr, mean, std (sample, over seeds), min, max,
-    seeds, accuracies, runs_done, runs_total and diverged (runs at any LR).
+    optimizer, method, best_init, best_lr, mean, std (sample, over seeds), min,
+    max, seeds, stable (seeds of the best setting within 5 points of its best
+    seed), accuracies, runs_done, runs_total and diverged (runs at any setting).
   """
   out = Path(config.out)
-  cells: dict[tuple, dict[float, list[dict[str, Any]]]] = {}
+  cells: dict[tuple, dict[tuple[str, float], list[dict[str, Any]]]] = {}
   totals: dict[tuple, int] = {}
   for run in config.runs():
     key = (run.dataset, run.depth, run.activation, run.optimizer, run.method)
     totals[key] = totals.get(key, 0) + 1
     result = _read_result(Path(run.out) / "results.json")
     if result is not None:
-      cells.setdefault(key, {}).setdefault(run.lr, []).append({**result, "seed": run.seed})
-  rows, per_lr = [], []
-  for key, by_lr in cells.items():
+      setting = (run.init, run.lr)
+      cells.setdefault(key, {}).setdefault(setting, []).append({**result, "seed": run.seed})
+  rows, per_setting = [], []
+  for key, by_setting in cells.items():
     best = None
-    for lr, results in sorted(by_lr.items()):
+    for (init, lr), results in sorted(by_setting.items()):
       accuracies = [r["test_accuracy"] for r in results if not r.get("diverged")]
       diverged = len(results) - len(accuracies)
       mean = statistics.fmean(accuracies) if accuracies else math.nan
-      per_lr.append((key, lr, mean, len(results), diverged))
-      # An LR where any seed diverged is unusable; it ranks below every other.
+      per_setting.append((key, init, lr, mean, len(results), diverged))
+      # A setting where any seed diverged is unusable; it ranks below every other.
       score = mean if accuracies and not diverged else -math.inf
       if best is None or score > best[0]:
-        best = (score, lr, accuracies, results, diverged)
-    score, lr, accuracies, results, _ = best
+        best = (score, init, lr, accuracies, results)
+    assert best is not None  # by_setting is never empty.
+    score, init, lr, accuracies, results = best
     rows.append(
       {
         "dataset": key[0],
@@ -227,18 +287,22 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
         "activation": key[2],
         "optimizer": key[3],
         "method": key[4],
+        "best_init": init,
         "best_lr": lr,
         "mean": statistics.fmean(accuracies) if accuracies else math.nan,
         "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "min": min(accuracies) if accuracies else math.nan,
         "max": max(accuracies) if accuracies else math.nan,
         "seeds": len(accuracies),
+        "stable": stable_seeds(
+          [None if r.get("diverged") else r["test_accuracy"] for r in results]
+        ),
         "accuracies": " ".join(f"{a:.4f}" for a in accuracies),
-        "runs_done": sum(len(r) for r in by_lr.values()),
+        "runs_done": sum(len(r) for r in by_setting.values()),
         "runs_total": totals[key],
-        "diverged": sum(1 for rs in by_lr.values() for r in rs if r.get("diverged")),
-        # True when a seed diverged at every LR: mean and std are then over the
-        # seeds that did not, and the cell has no stable LR in the grid.
+        "diverged": sum(1 for rs in by_setting.values() for r in rs if r.get("diverged")),
+        # True when a seed diverged at every setting: mean and std are then over
+        # the seeds that did not, and the cell has no stable setting in the grid.
         "no_stable_lr": score == -math.inf,
         "_grad_norms": {
           "init": results[0].get("grad_norms_init"),
@@ -247,22 +311,23 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
       }
     )
   rows.sort(key=lambda r: (r["dataset"], r["activation"], r["optimizer"], r["depth"], r["method"]))
-  _write_tables(out, rows, per_lr)
+  _write_tables(out, rows, per_setting)
   if rows:
     _write_plots(out, rows)
   return rows
 
 
-def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_lr: Sequence[tuple]) -> None:
+def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_setting: Sequence[tuple]) -> None:
   columns = [c for c in (rows[0] if rows else {}) if not c.startswith("_")]
   with open(out / "summary.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   lines = [
-    "| dataset | activation | optimizer | depth | method | best LR | test accuracy, mean ± std "
-    "(min–max) | seeds | runs done | diverged runs |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| dataset | activation | optimizer | depth | method | best init | best LR "
+    "| test accuracy, mean ± std (min–max) | seeds | stable seeds (within 5 points of the best) "
+    "| runs done | diverged runs |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     accuracy = (
@@ -271,24 +336,24 @@ def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_lr: Sequence[tu
       else "diverged"
     )
     if r["no_stable_lr"] and r["seeds"]:
-      accuracy += ", no LR without a diverged seed"
+      accuracy += ", no setting without a diverged seed"
     lines.append(
       f"| {r['dataset']} | {r['activation']} | {r['optimizer']} | {r['depth']} | {r['method']} "
-      f"| {r['best_lr']:g} | {accuracy} | {r['seeds']} | {r['runs_done']}/{r['runs_total']} "
-      f"| {r['diverged']} |"
+      f"| {r['best_init']} | {r['best_lr']:g} | {accuracy} | {r['seeds']} "
+      f"| {r['stable']}/{r['seeds']} | {r['runs_done']}/{r['runs_total']} | {r['diverged']} |"
     )
   lines += [
     "",
-    "Every learning rate (mean test accuracy over the finished seeds):",
+    "Every setting (mean test accuracy over the finished seeds):",
     "",
-    "| dataset | depth | activation | optimizer | method | LR | mean | runs | diverged |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| dataset | depth | activation | optimizer | method | init | LR | mean | runs | diverged |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for key, lr, mean, n, diverged in sorted(per_lr):
+  for key, init, lr, mean, n, diverged in sorted(per_setting):
     shown = f"{100 * mean:.1f}%" if not math.isnan(mean) else "—"
     lines.append(
-      f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {lr:g} | {shown} | {n} "
-      f"| {diverged} |"
+      f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {init} | {lr:g} | {shown} "
+      f"| {n} | {diverged} |"
     )
   (out / "summary.md").write_text("\n".join(lines) + "\n")
 
@@ -322,7 +387,8 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict[str, Any]
   config.validate()
   out = Path(config.out)
   out.mkdir(parents=True, exist_ok=True)
-  if not jax.config.jax_compilation_cache_dir:
+  # A flag JAX defines at run time, which a type checker cannot see.
+  if not jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue]
     # Runs differing only in seed or LR compile to the same programs (the LR is
     # optimizer state), so a persistent cache saves most compile time.
     jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))

@@ -25,14 +25,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bgn_jax.core import make_config
 from bgn_jax.experiments.data import DATASETS, Dataset, epoch_permutation, load_dataset
-from bgn_jax.experiments.models import ACTIVATIONS, INITS, METHODS, DeepMLP, HiddenLayer
+from bgn_jax.experiments.models import (
+  ACTIVATIONS,
+  ARCHS,
+  INITS,
+  METHODS_BY_ARCH,
+  ConvLayer,
+  DeepCNN,
+  DeepMLP,
+  HiddenLayer,
+  Transformer,
+  TransformerBlock,
+  transformer_apply,
+)
 from bgn_jax.linen import grad_norms
 from bgn_jax.reports import depth_profile
 
@@ -46,7 +60,16 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The layer whose parameter gradients make the gradient-norm-against-depth profile.
+LAYER_TYPES = {"mlp": HiddenLayer, "cnn": ConvLayer, "transformer": TransformerBlock}
+# Where the first layer's kernel is, for the relative update ||dW1|| / ||W1||.
+FIRST_KERNEL = {
+  "mlp": ("input_layer", "dense", "kernel"),
+  "cnn": ("input_layer", "conv", "kernel"),
+  "transformer": ("input_layer", "kernel"),
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,14 +97,25 @@ class TrainConfig:
   Attributes:
     out: the run folder (metrics.jsonl, results.json, plots, checkpoints/).
     dataset: one of DATASETS.
-    depth: hidden layers.
-    width: units per hidden layer.
+    arch: mlp, cnn or transformer (see :mod:`bgn_jax.experiments.models`).
+    depth: hidden layers (mlp), convolutions (cnn) or blocks (transformer).
+    width: units per hidden layer, channels (cnn), or the model width (transformer).
     activation: relu, tanh, sigmoid or gelu.
     init: lecun, he or glorot (normal) kernel initialization.
-    method: plain, bgn, bgn-per-example, batchnorm or layernorm.
-    bgn_every: a BGN node after every ``bgn_every``-th hidden layer.
+    method: one of ``METHODS_BY_ARCH[arch]``: mlp plain, bgn, bgn-per-example,
+      batchnorm, layernorm; cnn plain, bgn, bgn-per-example, batchnorm, residual;
+      transformer plain (post-LN), bgn (post-LN with a node after every sublayer),
+      pre-ln.
+    bgn_every: a BGN node after every ``bgn_every``-th hidden layer (mlp, cnn).
+    bgn_target: the nodes' ``target_norm``: a name :func:`bgn_jax.bgn` knows
+      (``"sqrt_units"``) or a positive number, as text.
+    heads: attention heads (transformer).
     optimizer: sgd (with momentum), adam or adamw.
-    lr: learning rate.
+    lr: learning rate (the peak, with a warm-up or a schedule).
+    weight_decay: adamw's decoupled weight decay.
+    warmup_steps: linear learning-rate warm-up from 0 over this many steps (0: none).
+    schedule: constant, or cosine decay to 0 at the last step (after the warm-up).
+    train_examples: train on this many examples (a fixed random subset; 0: all).
     momentum: SGD momentum (0 for none).
     batch_size: global batch size, a multiple of the device count.
     epochs: passes over the training set.
@@ -97,14 +131,21 @@ class TrainConfig:
 
   out: str
   dataset: str = "digits"
+  arch: str = "mlp"
   depth: int = 10
   width: int = 64
   activation: str = "relu"
   init: str = "lecun"
   method: str = "plain"
   bgn_every: int = 1
+  bgn_target: str = "sqrt_units"
+  heads: int = 4
   optimizer: str = "adam"
   lr: float = 1e-3
+  weight_decay: float = 1e-4
+  warmup_steps: int = 0
+  schedule: str = "constant"
+  train_examples: int = 0
   momentum: float = 0.9
   batch_size: int = 64
   epochs: int = 1
@@ -121,10 +162,11 @@ class TrainConfig:
     """Raises ValueError naming the flag whose value is not allowed."""
     choices = {
       "dataset": DATASETS,
+      "arch": ARCHS,
       "activation": tuple(ACTIVATIONS),
       "init": tuple(INITS),
-      "method": METHODS,
       "optimizer": OPTIMIZERS,
+      "schedule": SCHEDULES,
       "dtype": tuple(DTYPES),
     }
     for name, allowed in choices.items():
@@ -132,19 +174,61 @@ class TrainConfig:
         raise ValueError(
           f"--{name}: got {getattr(self, name)!r}; choose one of {', '.join(allowed)}."
         )
-    for name in ("depth", "width", "bgn_every", "batch_size", "epochs", "log_every"):
+    if self.method not in METHODS_BY_ARCH[self.arch]:
+      raise ValueError(
+        f"--method: got {self.method!r} for --arch {self.arch}; choose one of "
+        f"{', '.join(METHODS_BY_ARCH[self.arch])}."
+      )
+    for name in ("depth", "width", "bgn_every", "heads", "batch_size", "epochs", "log_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')}: must be >= 1; got {getattr(self, name)}.")
-    if self.checkpoint_every < 0:
-      raise ValueError(f"--checkpoint-every: must be >= 0; got {self.checkpoint_every}.")
+    for name in ("checkpoint_every", "warmup_steps", "train_examples"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"--{name.replace('_', '-')}: must be >= 0; got {getattr(self, name)}.")
+    if self.arch == "transformer" and self.width % self.heads:
+      raise ValueError(
+        f"--width: {self.width} is not a multiple of --heads {self.heads}; the attention "
+        "splits the width evenly over the heads."
+      )
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"--weight-decay: must be >= 0 and finite; got {self.weight_decay}.")
+    try:
+      make_config((1, 1), target_norm=target_norm_value(self.bgn_target))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--bgn-target: got {self.bgn_target!r}: {e}") from None
     if not (math.isfinite(self.lr) and self.lr > 0):
       raise ValueError(f"--lr: must be positive and finite; got {self.lr}.")
     if not 0 <= self.momentum < 1:
       raise ValueError(f"--momentum: must lie in [0, 1); got {self.momentum}.")
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """The optimizer; the LR is injected as state so one compiled step serves every LR."""
+def target_norm_value(text: str) -> str | float:
+  """``--bgn-target`` as :func:`bgn_jax.bgn` takes it: a name stays text, a number a float."""
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def lr_factor(config: TrainConfig, total_steps: int) -> optax.Schedule | None:
+  """The factor on the LR at each step (warm-up, then constant or cosine), or None for 1."""
+  warmup = min(config.warmup_steps, total_steps)
+  if config.schedule == "cosine":
+    if warmup:
+      return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total_steps, warmup + 1))
+    return optax.cosine_decay_schedule(1.0, total_steps)
+  if warmup:
+    return optax.linear_schedule(0.0, 1.0, warmup)
+  return None
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optimizer; the LR is injected as state so one compiled step serves every LR.
+
+  A warm-up or schedule multiplies the updates by :func:`lr_factor` (a function
+  of the step count only); without one the optimizer state is that of the bare
+  optimizer.
+  """
   momentum = config.momentum or None
 
   def build(learning_rate):
@@ -152,22 +236,41 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
       return optax.sgd(learning_rate, momentum=momentum)
     if config.optimizer == "adam":
       return optax.adam(learning_rate)
-    return optax.adamw(learning_rate)
+    return optax.adamw(learning_rate, weight_decay=config.weight_decay)
 
-  return optax.inject_hyperparams(build)(learning_rate=config.lr)
+  tx = optax.inject_hyperparams(build)(learning_rate=config.lr)
+  factor = lr_factor(config, total_steps)
+  return tx if factor is None else optax.chain(tx, optax.scale_by_schedule(factor))
 
 
-def make_model(config: TrainConfig, num_classes: int) -> DeepMLP:
-  return DeepMLP(
+def make_model(config: TrainConfig, num_classes: int) -> DeepMLP | DeepCNN | Transformer:
+  """The network of ``config.arch``."""
+  common = dict(
     depth=config.depth,
     width=config.width,
     num_classes=num_classes,
     activation=config.activation,
     init_scheme=config.init,
     method=config.method,
-    bgn_every=config.bgn_every,
     dtype=DTYPES[config.dtype],
   )
+  if config.arch == "transformer":
+    return Transformer(heads=config.heads, **common)
+  cls = DeepCNN if config.arch == "cnn" else DeepMLP
+  return cls(bgn_every=config.bgn_every, target_norm=target_norm_value(config.bgn_target), **common)
+
+
+def model_apply(config: TrainConfig, model: nn.Module) -> Callable[..., Any]:
+  """``model.apply``, or for the transformer with BGN, with the nodes placed by ``insert``."""
+  if config.arch == "transformer":
+    return transformer_apply(model, target_norm_value(config.bgn_target))
+  return model.apply
+
+
+def _first_kernel(config: TrainConfig, params: Any) -> np.ndarray:
+  for key in FIRST_KERNEL[config.arch]:
+    params = params[key]
+  return _host_copy(params)
 
 
 def _host_copy(leaf: jax.Array) -> np.ndarray:
@@ -194,25 +297,42 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def layer_grad_norms_fn(model: DeepMLP) -> Callable[[dict[str, Any], jax.Array, jax.Array], Any]:
-  """A ``(variables, x, y) -> norms``: the norm of each hidden layer's parameter gradient.
+def layer_grad_norms_fn(
+  config: TrainConfig, model: nn.Module
+) -> Callable[[dict[str, Any], jax.Array, jax.Array], Any]:
+  """A ``(variables, x, y) -> norms``: the norm of each layer's parameter gradient.
 
   Measured by :func:`bgn_jax.grad_norms` (one jitted forward and backward pass,
-  exact for gradients whose float32 squares underflow), ordered from the input
-  layer up (``model.depth`` of them), in inference mode (batch norm uses its
-  running statistics).
+  exact for gradients whose float32 squares underflow) at every layer of
+  ``LAYER_TYPES[config.arch]``, ordered from the input layer up (``model.depth``
+  of them), in inference mode (batch norm uses its running statistics), through
+  the BGN nodes the run trains with.
   """
+  apply = model_apply(config, model)
 
   def loss_fn(variables, x, y):
-    return _cross_entropy(model.apply(variables, x, train=False), y).mean()
+    return _cross_entropy(apply(variables, x, train=False), y).mean()
 
-  measure = jax.jit(functools.partial(grad_norms, loss_fn, where=HiddenLayer))
+  measure = jax.jit(functools.partial(grad_norms, loss_fn, where=LAYER_TYPES[config.arch]))
 
   def norms(variables, x, y):
     report = jax.tree.map(_host_copy, measure(variables, x, y))
     return depth_profile(report, "params")
 
   return norms
+
+
+def training_subset(data: Dataset, n: int) -> Dataset:
+  """``data`` with ``n`` training examples, a random subset fixed by ``n`` alone (in order).
+
+  Raises:
+    ValueError: ``n`` exceeds the training set.
+  """
+  n_train = len(data.y_train)
+  if n > n_train:
+    raise ValueError(f"--train-examples: {n} exceeds the {n_train} training examples.")
+  keep = np.sort(np.random.default_rng(n).permutation(n_train)[:n])
+  return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 class _Sharding:
@@ -333,6 +453,8 @@ def train(
   if is_main:
     out.mkdir(parents=True, exist_ok=True)
   data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+  if config.train_examples:
+    data = training_subset(data, config.train_examples)
   layout = _Sharding()
   if config.batch_size % layout.size:
     raise ValueError(
@@ -345,7 +467,8 @@ def train(
   total_steps = steps_per_epoch * config.epochs
 
   model = make_model(config, data.num_classes)
-  tx = make_optimizer(config)
+  apply = model_apply(config, model)
+  tx = make_optimizer(config, total_steps)
   n_features = data.x_train.shape[1]
 
   def init_state() -> dict[str, Any]:
@@ -360,7 +483,7 @@ def train(
   state = jax.jit(init_state, out_shardings=layout.replicated)()
   # Nothing is donated, so the initial arrays stay valid for the final report.
   initial_state = state
-  initial_first_kernel = _host_copy(state["params"]["input_layer"]["dense"]["kernel"])
+  initial_first_kernel = _first_kernel(config, state["params"])
 
   def variables_of(state: dict[str, Any], params: Any) -> dict[str, Any]:
     variables = {"params": params}
@@ -372,9 +495,9 @@ def train(
     def loss_fn(params):
       variables = variables_of(state, params)
       if "batch_stats" in state:
-        logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        logits, updates = apply(variables, x, train=True, mutable=["batch_stats"])
       else:
-        logits, updates = model.apply(variables, x, train=True), {}
+        logits, updates = apply(variables, x, train=True), {}
       return _cross_entropy(logits, y).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -398,7 +521,7 @@ def train(
   )
 
   def eval_batch(state, x, y, weight):
-    logits = model.apply(variables_of(state, state["params"]), x, train=False)
+    logits = apply(variables_of(state, state["params"]), x, train=False)
     correct = jnp.sum((jnp.argmax(logits, -1) == y) * weight)
     loss = jnp.sum(_cross_entropy(logits, y) * weight)
     return correct, loss
@@ -431,12 +554,13 @@ def train(
 
   manager = _checkpoint_manager(out / "checkpoints")
   start_step = 0
-  if config.resume and manager.latest_step() is not None:
-    start_step = int(manager.latest_step())
+  latest_step = manager.latest_step()
+  if config.resume and latest_step is not None:
+    start_step = int(latest_step)
     state = _restore(manager, start_step, state)
     if is_main:
       print(f"bgn-jax: resumed {out} from the checkpoint of step {start_step}.", file=sys.stderr)
-  elif not config.resume and manager.latest_step() is not None:
+  elif not config.resume and latest_step is not None:
     raise ValueError(
       f"--out: {out} already holds checkpoints; pass --resume to continue that run "
       "or choose an empty folder."
@@ -452,7 +576,7 @@ def train(
     if "test_accuracy" in record:
       test_accuracy, test_loss = record["test_accuracy"], record["test_loss"]
   done = start_step
-  permutation, permutation_epoch = None, -1
+  permutation, permutation_epoch = np.empty(0, np.intp), -1
   try:
     for step in range(start_step, total_steps):
       epoch, index = divmod(step, steps_per_epoch)
@@ -511,11 +635,11 @@ def train(
     last_loss = metrics.records[-1]["train_loss"]
   if math.isnan(test_accuracy):
     test_accuracy, test_loss = evaluate(state)
-  final_first_kernel = _host_copy(state["params"]["input_layer"]["dense"]["kernel"])
+  final_first_kernel = _first_kernel(config, state["params"])
   probe = epoch_permutation(config.seed, 0, n_train)[: config.batch_size]
   probe_x = layout.global_batch(data.x_train[probe])
   probe_y = layout.global_batch(data.y_train[probe])
-  grad_norms = layer_grad_norms_fn(model)
+  grad_norms = layer_grad_norms_fn(config, model)
   results = {
     "config": dataclasses.asdict(config),
     "method": config.method,

@@ -1,4 +1,4 @@
-"""The sweep's grid, TOML parsing and best-over-LR summary (no training)."""
+"""The sweep's grid, TOML parsing and best-over-(init, LR) summary (no training)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bgn_jax.experiments.cli import build_parser
-from bgn_jax.experiments.sweep import SweepConfig, summarize
+from bgn_jax.experiments.sweep import SweepConfig, run_name, stable_seeds, summarize
+from bgn_jax.experiments.train import TrainConfig
 
 
 def fake_results(config: SweepConfig, accuracy) -> None:
@@ -47,7 +48,11 @@ def test_each_method_gets_its_best_lr_mean_and_spread_over_seeds(tmp_path):
   assert rows["bgn"]["diverged"] == 1
   assert rows["bgn"]["runs_done"] == rows["bgn"]["runs_total"] == 4
   md = (tmp_path / "summary.md").read_text()
-  assert "| digits | relu | adam | 10 | bgn | 0.001 | 85.0% ± 7.1 (80.0–90.0) | 2 | 4/4 | 1 |" in md
+  # 80% is more than 5 points below the best seed's 90%: 1 of 2 seeds is stable.
+  assert (
+    "| digits | relu | adam | 10 | bgn | lecun | 0.001 | 85.0% ± 7.1 (80.0–90.0) | 2 | 1/2 | 4/4 "
+    "| 1 |" in md
+  )
   assert (tmp_path / "summary.csv").read_text().count("\n") == 3
   assert (tmp_path / "accuracy_vs_depth.png").exists()
 
@@ -79,3 +84,89 @@ def test_missing_lr_grid_for_an_optimizer_is_named():
   config = SweepConfig(optimizers=("adam", "sgd"), lrs={"adam": (1e-3,)})
   with pytest.raises(ValueError, match="sgd"):
     config.validate()
+
+
+def test_the_best_cell_is_chosen_over_init_and_lr_and_names_the_init(tmp_path):
+  config = SweepConfig(
+    out=str(tmp_path),
+    depths=(50,),
+    methods=("plain", "bgn"),
+    inits=("lecun", "he"),
+    lrs=(1e-3, 1e-4),
+    seeds=(0, 1, 2),
+  )
+  runs = config.runs()
+  assert len(runs) == 2 * 2 * 2 * 3
+  assert {(r.method, r.init, r.lr) for r in runs} == {
+    (m, i, lr) for m in ("plain", "bgn") for i in ("lecun", "he") for lr in (1e-3, 1e-4)
+  }
+  assert len({r.out for r in runs}) == len(runs)
+  table = {
+    ("plain", "lecun", 1e-3): (0.1, 0.1, 0.1),
+    ("plain", "lecun", 1e-4): (0.1, 0.1, 0.1),
+    ("plain", "he", 1e-3): (0.70, 0.72, 0.50),
+    ("plain", "he", 1e-4): (0.78, 0.77, 0.76),  # the best plain setting
+    ("bgn", "lecun", 1e-3): (0.80, 0.70, 0.76),  # the best BGN setting
+    ("bgn", "lecun", 1e-4): (0.60, 0.60, 0.60),
+    ("bgn", "he", 1e-3): (0.90, None, 0.90),  # higher, but a seed diverged
+    ("bgn", "he", 1e-4): (0.65, 0.66, 0.64),
+  }
+  fake_results(config, lambda run: table[run.method, run.init, run.lr][run.seed])
+  rows = {r["method"]: r for r in summarize(config)}
+  assert (rows["plain"]["best_init"], rows["plain"]["best_lr"]) == ("he", 1e-4)
+  assert rows["plain"]["mean"] == pytest.approx(0.77)
+  assert rows["plain"]["stable"] == 3
+  assert (rows["bgn"]["best_init"], rows["bgn"]["best_lr"]) == ("lecun", 1e-3)
+  assert rows["bgn"]["mean"] == pytest.approx((0.80 + 0.70 + 0.76) / 3)
+  assert rows["bgn"]["stable"] == 2  # 0.70 is more than 5 points below 0.80
+  assert rows["bgn"]["runs_done"] == rows["bgn"]["runs_total"] == 12
+  md = (tmp_path / "summary.md").read_text()
+  assert (
+    "| digits | relu | adam | 50 | plain | he | 0.0001 | 77.0% ± 1.0 (76.0–78.0) | 3 | 3/3 " in md
+  )
+  assert "| digits | 50 | relu | adam | bgn | he | 0.001 | 90.0% | 3 | 1 |" in md
+  assert "best_init" in (tmp_path / "summary.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+  "accuracies, stable",
+  [([0.8, 0.76, 0.74], 2), ([0.5], 1), ([0.8, None, 0.8], 2), ([None, None], 0), ([], 0)],
+)
+def test_stable_seeds_counts_seeds_within_five_points_of_the_best(accuracies, stable):
+  assert stable_seeds(accuracies) == stable
+
+
+def test_inits_from_flags_and_toml(tmp_path):
+  args = build_parser().parse_args(["sweep", "--inits", "lecun", "he", "--out", "x"])
+  assert SweepConfig.from_args(args).inits == ("lecun", "he")
+  path = tmp_path / "grid.toml"
+  path.write_text('inits = ["he", "glorot"]\n')
+  args = build_parser().parse_args(["sweep", "--config", str(path)])
+  assert SweepConfig.from_args(args).inits == ("he", "glorot")
+  # The files of earlier sweeps name one init.
+  path.write_text('init = "he"\n')
+  config = SweepConfig.from_args(args)
+  assert config.inits == ("he",) and {r.init for r in config.runs()} == {"he"}
+  with pytest.raises(SystemExit):
+    build_parser().parse_args(["sweep", "--inits", "zeros"])
+
+
+def test_run_names_keep_the_earlier_mlp_names_and_tell_new_settings_apart():
+  default = TrainConfig(out="")
+  assert run_name(default) == "digits-d10-w64-relu-lecun-plain-k1-adam-lr0.001-s0"
+  names = {
+    run_name(TrainConfig(out="", **change))
+    for change in (
+      {},
+      {"arch": "cnn"},
+      {"arch": "transformer"},
+      {"arch": "transformer", "heads": 2},
+      {"warmup_steps": 100},
+      {"schedule": "cosine"},
+      {"train_examples": 1000},
+      {"bgn_target": "1.0"},
+      {"optimizer": "adamw"},
+      {"optimizer": "adamw", "weight_decay": 0.1},
+    )
+  }
+  assert len(names) == 10
