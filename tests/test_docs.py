@@ -41,6 +41,21 @@ class Block:
   skip: str | None  # the reason of a preceding skip comment
 
 
+def _skip_marker(before: list[str]) -> re.Match | None:
+  """The skip comment among the HTML comments right above a block, if any.
+
+  ``<!-- fmt: off -->`` may sit there too: ruff formats the Python blocks of Markdown.
+  """
+  for line in reversed(before):
+    if not line.strip():
+      continue
+    if not line.strip().startswith("<!--"):
+      return None
+    if marker := _SKIP.match(line):
+      return marker
+  return None
+
+
 def python_blocks(page: Path) -> list[Block]:
   """The ```python blocks of ``page``, in order, with their skip reasons."""
   lines = page.read_text(encoding="utf-8").splitlines()
@@ -59,8 +74,7 @@ def python_blocks(page: Path) -> list[Block]:
     ):
       end += 1
     if language in ("python", "py"):
-      previous = next((line for line in reversed(lines[:i]) if line.strip()), "")
-      marker = _SKIP.match(previous)
+      marker = _skip_marker(lines[:i])
       code = [line[indent:] for line in lines[i + 1 : end]]
       blocks.append(
         Block(page, len(blocks), i + 2, "\n".join(code) + "\n", marker and marker["reason"])
@@ -136,13 +150,14 @@ def test_collector_finds_blocks_and_skip_reasons(tmp_path: Path) -> None:
   page = tmp_path / "page.md"
   page.write_text(
     "text\n```python\na = 1\n```\n\n<!-- skip: needs a GPU -->\n\n```python\nb = 2\n```\n"
-    "```bash\nls\n```\n- item\n\n  ```python\n  c = a\n  ```\n",
+    "```bash\nls\n```\n- item\n\n  ```python\n  c = a\n  ```\n"
+    "<!-- skip: pending -->\n<!-- fmt: off -->\n```python\nd = 4\n```\n",
     encoding="utf-8",
   )
   blocks = python_blocks(page)
-  assert [b.source for b in blocks] == ["a = 1\n", "b = 2\n", "c = a\n"]
-  assert [b.skip for b in blocks] == [None, "needs a GPU", None]
-  assert [b.line for b in blocks] == [3, 9, 17]
+  assert [b.source for b in blocks] == ["a = 1\n", "b = 2\n", "c = a\n", "d = 4\n"]
+  assert [b.skip for b in blocks] == [None, "needs a GPU", None, "pending"]
+  assert [b.line for b in blocks] == [3, 9, 17, 22]
 
 
 def test_readme_is_a_landing_page() -> None:
