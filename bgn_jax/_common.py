@@ -96,7 +96,11 @@ def apply_bgn(tree: Any, options: dict[str, Any]) -> Any:
 
 
 def no_match_message(
-  fn_name: str, where: Where, seen: dict[tuple[str, str], None], what: str
+  fn_name: str,
+  where: Where,
+  seen: dict[tuple[str, str], None],
+  what: str,
+  report: str = "",
 ) -> str:
   """The message of the error for a ``where`` that selects nothing.
 
@@ -105,19 +109,22 @@ def no_match_message(
     where: the ``where`` given.
     seen: the (type name, path) pairs that were tested, in order.
     what: what was tested, e.g. "module call".
+    report: the call that lists the placements (e.g. "bgn_jax.linen.placements(fn,
+      *args)"), named in the message; "" names none.
 
   Returns:
-    The message, listing what was seen.
+    The message, listing what was seen (the first ``SEEN_LISTED``, and how many more).
   """
   tested = [f"{name} at {path!r}" for name, path in seen]
   listed = ", ".join(tested[:SEEN_LISTED])
   if len(tested) > SEEN_LISTED:
-    listed += f", ... and {len(tested) - SEEN_LISTED} more"
+    listed += f", ... and {len(tested) - SEEN_LISTED} more not listed"
+  pointer = f" Once `where` matches, {report} lists every match and its nodes." if report else ""
   return (
     f"{fn_name}: `where` {where!r} matched no {what}, so no BGN node was inserted. "
-    f"Seen (module type at path; '' is the top-level module): {listed or 'nothing'}. "
-    "A class matches by isinstance, a string is searched (re.search) in the "
-    "'/'-joined path, a predicate gets the module."
+    f"Seen ({len(tested)}; module type at path; '' is the top-level module): "
+    f"{listed or 'nothing'}. A class matches by isinstance, a string is searched "
+    f"(re.search) in the '/'-joined path, a predicate gets the module.{pointer}"
   )
 
 

@@ -151,18 +151,27 @@ def _per_step_body(module: nn.Module, method: Callable[..., Any]) -> str | None:
 
 
 def _variable_names(module: nn.Module) -> dict[int, str]:
-  """The variables of the module's root scope, by ``id``, as "collection/path" names."""
+  """The variables of the module's root scope, by ``id``, as "collection/module path/name".
+
+  Inside a lifted transform the root is the body's: its variables are the ones the
+  body sees (sliced or broadcast), under the path of the body's module.
+  """
   if module.scope is None:
     return {}
-  flat, _ = jax.tree_util.tree_flatten_with_path(unfreeze(module.scope.root.variables()))
-  return {id(leaf): "/".join(str(getattr(k, "key", k)) for k in path) for path, leaf in flat}
+  root = module.scope.root
+  flat, _ = jax.tree_util.tree_flatten_with_path(unfreeze(root.variables()))
+  names = {}
+  for path, leaf in flat:
+    collection, *rest = (str(getattr(k, "key", k)) for k in path)
+    names[id(leaf)] = "/".join((collection, *map(str, root.path), *rest))
+  return names
 
 
 def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
+  """The shape and dtype name of a leaf (the type name for a non-array)."""
   dtype = getattr(leaf, "dtype", None)
-  return tuple(int(n) for n in np.shape(leaf)), str(dtype) if dtype is not None else type(
-    leaf
-  ).__name__
+  name = type(leaf).__name__ if dtype is None else str(dtype)
+  return tuple(int(n) for n in np.shape(leaf)), name
 
 
 class _Insertion:
@@ -205,7 +214,14 @@ class _Insertion:
         "(model.apply, or a function that calls it)."
       )
       raise ValueError(
-        no_match_message("insert", self.where, interceptor.seen, "module __call__") + hint
+        no_match_message(
+          "insert",
+          self.where,
+          interceptor.seen,
+          "module __call__",
+          "bgn_jax.linen.placements(fn, *args)",
+        )
+        + hint
       )
     return outputs, interceptor
 
@@ -409,7 +425,8 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
 
   Args:
     fn: a function returned by :func:`insert`.
-    *args: its positional arguments, as for a real call.
+    *args: its positional arguments, as for a real call; arrays may be given as
+      ``jax.ShapeDtypeStruct`` (``jax.eval_shape(model.init, ...)`` gives variables).
     **kwargs: its keyword arguments.
 
   Returns:
@@ -429,15 +446,23 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
       f"where=...), not model.apply."
     )
   insertion, apply_fn = inserted
+  # Arrays (and jax.ShapeDtypeStructs) go in abstractly; flags such as `mutable` or
+  # `train` stay the Python values the function expects.
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for leaf in leaves]
   found: list[Placements] = []
 
-  def trace() -> Any:
+  def trace(*arrays: Any) -> Any:
+    given = iter(arrays)
+    call_args, call_kwargs = jax.tree.unflatten(
+      treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
+    )
     # A token of its own: cached traces would skip the module calls it records.
-    outputs, interceptor = insertion.run(apply_fn, args, kwargs, object())
+    outputs, interceptor = insertion.run(apply_fn, call_args, call_kwargs, object())
     found.append(interceptor.records)
     return outputs
 
-  jax.eval_shape(trace)
+  jax.eval_shape(trace, *[leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
   return found[0]
 
 

@@ -11,6 +11,7 @@ import functools
 import re
 from collections.abc import Sequence
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,19 @@ import pytest
 
 import bgn_jax
 from bgn_jax import bgn
-from tests.trees import assert_trees_differ, assert_trees_equal, inputs
 
 WIDTH = 8
 TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
+
+
+def inputs(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def assert_trees_differ(a, b):
+  """Some leaf differs (chex raises on the first difference)."""
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(a, b)
 
 
 def loss_grads(apply_fn, variables, *args, **kwargs):
@@ -82,8 +92,8 @@ def check_against_hand(model, reference, variables, *args, transform=jax.jit, **
     )
 
   y, plain_y, got, expected, plain = transform(run)(variables, *args)
-  assert_trees_equal(y, plain_y)
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(y, plain_y)
+  chex.assert_trees_all_equal(got, expected)
   assert_trees_differ(got, plain)
 
 
@@ -92,7 +102,7 @@ def test_mlp_parameters_forward_and_gradients(transform):
   model, reference, variables, x = mlp_setup(hand_after=(0, 1, 2, 3))
   check_against_hand(model, reference, variables, x, transform=transform, where=nn.Dense)
   init_with_bgn = bgn_jax.insert(model.init, where=nn.Dense)
-  assert_trees_equal(transform(init_with_bgn)(jax.random.key(0), x), variables)
+  chex.assert_trees_all_equal(transform(init_with_bgn)(jax.random.key(0), x), variables)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +182,8 @@ def test_setup_submodules_and_a_method_given_to_apply():
     )
 
   z, plain_z, got, expected = run(variables, x)
-  assert_trees_equal(z, plain_z)
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(z, plain_z)
+  chex.assert_trees_all_equal(got, expected)
   assert np.any(got["encoder"]["kernel"] != 0)
 
 
@@ -462,11 +472,11 @@ def test_resnet_with_batchnorm_in_train_mode():
 
   got, expected, plain = run(variables["params"], variables["batch_stats"], images)
   (logits, updates), (plain_logits, plain_updates) = got[1], plain[1]
-  assert_trees_equal(logits, plain_logits)
-  assert_trees_equal(updates, plain_updates)
-  assert_trees_equal(updates, expected[1][1])
+  chex.assert_trees_all_equal(logits, plain_logits)
+  chex.assert_trees_all_equal(updates, plain_updates)
+  chex.assert_trees_all_equal(updates, expected[1][1])
   assert_trees_differ(updates["batch_stats"], variables["batch_stats"])
-  assert_trees_equal(got[0], expected[0])
+  chex.assert_trees_all_equal(got[0], expected[0])
   assert_trees_differ(got[0], plain[0])
 
 
@@ -517,10 +527,447 @@ def test_rngs_and_mutable_pass_through():
   static = ("train", "mutable")
   got = jax.jit(with_bgn, static_argnames=static)(variables, x, **arguments)
   expected = jax.jit(model.apply, static_argnames=static)(variables, x, **arguments)
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(got, expected)
   assert_trees_differ(got[1], {"batch_stats": variables["batch_stats"]})
   other_key = model.apply(variables, x, True, rngs={"dropout": jax.random.key(2)}, mutable=True)
   assert_trees_differ(got[0], other_key[0])
+
+
+# ---------------------------------------------------------------- keyword arguments
+
+
+class Gated(nn.Module):
+  """``Dense(x) * scale``, the scale a keyword argument that carries gradient."""
+
+  @nn.compact
+  def __call__(self, x, *, scale):
+    return nn.Dense(WIDTH)(x) * scale
+
+
+class GatedNet(nn.Module):
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(WIDTH)(x))
+    scale = jnp.tanh(nn.Dense(WIDTH)(x))
+    return Gated(name="gated")(bgn(h) if self.hand else h, scale=scale)
+
+
+VMAP = lambda run: jax.vmap(run, in_axes=(None, 0))  # noqa: E731
+
+
+@pytest.mark.parametrize("transform", [jax.jit, VMAP], ids=["jit", "vmap"])
+def test_position_before_leaves_keyword_arguments_alone(transform):
+  model, reference = GatedNet(), GatedNet(hand=True)
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  if transform is VMAP:
+    x = inputs((3, 5, 6))
+  check_against_hand(
+    model, reference, variables, x, transform=transform, where=Gated, position="before"
+  )
+
+
+# ---------------------------------------------------------------- jit caches
+
+
+# Made once, as models do: each nn.jit(...) call makes a new class with a cache of its own.
+JitTanhDense = nn.jit(TanhDense)
+OtherJitTanhDense = nn.jit(TanhDense)  # the same program, another cache
+
+
+class JitBlock(nn.Module):
+  """Dense_0, then a TanhDense compiled with nn.jit."""
+
+  hand: bool = False
+  other: bool = False  # use OtherJitTanhDense: a plain model that no insert ever sees
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH)(x)
+    x = jnp.tanh(bgn(h) if self.hand else h)
+    block = OtherJitTanhDense if self.other else JitTanhDense
+    return block(hand=self.hand, name="block")(x)
+
+
+@pytest.mark.parametrize("order", ["insert_first", "plain_first"])
+def test_jit_compiled_apply_gets_nodes_and_its_plain_calls_never_do(order):
+  model, reference, variables, x = mlp_setup(hand_after=(0, 1, 2, 3))
+  compiled = jax.jit(model.apply)
+  with_bgn = bgn_jax.insert(compiled, where=nn.Dense)
+  expected = loss_grads(jax.jit(reference.apply), variables, x)
+  plain = loss_grads(jax.jit(lambda v, x: model.apply(v, x)), variables, x)
+  if order == "plain_first":
+    chex.assert_trees_all_equal(loss_grads(compiled, variables, x), plain)
+  chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)
+  chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)  # a cached trace
+  chex.assert_trees_all_equal(loss_grads(compiled, variables, x), plain)
+  chex.assert_trees_all_equal(loss_grads(jax.jit(model.apply), variables, x), plain)
+  assert_trees_differ(expected, plain)
+
+
+@pytest.mark.parametrize("order", ["insert_first", "plain_first"])
+def test_nn_jit_inside_the_model_gets_nodes_and_its_plain_calls_never_do(order):
+  model = JitBlock()
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Dense)
+  expected = loss_grads(JitBlock(hand=True).apply, variables, x)
+  plain = loss_grads(JitBlock(other=True).apply, variables, x)
+  if order == "plain_first":
+    chex.assert_trees_all_equal(loss_grads(model.apply, variables, x), plain)
+  chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)
+  chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)
+  chex.assert_trees_all_equal(loss_grads(model.apply, variables, x), plain)
+  assert_trees_differ(expected, plain)
+
+
+def test_every_counts_matches_inside_a_cached_nn_jit():
+  # Dense_0, block/Dense_0 (inside nn.jit), then Dense_1 outside: every=2 keeps Dense_0
+  # and Dense_1. A second call skips the cached block; numbering afresh would then
+  # make Dense_1 the second match and drop its node.
+  class Wrapped(nn.Module):
+    hand: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+      x = JitBlock(hand=False, name="inner")(x)
+      h = nn.Dense(WIDTH)(x)
+      return bgn(h) if self.hand else h
+
+  class HandInner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(WIDTH)(x)
+      x = jnp.tanh(bgn(h))
+      return JitTanhDense(name="block")(x)
+
+  class Hand(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return bgn(nn.Dense(WIDTH)(HandInner(name="inner")(x)))
+
+  model = Wrapped()
+  x = inputs((5, 6))
+  variables = model.init(jax.random.key(0), x)
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Dense, every=2)
+  expected = loss_grads(Hand().apply, variables, x)
+  for _ in range(2):
+    chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)
+
+
+# ---------------------------------------------------------------- nothing to normalize
+
+
+VOCAB = 11
+
+
+class WordDropout(nn.Module):
+  """sst2's: replaces token ids at random by an unknown-word id (an int array out)."""
+
+  rate: float = 0.3
+  unk: int = 1
+
+  @nn.compact
+  def __call__(self, tokens):
+    drop = jax.random.bernoulli(self.make_rng("dropout"), self.rate, tokens.shape)
+    return jnp.where(drop, self.unk, tokens)
+
+
+class TokenClassifier(nn.Module):
+  """WordDropout, nn.Embed, mean over words, Dense (sst2's front end)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    tokens = WordDropout()(tokens)
+    x = nn.Embed(VOCAB, WIDTH, name="embed")(tokens)
+    return nn.Dense(3)(jnp.mean(x, axis=1))
+
+
+class FrameNet(nn.Module):
+  """ppo's: uint8 frames in, scaled to floats inside the model."""
+
+  @nn.compact
+  def __call__(self, frames):
+    x = frames.astype(jnp.float32) / 255.0
+    x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize(
+  "case, where, position, listed",
+  [
+    ("tokens", WordDropout, "after", "WordDropout at 'WordDropout_0' (int32[4, 5]"),
+    ("tokens", nn.Embed, "before", "Embed at 'embed' (int32[4, 5]"),
+    ("frames", FrameNet, "before", "FrameNet at '' (uint8[2, 8, 8, 3]"),
+  ],
+)
+def test_matches_with_nothing_floating_to_normalize_are_an_error(case, where, position, listed):
+  if case == "tokens":
+    model = TokenClassifier()
+    args = (jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (4, 5)), jnp.int32),)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  else:
+    model = FrameNet()
+    args = (jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)), jnp.uint8),)
+    rngs = {"params": jax.random.key(0)}
+  variables = model.init(rngs, *args)
+  with_bgn = bgn_jax.insert(model.apply, where=where, position=position)
+  what = "output" if position == "after" else "positional input"
+  with pytest.raises(ValueError, match=re.escape("matched 1 module call(s), but none had a")):
+    with_bgn(variables, *args, rngs={"dropout": jax.random.key(2)})
+  with pytest.raises(ValueError, match=re.escape(f"floating-point {what}")) as error:
+    jax.jit(with_bgn)(variables, *args, rngs={"dropout": jax.random.key(2)})
+  assert listed in str(error.value)
+  # A `where` that also matches a floating-point output places its node, and says nothing.
+  mixed = bgn_jax.insert(model.apply, where=(where, nn.Dense), position=position)
+  mixed(variables, *args, rngs={"dropout": jax.random.key(2)})
+
+
+# ---------------------------------------------------------------- parameters passed through
+
+
+class Cell(nn.RNNCellBase):
+  """An nn.OptimizedLSTMCell named "lstm"; ``hand``: bgn on its outputs."""
+
+  hand: bool = False
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    return nn.OptimizedLSTMCell(WIDTH, parent=None).initialize_carry(rng, input_shape)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+  @nn.compact
+  def __call__(self, carry, x):
+    (c, h), y = nn.OptimizedLSTMCell(WIDTH, name="lstm")(carry, x)
+    if self.hand:
+      (c, h), y = (bgn(c), bgn(h)), bgn(y)
+    return (c, h), y
+
+
+class Recurrent(nn.Module):
+  """sst2's encoder shape: nn.Embed, then an nn.RNN over an OptimizedLSTMCell."""
+
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, WIDTH, name="embed")(tokens)
+    return nn.RNN(Cell(self.hand, name="cell"), name="rnn")(x)
+
+
+def recurrent_setup():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, 4)), jnp.int32)
+  model = Recurrent()
+  return model, model.init(jax.random.key(0), tokens), tokens
+
+
+def test_parameters_a_module_returns_never_get_a_node():
+  # The regex covers the cell and its DenseParams, which return their kernel and bias.
+  model, variables, tokens = recurrent_setup()
+  check_against_hand(model, Recurrent(hand=True), variables, tokens, where=r"^cell/lstm")
+  report = bgn_jax.linen.placements(
+    bgn_jax.insert(model.apply, where=r"^cell/lstm"), variables, tokens
+  )
+  assert [(p.path, p.leaf) for p in report.nodes] == [
+    ("cell/lstm", "[0][0]"),
+    ("cell/lstm", "[0][1]"),
+    ("cell/lstm", "[1]"),
+  ]
+  skipped = {(p.path, p.leaf): p.reason for p in report.skipped}
+  assert len(skipped) == 12  # 8 DenseParams: 4 input kernels, 4 hidden kernels and biases
+  assert skipped[("cell/lstm/hi", "[0]")] == (
+    "the model variable 'params/cell/lstm/hi/kernel' passed through"
+  )
+  assert skipped[("cell/lstm/hi", "[1]")] == (
+    "the model variable 'params/cell/lstm/hi/bias' passed through"
+  )
+
+
+def test_only_parameters_matched_is_an_error():
+  model, variables, tokens = recurrent_setup()
+  with_bgn = bgn_jax.insert(model.apply, where=r"^cell/lstm/")
+  with pytest.raises(ValueError, match=r"matched 8 module call\(s\), but none had") as error:
+    with_bgn(variables, tokens)
+  assert "the model variable 'params/cell/lstm/ii/kernel' passed through" in str(error.value)
+
+
+# ---------------------------------------------------------------- nn.scan'd modules
+
+
+class SimpleLSTM(nn.Module):
+  """sst2's: an OptimizedLSTMCell with nn.scan on its __call__ (the decorator form)."""
+
+  hand: bool = False
+
+  @functools.partial(
+    nn.transforms.scan,
+    variable_broadcast="params",
+    in_axes=1,
+    out_axes=1,
+    split_rngs={"params": False},
+  )
+  @nn.compact
+  def __call__(self, carry, x):
+    return Cell(self.hand, name="cell")(carry, x)
+
+
+class ScannedCell(nn.Module):
+  """nn.scan on a module class (the class form), then a Dense on the last output."""
+
+  hand: bool = False
+  decorated: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    carry = (jnp.zeros((x.shape[0], WIDTH)), jnp.zeros((x.shape[0], WIDTH)))
+    if self.decorated:
+      lstm = SimpleLSTM(self.hand, name="lstm")
+    else:
+      scan = nn.scan(
+        Cell, variable_broadcast="params", in_axes=1, out_axes=1, split_rngs={"params": False}
+      )
+      lstm = scan(self.hand, name="lstm")
+    _, ys = lstm(carry, x)
+    return nn.Dense(3)(ys[:, -1])
+
+
+@pytest.mark.parametrize("decorated", [True, False], ids=["decorator", "class"])
+def test_scanned_module_is_an_error_and_its_cell_gets_a_node_per_step(decorated):
+  model = ScannedCell(decorated=decorated)
+  x = inputs((2, 4, 6))
+  variables = model.init(jax.random.key(0), x)
+  where = SimpleLSTM if decorated else Cell
+  with_bgn = bgn_jax.insert(model.apply, where=where)
+  with pytest.raises(ValueError, match=r"at 'lstm', whose __call__ is the body of an nn.scan"):
+    with_bgn(variables, x)
+  with pytest.raises(ValueError, match=r"select the modules the body calls"):
+    jax.jit(with_bgn)(variables, x)
+  if decorated:
+    reference = ScannedCell(hand=True, decorated=decorated)
+    check_against_hand(model, reference, variables, x, where=r"^lstm/cell$")
+
+
+# ---------------------------------------------------------------- placements
+
+
+class ConvBlock(nn.Module):
+  """A residual block: Conv, BatchNorm, relu, Conv, added to the input."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3))(x)))
+    return nn.relu(x + nn.Conv(4, (3, 3))(h))
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    x = ConvBlock()(x)
+    x = ConvBlock()(x)
+    return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_placements_on_residual_blocks_in_call_order_without_arithmetic():
+  model = ConvNet()
+  images = inputs((2, 6, 6, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)  # shapes only
+  with_bgn = bgn_jax.insert(model.apply, where=(ConvBlock, nn.Conv, nn.BatchNorm), every=2)
+  report = bgn_jax.linen.placements(with_bgn, variables, images, mutable=["batch_stats"])
+  # Numbered as the calls begin (a block before its layers), listed as they return.
+  assert [(p.path, p.module, p.reason) for p in report] == [
+    ("Conv_0", "Conv", None),
+    ("ConvBlock_0/Conv_0", "Conv", None),
+    ("ConvBlock_0/BatchNorm_0", "BatchNorm", "every=2 (match 3)"),
+    ("ConvBlock_0/Conv_1", "Conv", None),
+    ("ConvBlock_0", "ConvBlock", "every=2 (match 1)"),
+    ("ConvBlock_1/Conv_0", "Conv", None),
+    ("ConvBlock_1/BatchNorm_0", "BatchNorm", "every=2 (match 7)"),
+    ("ConvBlock_1/Conv_1", "Conv", None),
+    ("ConvBlock_1", "ConvBlock", "every=2 (match 5)"),
+  ]
+  assert {(p.position, p.leaf, p.shape, p.dtype) for p in report} == {
+    ("after", "", (2, 6, 6, 4), "float32")
+  }
+  lines = str(report).splitlines()
+  assert lines[0].split() == ["path", "module", "position", "leaf", "shape", "dtype", "node"]
+  assert lines[2].split() == [
+    "'Conv_0'",
+    "Conv",
+    "after",
+    "-",
+    "(2,",
+    "6,",
+    "6,",
+    "4)",
+    "float32",
+    "yes",
+  ]
+  assert lines[-1] == "5 nodes, 4 skipped"
+  # position="before": the first positional argument of each Conv.
+  before = bgn_jax.linen.placements(
+    bgn_jax.insert(model.apply, where=nn.Conv, position="before"),
+    variables,
+    images,
+    mutable=["batch_stats"],
+  )
+  assert [p.path for p in before.nodes] == [
+    "Conv_0",
+    "ConvBlock_0/Conv_0",
+    "ConvBlock_0/Conv_1",
+    "ConvBlock_1/Conv_0",
+    "ConvBlock_1/Conv_1",
+  ]
+  assert [p.leaf for p in before] == ["[0]"] * 5
+  assert before[0].shape == (2, 6, 6, 3)
+
+
+def test_placements_needs_an_inserted_function():
+  model, _, variables, x = mlp_setup()
+  with pytest.raises(TypeError, match=r"`fn` must be a function returned by bgn_jax.linen.insert"):
+    bgn_jax.linen.placements(model.apply, variables, x)
+  with pytest.raises(ValueError, match="matched no module __call__"):
+    bgn_jax.linen.placements(bgn_jax.insert(model.apply, where=nn.Conv), variables, x)
+
+
+class Seq2Seq(nn.Module):
+  """wmt's shape: an encoder and a decoder of attention blocks, > 40 module calls."""
+
+  @nn.compact
+  def __call__(self, x):
+    for side in ("encoder", "decoder"):
+      for i in range(3):
+        x = TransformerBlock(name=f"{side}_{i}")(x)
+    return nn.Dense(WIDTH)(x)
+
+
+def test_no_match_on_a_large_model_says_how_many_are_not_listed():
+  model = Seq2Seq()
+  x = inputs((1, 3, WIDTH))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  with_bgn = bgn_jax.insert(model.apply, where=nn.Conv)
+  with pytest.raises(ValueError, match="matched no module __call__") as error:
+    jax.eval_shape(with_bgn, variables, x)
+  message = str(error.value)
+  seen = 1 + 6 * (1 + 2 + 1 + 4 + 2) + 1  # model, Dense; each block, its 2 LayerNorms,
+  # its attention and the 4 DenseGenerals in it, its 2 Dense
+  assert f"and {seen - 40} more not listed" in message
+  assert "bgn_jax.linen.placements" in message
+
+
+@pytest.mark.parametrize("api", ["insert", "grad_norms"])
+def test_module_instance_as_where_is_a_type_error(api):
+  model, _, variables, x = mlp_setup()
+  with pytest.raises(TypeError, match=r"`where` is a module instance \(Dense\).*pass its class"):
+    if api == "insert":
+      bgn_jax.insert(model.apply, where=nn.Dense(4))
+    else:
+      bgn_jax.grad_norms(lambda v, x: jnp.sum(model.apply(v, x)), variables, x, where=nn.Dense(4))
 
 
 # ---------------------------------------------------------------- errors
