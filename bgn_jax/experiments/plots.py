@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy_curves", "plot_accuracy_vs_depth", "plot_grad_norms", "plot_run"]
+__all__ = [
+  "plot_accuracy_curves",
+  "plot_accuracy_vs_depth",
+  "plot_grad_norms",
+  "plot_run",
+  "plot_runs_grad_norms",
+]
 
 
 def _pyplot():
@@ -56,6 +62,26 @@ def plot_grad_norms(
   ax.grid(alpha=0.3, which="both")
   ax.legend()
   return _save(plt, fig, ax, path, title)
+
+
+def plot_runs_grad_norms(runs: Mapping[str, str | Path], path: str | Path, title: str = "") -> Path:
+  """Gradient norm against depth at init and after training of finished runs, one figure.
+
+  Args:
+    runs: ``{label: run folder}``; each folder's ``results.json`` holds the
+      profiles ``grad_norms_init`` and ``grad_norms_final``.
+    path: the PNG.
+    title: the figure title.
+  """
+  import json
+
+  norms = {}
+  for label, folder in runs.items():
+    results = json.loads((Path(folder) / "results.json").read_text())
+    accuracy = results["test_accuracy"]
+    for when, name in (("init", "at init"), ("final", f"after training ({100 * accuracy:.1f}%)")):
+      norms[f"{label}, {name}"] = results[f"grad_norms_{when}"]
+  return plot_grad_norms(norms, path, title)
 
 
 def plot_accuracy_vs_depth(
