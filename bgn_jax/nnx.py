@@ -600,7 +600,7 @@ def grad_norms(
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
   The nnx version of :func:`bgn_jax.linen.grad_norms`. On a copy of the model
-  graph (``nnx.split``/``nnx.merge``: the same arrays, new Variable objects), a
+  (``nnx.clone``: new Variable objects holding the same arrays), a
   zero perturbation (a :class:`GradProbe` Variable, as ``Module.perturb`` does)
   is added to each floating-point leaf of the output of every call of a
   selected module, and one ``nnx.grad`` with respect to the ``nnx.Param``
@@ -651,7 +651,9 @@ def grad_norms(
     raise TypeError(f"nnx.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
   if not isinstance(model, nnx.Module):
     raise TypeError(f"nnx.grad_norms: `model` must be an nnx.Module; got {type(model).__name__}.")
-  work = nnx.merge(*nnx.split(model))
+  # A new graph with new Variables holding the same arrays (nnx.merge alone would
+  # reuse the Variable objects): the pass's state updates stay in the copy.
+  work = nnx.clone(model)
   chosen, seen = _selected(work, where, "nnx.grad_norms")
   if not chosen:
     raise ValueError(no_match_message("nnx.grad_norms", where, seen, "module"))

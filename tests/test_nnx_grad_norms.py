@@ -1,0 +1,360 @@
+"""Tests of bgn_jax.nnx.grad_norms against perturbations placed by hand.
+
+Each model calls ``tap(name, value)`` where grad_norms is expected to perturb a module
+output. The reference adds zero arrays there itself, takes ``jax.grad`` with respect to
+them and to the parameters, and takes the norms in NumPy float64; the model given to
+grad_norms is the same model (``tap`` is the identity outside the reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bgn_jax
+from tests.trees import assert_trees_equal, inputs
+
+WIDTH = 8
+_TAPS: contextvars.ContextVar = contextvars.ContextVar("taps", default=None)
+
+
+def tap(name, value):
+  """``value`` plus the hand-placed perturbation ``name`` (recorded when shapes are asked)."""
+  taps = _TAPS.get()
+  if taps is None:
+    return value
+  if isinstance(taps, list):  # the shape pass
+    taps.append((name, jax.ShapeDtypeStruct(value.shape, value.dtype)))
+    return value
+  return value + taps[name]
+
+
+@contextlib.contextmanager
+def tapping(taps):
+  token = _TAPS.set(taps)
+  try:
+    yield
+  finally:
+    _TAPS.reset(token)
+
+
+def norm64(tree):
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  return np.sqrt(sum(np.sum(x * x) for x in leaves)) if leaves else 0.0
+
+
+def hand_gradients(loss_fn, model, *args):
+  """Gradients at the taps (in call order, by name) and at the params, by hand."""
+  recorded = []
+  with tapping(recorded):
+    nnx.eval_shape(lambda m: loss_fn(m, *args), nnx.clone(model))
+  names = [name for name, _ in recorded]
+  assert len(set(names)) == len(names), names
+  zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in recorded}
+
+  def loss_of(model, taps):
+    with tapping(taps):
+      return loss_fn(model, *args)
+
+  grad_params, grad_taps = nnx.grad(loss_of, argnums=(0, 1))(nnx.clone(model), zeros)
+  return names, grad_taps, grad_params
+
+
+def module_params(grad_params, path):
+  tree = grad_params
+  for part in path.split("/") if path else ():
+    key = int(part) if part.isdigit() else part
+    if key not in tree:
+      return {}  # a module without parameters
+    tree = tree[key]
+  return tree
+
+
+def check_report(report, names, grad_taps, grad_params, per_layer=False):
+  """The report against the hand gradients: keys in call order, norms in float64."""
+  assert list(report) == names
+  for key in names:
+    path = key.split("#")[0]
+    expected_output = grad_taps[key]
+    expected_params = module_params(grad_params, path)
+    if per_layer:  # one norm per leading index
+      expected = (
+        [norm64(expected_output[i]) for i in range(expected_output.shape[0])],
+        [
+          norm64(jax.tree.map(lambda p, i=i: p[i], expected_params))
+          for i in range(len(expected_output))
+        ],
+      )
+    else:
+      expected = (norm64(expected_output), norm64(expected_params))
+    got = (np.asarray(report[key]["output"]), np.asarray(report[key]["params"]))
+    np.testing.assert_allclose(got[0], expected[0], rtol=2e-6, err_msg=f"{key} output")
+    np.testing.assert_allclose(got[1], expected[1], rtol=2e-6, err_msg=f"{key} params")
+
+
+def sin_loss(model, x):
+  return jnp.sum(jnp.sin(3.0 * model(x)))
+
+
+class MLP(nnx.Module):
+  def __init__(self, depth=3, *, rngs):
+    self.layers = nnx.List(
+      [nnx.Linear(6 if i == 0 else WIDTH, WIDTH, rngs=rngs) for i in range(depth)]
+    )
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = jnp.tanh(tap(f"layers/{i}", layer(x)))
+    return x
+
+
+def test_mlp_against_hand_perturbations():
+  model, x = MLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  check_report(report, *hand_gradients(sin_loss, model, x))
+  assert all(report[k]["output"].dtype == jnp.float32 for k in report)
+
+
+def test_inserted_nodes_report_the_gradient_arriving_at_the_node():
+  # tap sits at the output as callers see it: after the node insert adds in __call__.
+  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((5, 6))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
+  check_report(report, names, grad_taps, grad_params)
+  # The params are those of the BGN model, not of the plain one.
+  plain = hand_gradients(sin_loss, MLP(rngs=nnx.Rngs(0)), x)[2]
+  assert not np.isclose(norm64(plain["layers"][0]), norm64(grad_params["layers"][0]))
+
+
+class Residual(nnx.Module):
+  """h = Linear(x); out = tanh(BGN(h)) * 3 + h: h has two consumers."""
+
+  def __init__(self, *, rngs):
+    self.linear = nnx.Linear(6, WIDTH, rngs=rngs)
+    self.node = bgn_jax.nnx.BGN()
+
+  def __call__(self, x):
+    h = tap("linear", self.linear(x))
+    return jnp.tanh(self.node(h)) * 3.0 + h
+
+
+def test_residual_output_is_the_gradient_over_all_consumers():
+  model, x = Residual(rngs=nnx.Rngs(0)), inputs((5, 6))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  check_report(report, *hand_gradients(sin_loss, model, x))
+
+
+class Block(nnx.Module):
+  """A gemma-like decoder block at toy size: pre-norms, attention, gated MLP, residuals."""
+
+  def __init__(self, *, rngs):
+    self.pre_attention_norm = nnx.RMSNorm(WIDTH, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+      num_heads=2, in_features=WIDTH, decode=False, deterministic=True, rngs=rngs
+    )
+    self.pre_ffw_norm = nnx.RMSNorm(WIDTH, rngs=rngs)
+    self.gate = nnx.Linear(WIDTH, 2 * WIDTH, use_bias=False, rngs=rngs)
+    self.up = nnx.Linear(WIDTH, 2 * WIDTH, use_bias=False, rngs=rngs)
+    self.down = nnx.Linear(2 * WIDTH, WIDTH, use_bias=False, rngs=rngs)
+
+  def __call__(self, x, mask):
+    h = tap("block/pre_attention_norm", self.pre_attention_norm(x))
+    x = x + tap("block/attention", self.attention(h, mask=mask))
+    h = tap("block/pre_ffw_norm", self.pre_ffw_norm(x))
+    gate = tap("block/gate", self.gate(h))
+    up = tap("block/up", self.up(h))
+    return x + tap("block/down", self.down(jax.nn.gelu(gate) * up))
+
+
+class Transformer(nnx.Module):
+  def __init__(self, *, rngs):
+    self.embedder = nnx.Embed(16, WIDTH, rngs=rngs)
+    self.block = Block(rngs=rngs)
+    self.final_norm = nnx.RMSNorm(WIDTH, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = tap("embedder", self.embedder(tokens)) * jnp.sqrt(WIDTH)
+    mask = nnx.make_causal_mask(tokens)
+    x = self.block(x, mask)
+    x = tap("final_norm", self.final_norm(x))
+    return self.embedder.attend(x)  # tied embedding: the embedder's params are used twice
+
+
+def lm_loss(model, tokens):
+  logits = model(tokens)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]))
+
+
+def test_gemma_like_transformer_block():
+  model = Transformer(rngs=nnx.Rngs(0))
+  tokens = jnp.asarray([[1, 5, 2, 9, 3], [4, 4, 0, 15, 7]], jnp.int32)
+  where = (nnx.Embed, nnx.RMSNorm, nnx.MultiHeadAttention, nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(lm_loss, model, tokens, where=where)
+  names, grad_taps, grad_params = hand_gradients(lm_loss, model, tokens)
+  check_report(report, names, grad_taps, grad_params)
+  # With nodes inserted on the MLP only, nnx filters select type and path together.
+  bgn_jax.nnx.insert(model, where=nnx.All(nnx.OfType(nnx.Linear), nnx.PathContains("block")))
+  mlp = nnx.All(nnx.OfType(nnx.Linear), nnx.Not(nnx.PathContains("attention")))
+  report = bgn_jax.nnx.grad_norms(lm_loss, model, tokens, where=mlp)
+  names, grad_taps, grad_params = hand_gradients(lm_loss, model, tokens)
+  mlp_names = ["block/gate", "block/up", "block/down"]
+  check_report(report, mlp_names, {k: grad_taps[k] for k in mlp_names}, grad_params)
+
+
+class Loss(nnx.Variable):
+  pass
+
+
+class VAE(nnx.Module):
+  """flax's examples/nnx_toy_examples/05_vae.py at toy size: kl_loss is assigned in __call__."""
+
+  def __init__(self, *, rngs):
+    self.encoder = nnx.Linear(12, 8, rngs=rngs)
+    self.mean = nnx.Linear(8, 4, rngs=rngs)
+    self.log_std = nnx.Linear(8, 4, rngs=rngs)
+    self.decoder = nnx.Linear(4, 12, rngs=rngs)
+    self.rngs = rngs
+
+  def __call__(self, x):
+    h = jax.nn.relu(tap("encoder", self.encoder(x)))
+    mean, log_std = tap("mean", self.mean(h)), tap("log_std", self.log_std(h))
+    std = jnp.exp(log_std)
+    self.kl_loss = Loss(jnp.mean(0.5 * (mean**2 + std**2 - 1.0) - log_std))
+    z = mean + std * jax.random.normal(self.rngs.noise(), mean.shape)
+    return tap("decoder", self.decoder(z))
+
+
+def vae_loss(model, x):
+  logits = model(x)
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, x)) + 0.1 * model.kl_loss[...]
+
+
+def test_vae_with_a_loss_variable_and_rngs_leaves_the_model_as_it_was():
+  model = VAE(rngs=nnx.Rngs(0))
+  x = (inputs((6, 12)) > 0).astype(jnp.float32)
+  graphdef, counts = nnx.graphdef(model), nnx.state(model, nnx.RngCount)
+  report = bgn_jax.nnx.grad_norms(vae_loss, model, x, where=nnx.Linear)
+  check_report(report, *hand_gradients(vae_loss, model, x))
+  assert not hasattr(model, "kl_loss")
+  assert nnx.graphdef(model) == graphdef
+  assert_trees_equal(nnx.state(model, nnx.RngCount), counts)
+
+
+class BatchNormDropoutMLP(nnx.Module):
+  """The MLP of flax's nnx toy examples: Linear, BatchNorm, Dropout, in train mode."""
+
+  def __init__(self, *, rngs):
+    self.linear1 = nnx.Linear(6, WIDTH, rngs=rngs)
+    self.norm = nnx.BatchNorm(WIDTH, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.linear2 = nnx.Linear(WIDTH, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = tap("norm", self.norm(tap("linear1", self.linear1(x))))
+    x = tap("dropout", self.dropout(nnx.relu(x)))
+    return tap("linear2", self.linear2(x))
+
+
+def test_batchnorm_and_dropout_in_train_mode():
+  model, x = BatchNormDropoutMLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  before = nnx.state(model, (nnx.BatchStat, nnx.RngCount))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Module)
+  names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
+  # The top-level module is matched too: its output is the loss's input.
+  grad_taps[""] = jax.grad(lambda y: jnp.sum(jnp.sin(3.0 * y)))(nnx.clone(model)(x))
+  check_report(report, [*names, ""], grad_taps, grad_params)
+  assert float(report["dropout"]["params"]) == 0.0
+  assert_trees_equal(nnx.state(model, (nnx.BatchStat, nnx.RngCount)), before)
+
+
+class ScanStack(nnx.Module):
+  """Layers with stacked parameters (nnx.vmap), run by nnx.scan; taps are scanned too."""
+
+  def __init__(self, *, rngs):
+    @nnx.split_rngs(splits=4)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs):
+      return nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    self.layers = stacked(rngs)
+    self.head = nnx.Linear(WIDTH, 2, rngs=rngs)
+
+  def __call__(self, x):
+    taps = _TAPS.get()
+    if isinstance(taps, list):
+      taps.append(("layers", jax.ShapeDtypeStruct((4, *x.shape), x.dtype)))
+    per_layer = taps["layers"] if isinstance(taps, dict) else jnp.zeros((4, *x.shape), x.dtype)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+    def body(x, layer, perturbation):
+      return jnp.tanh(layer(x) + perturbation)
+
+    return tap("head", self.head(body(x, self.layers, per_layer)))
+
+
+def test_scan_stack_gives_one_value_per_layer():
+  model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=r"^layers$")
+  names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
+  assert report["layers"]["output"].shape == report["layers"]["params"].shape == (4,)
+  check_report(report, ["layers"], {"layers": grad_taps["layers"]}, grad_params, per_layer=True)
+  assert bgn_jax.depth_profile(report).shape == (4,)
+
+
+class Twice(nnx.Module):
+  def __init__(self, *, rngs):
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+  def __call__(self, x):
+    x = jnp.tanh(tap("linear", self.linear(x)))
+    return jnp.tanh(tap("linear#1", self.linear(x)))
+
+
+def test_a_module_called_twice_gets_one_entry_per_call():
+  model, x = Twice(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  check_report(report, *hand_gradients(sin_loss, model, x))
+  assert_trees_equal(report["linear"]["params"], report["linear#1"]["params"])
+
+
+def test_inside_nnx_jit_and_jax_jit():
+  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((5, 6))
+  eager = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+
+  @nnx.jit
+  def in_nnx_jit(model, x):
+    return bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def in_jax_jit(state, x):
+    return bgn_jax.nnx.grad_norms(sin_loss, nnx.merge(graphdef, state), x, where=nnx.Linear)
+
+  for jitted in (in_nnx_jit(model, x), in_jax_jit(state, x)):
+    assert list(jitted) == list(eager)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-6)
+  assert nnx.graphdef(model) == graphdef
+
+
+def test_bad_where_and_no_match():
+  model, x = MLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  with pytest.raises(TypeError, match=r"nnx.grad_norms: `where` is a module instance"):
+    bgn_jax.nnx.grad_norms(sin_loss, model, x, where=model.layers[0])
+  with pytest.raises(ValueError, match="matched no module") as error:
+    bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Conv)
+  assert "Linear at 'layers/0'" in str(error.value)
+  with pytest.raises(ValueError, match="loss_fn called none of them"):
+    bgn_jax.nnx.grad_norms(lambda m, x: jnp.sum(x), model, x, where=nnx.Linear)
+  with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+    bgn_jax.nnx.grad_norms(None, model, x, where=nnx.Linear)
+  with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
+    bgn_jax.nnx.grad_norms(sin_loss, {"a": 1}, x, where=nnx.Linear)
