@@ -29,10 +29,33 @@ __all__ = ["depth_profile", "plot_grad_norms", "relative_updates"]
 
 
 def _to_dicts(tree: Any) -> Any:
-  """Nested mappings (FrozenDict, nnx.State, dict) as plain dicts, leaves kept."""
+  """Nested mappings (FrozenDict, nnx.State, dict) as plain dicts, leaves kept.
+
+  Keys become strings, as they appear in "/"-joined paths: an ``nnx.State`` has the
+  int indices of ``nnx.List`` items as keys.
+  """
   if isinstance(tree, Mapping):
-    return {key: _to_dicts(value) for key, value in tree.items()}
+    return {str(key): _to_dicts(value) for key, value in tree.items()}
+  if _is_variable(tree):
+    return tree.get_value()
   return tree
+
+
+def _is_variable(leaf: Any) -> bool:
+  """A mutable box holding an array, as ``nnx.Variable`` (duck-typed: no flax import)."""
+  return not isinstance(leaf, jax.Array) and callable(getattr(leaf, "get_value", None))
+
+
+def _shared_variables(old: Any, new: Any) -> list[str]:
+  """Paths where ``old`` and ``new`` hold the same Variable object."""
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    return [
+      f"{key}/{path}" if path else str(key)
+      for key in old
+      if key in new
+      for path in _shared_variables(old[key], new[key])
+    ]
+  return [""] if _is_variable(old) and old is new else []
 
 
 def depth_profile(report: Mapping[str, Mapping[str, Any]], quantity: str = "output") -> np.ndarray:
@@ -164,7 +187,9 @@ def relative_updates(
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
-    old_params: the ``"params"`` collection before the step.
+    old_params: the ``"params"`` collection before the step (linen), or
+      ``nnx.state(model, nnx.Param)`` (nnx; paths are the "/"-joined attribute
+      paths, ``"layers/0"``).
     new_params: the same tree after the step.
     where: None for every module that holds parameters; a regular expression
       (``str`` or compiled) searched in the "/"-joined path; an iterable of
@@ -181,12 +206,22 @@ def relative_updates(
     TypeError: ``where`` is a Module class or predicate (a parameter tree has no
       modules), or ``scan_axes`` is not an int.
     ValueError: a path in ``where`` is not in ``old_params``, the trees differ in
-      structure, or ``scan_axes`` is negative.
+      structure, they hold the same (mutable) Variable objects, or ``scan_axes`` is
+      negative.
   """
   if not isinstance(scan_axes, (int, np.integer)) or isinstance(scan_axes, (bool, np.bool_)):
     raise TypeError(f"relative_updates: `scan_axes` must be an int >= 0; got {scan_axes!r}.")
   if scan_axes < 0:
     raise ValueError(f"relative_updates: `scan_axes` must be an int >= 0; got {scan_axes!r}.")
+  shared = _shared_variables(old_params, new_params)
+  if shared:
+    raise ValueError(
+      f"relative_updates: `old_params` and `new_params` hold the same Variable objects "
+      f"(at {shared[:3]}), so the tree before the step changed with the model: "
+      f"nnx.state returns the model's Variables, not a copy. Take the tree before the "
+      f"step as arrays, old = nnx.to_pure_dict(nnx.state(model, nnx.Param)), or from "
+      f"the state of a copy (nnx.clone)."
+    )
   old_params, new_params = _to_dicts(old_params), _to_dicts(new_params)
   if jax.tree.structure(old_params) != jax.tree.structure(new_params):
     raise ValueError(
