@@ -565,6 +565,58 @@ def _iter_leads(stored: list[int], per_call: list[int]) -> Iterator[int]:
     yield max(s - c, 0)
 
 
+# (path, call index, leading axes of the parameters, leading shape, tap dtype or None)
+_PlanEntry = tuple[str, int, int, tuple[int, ...], str | None]
+
+
+def _plan_entry(call: _Call, module: eqx.Module) -> _PlanEntry:
+  """What the measured pass needs of one call: its tap, and how to read its norms."""
+  stored = [jnp.ndim(p) for p in _param_leaves(module)]
+  lead = 0
+  if len(call.params_ndims) == len(stored):
+    leads = set(_iter_leads(stored, call.params_ndims))
+    lead = leads.pop() if len(leads) == 1 else 0  # mixed stacked and shared: one norm
+  leaves = _param_leaves(module)
+  lead_shape = tuple(leaves[0].shape[:lead]) if leaves else ()
+  dtype = None if call.dtype is None else jnp.dtype(call.dtype).name
+  return call.path, call.index, lead, lead_shape, dtype
+
+
+@eqx.filter_jit
+def _measured_norms(
+  loss_fn: Callable[..., jax.Array],
+  arrays: Any,
+  static: Any,
+  plan: tuple[_PlanEntry, ...],
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> list[tuple[jax.Array, jax.Array]]:
+  # One compiled computation, cached per loss_fn, model structure and plan:
+  # eagerly, the op-by-op backward pass costs seconds of dispatch.
+  taps: dict[str, list[jax.Array | None]] = {}
+  for path, _, _, lead_shape, dtype in plan:
+    tap = None if dtype is None else jnp.zeros(lead_shape + (len(_TAP_SCALES),), dtype)
+    taps.setdefault(path, []).append(tap)
+
+  def loss_of(arrays: Any, taps: dict[str, list[jax.Array | None]]) -> jax.Array:
+    def probe(path: str, module: eqx.Module) -> eqx.Module:
+      return _probe(module, path, tuple(taps[path])) if path in taps else module
+
+    with _Listening(_Measure()):
+      return loss_fn(_map_modules(probe, eqx.combine(arrays, static)), *args, **kwargs)
+
+  grad_arrays, grad_taps = jax.grad(loss_of, argnums=(0, 1))(arrays, taps)
+  grad_modules = _modules_by_path(grad_arrays)
+  flats, shapes, outputs = [], [], []
+  for path, index, lead, lead_shape, _ in plan:
+    leaves = _param_leaves(grad_modules[path]) if path in grad_modules else []
+    flats.append(flatten_leaves(leaves, [lead] * len(leaves)))
+    shapes.append(lead_shape)
+    tap = grad_taps[path][index]
+    outputs.append(jnp.zeros(lead_shape, jnp.float32) if tap is None else _tap_norm(tap))
+  return list(zip(outputs, group_norms(flats, shapes), strict=True))
+
+
 def grad_norms(
   loss_fn: Callable[..., jax.Array],
   model: eqx.Module,
@@ -649,47 +701,10 @@ def grad_norms(
       f"({', '.join(repr(p) for p in selected)}); it must call the model it receives."
     )
 
-  stored = {path: [jnp.ndim(p) for p in _param_leaves(m)] for path, m in selected.items()}
-  leads = {}
-  for call in discovery.calls:
-    if len(call.params_ndims) == len(stored[call.path]):
-      lead = set(_iter_leads(stored[call.path], call.params_ndims))
-      leads[call.key] = lead.pop() if len(lead) == 1 else 0
-    else:
-      leads[call.key] = 0
-  lead_shapes = {}
-  for call in discovery.calls:
-    leaves = _param_leaves(selected[call.path])
-    lead_shapes[call.key] = tuple(leaves[0].shape[: leads[call.key]]) if leaves else ()
-  taps: dict[str, list[jax.Array | None]] = {path: [] for path in selected}
-  for call in discovery.calls:
-    tap = None
-    if call.dtype is not None:
-      tap = jnp.zeros(lead_shapes[call.key] + (len(_TAP_SCALES),), call.dtype)
-    taps[call.path].append(tap)
-
+  plan = tuple(_plan_entry(call, selected[call.path]) for call in discovery.calls)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)
-
-  def loss_of(arrays: Any, taps: dict[str, list[jax.Array | None]]) -> jax.Array:
-    current = eqx.combine(arrays, static)
-
-    def probe(path: str, module: eqx.Module) -> eqx.Module:
-      return _probe(module, path, tuple(taps[path])) if path in taps else module
-
-    with _Listening(_Measure()):
-      return loss_fn(_map_modules(probe, current), *args, **kwargs)
-
-  grad_arrays, grad_taps = jax.grad(loss_of, argnums=(0, 1))(arrays, taps)
-  grad_modules = _modules_by_path(grad_arrays)
-  flats, shapes, outputs = [], [], []
-  for call in discovery.calls:
-    leaves = _param_leaves(grad_modules[call.path]) if call.path in grad_modules else []
-    flats.append(flatten_leaves(leaves, [leads[call.key]] * len(leaves)))
-    shapes.append(lead_shapes[call.key])
-    tap = grad_taps[call.path][call.index]
-    outputs.append(jnp.zeros(lead_shapes[call.key], jnp.float32) if tap is None else _tap_norm(tap))
-  params = group_norms(flats, shapes)
+  norms = _measured_norms(loss_fn, arrays, static, plan, args, kwargs)
   return collections.OrderedDict(
-    (call.key, {"output": output, "params": norm})
-    for call, output, norm in zip(discovery.calls, outputs, params, strict=True)
+    (call.key, {"output": output, "params": params})
+    for call, (output, params) in zip(discovery.calls, norms, strict=True)
   )

@@ -191,14 +191,6 @@ def test_cnn_per_example_node_is_normalized_to_sqrt_chw():
 
   assert_same_grads(batched, inserted, jax.vmap(hand, in_axes=(None, 0)), model, x)
 
-  def batched_reading(model, x):  # on the batched arrays: the paper's per-example groups
-    for conv in model.convs:
-      x = jax.nn.relu(bgn(jax.vmap(conv)(x), axes=(1, 2, 3), target_norm="sqrt_units"))
-    return x
-
-  chex.assert_trees_all_close(
-    grads(batched, inserted, x), grads(batched_reading, model, x), rtol=1e-5, atol=1e-6
-  )
   records = beqx.placements(inserted, x[0])
   assert [(r.path, r.shape) for r in records] == [("convs/0", (3, 4, 4)), ("convs/1", (2, 4, 4))]
 
@@ -263,17 +255,10 @@ class Block(eqx.Module):
     return x + jax.vmap(lambda t: hand("mlp", self.mlp(t)))(h)
 
 
-@pytest.mark.parametrize(
-  "where, placed",
-  [
-    (eqx.nn.MultiheadAttention, {"attention"}),
-    ((eqx.nn.LayerNorm, eqx.nn.MLP), {"norm", "mlp"}),
-  ],
-  ids=["attention", "layernorm+mlp"],
-)
-def test_transformer_block(where, placed):
+def test_transformer_block():
   model, x = Block(KEY), inputs((BATCH, 4, 8))
-  inserted = beqx.insert(model, where=where)
+  inserted = beqx.insert(model, where=(eqx.nn.MultiheadAttention, eqx.nn.LayerNorm))
+  placed = {"attention", "norm"}
 
   def hand_node(name, y):
     return bgn(y, target_norm=sqrt_size(y)) if name in placed else y
@@ -452,6 +437,7 @@ def test_parameters_passed_through_get_no_node():
 # --- grad_norms ----------------------------------------------------------------------------
 
 
+@eqx.filter_jit
 def hand_norms(model, x, *, inserted=False):
   """Norms at zero perturbations (batched shape) after each Linear of the MLP, by hand."""
   widths = [layer.out_features for layer in model.layers]
@@ -555,12 +541,15 @@ def test_grad_norms_of_a_module_called_twice():
   )
 
 
+def scaled_loss(model, x, scale):
+  return scale * loss_fn(model, x)
+
+
 def test_grad_norms_of_tiny_and_huge_gradients():
   model, x = mlp(), inputs((BATCH, 4))
+  want = hand_norms(model, x)
   for scale in (1e-30, 1e30):
-    scaled = functools.partial(lambda scale, m, x: scale * loss_fn(m, x), scale)
-    report = beqx.grad_norms(scaled, model, x, where=eqx.nn.Linear)
-    want = hand_norms(model, x)
+    report = beqx.grad_norms(scaled_loss, model, x, jnp.float32(scale), where=eqx.nn.Linear)
     np.testing.assert_allclose(
       report["layers/0"]["output"], scale * want["layers/0"]["output"], rtol=1e-5
     )
