@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -290,7 +291,11 @@ class _Interceptor:
         )
     if insertion.position == "before":
       return next_fun(*self._place(module, path, args, skip), **kwargs)
-    return self._place(module, path, next_fun(*args, **kwargs), skip)
+    outputs = next_fun(*args, **kwargs)
+    probe = _PROBE.get()
+    if probe is not None and skip is None:
+      outputs = probe.before_node(module, outputs)
+    return self._place(module, path, outputs, skip)
 
   def _place(self, module: nn.Module, path: str, tree: Any, skip: str | None) -> Any:
     """``tree`` with a node on each floating-point leaf that is not a model variable."""
@@ -481,9 +486,13 @@ class _Call:
   """One selected module call, as found by the shape pass."""
 
   path: Path  # the module path in the variable trees
-  location: Path  # where its reported perturbation lies in the collection (path + name)
+  location: Path  # where its output perturbation lies in the collection (path + name)
   output_ndims: tuple[int, ...]  # rank of each perturbed leaf in one call
   params_ndims: Any  # rank of each params leaf in one call (inside any nn.scan)
+  at_bgn: Path | None = None  # the perturbation after a BGN node fed this output
+
+
+_PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("_PROBE", default=None)
 
 
 class _Probe:
@@ -499,6 +508,12 @@ class _Probe:
   that a lifted transform traces more than once (``nn.scan`` traces it twice)
   takes a number per trace; the traces whose variables the transform discards
   leave no perturbation, and the shape pass drops their calls.
+
+  A selected output gets its "output" perturbation where the module returns it,
+  before any BGN node: so its gradient is the one over all the output's consumers.
+  Where a BGN node sits on it (a :class:`BGN` layer fed the output, or a node of
+  :func:`insert` inside ``loss_fn``, whose interceptor calls :meth:`before_node`),
+  a second perturbation after the node gets the raw gradient arriving there.
   """
 
   def __init__(self, is_match: Callable[[Any, str], bool], discover: bool):
@@ -510,6 +525,8 @@ class _Probe:
     self._count = 0
     # Outputs of selected calls, by id, so that a BGN layer fed one is recognised.
     self._tagged: dict[int, tuple[Any, _Call]] = {}
+    self._active: set[str] = set()  # paths of the calls this probe is wrapping now
+    self._pending: dict[str, _Call] = {}  # calls whose output insert's node normalizes
     self.calls: list[_Call] = []  # in call order
     self.grafts: list[tuple[Path, Any]] = []  # (prefix, perturbation shapes) per apply
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
@@ -528,32 +545,53 @@ class _Probe:
       self._reapplying = False
     elif self._discover and self._depth == 0:
       return self._reapply(context, args, kwargs)
+    path = self._prefix + tuple(str(p) for p in module.path)
+    joined = "/".join(path)
     self._depth += 1
+    self._active.add(joined)
     try:
       outputs = next_fun(*args, **kwargs)
     finally:
       self._depth -= 1
+      self._active.discard(joined)
     if context.method_name != "__call__":
       return outputs
-    path = self._prefix + tuple(str(p) for p in module.path)
-    joined = "/".join(path)
     self.seen[(type(module).__name__, joined)] = None
     if isinstance(module, BGN) and args:
       tagged = self._tagged.get(id(args[0]))
-      if tagged is not None and tagged[0] is args[0]:
-        # A BGN layer fed the selected output: report the gradient arriving at
-        # the BGN node, before it normalizes it, i.e. the one at its output.
-        call = tagged[1]
-        name = self._next_name("after_bgn")
-        outputs = self._perturb(module, joined, outputs, name)
-        call.location = path + (name,)
-        self._tagged[id(outputs)] = (outputs, call)
+      if tagged is not None and tagged[0] is args[0] and tagged[1].at_bgn is None:
+        # A BGN layer fed the selected output: the gradient at the BGN layer's
+        # output is the raw one arriving at the node, before it normalizes it.
+        outputs = self._perturb_at_bgn(module, path, outputs, tagged[1])
     if self._is_match(module, joined):
-      name = self._next_name("output")
-      call = self._record(module, path + (name,), outputs)
-      outputs = self._perturb(module, joined, outputs, name)
+      call = self._pending.pop(joined, None)
+      if call is not None:  # insert's node normalized the perturbed output
+        outputs = self._perturb_at_bgn(module, path, outputs, call)
+      else:
+        name = self._next_name("output")
+        call = self._record(module, path + (name,), outputs)
+        outputs = self._perturb(module, joined, outputs, name)
       self._tagged[id(outputs)] = (outputs, call)
     return outputs
+
+  def before_node(self, module: nn.Module, outputs: Any) -> Any:
+    """Perturbs a selected output that insert's node is about to normalize.
+
+    Called by :func:`insert`'s interceptor only; it does something only when this
+    probe wraps that same call from outside (``insert`` inside ``loss_fn``).
+    """
+    path = self._prefix + tuple(str(p) for p in module.path)
+    joined = "/".join(path)
+    if joined not in self._active or not self._is_match(module, joined):
+      return outputs
+    name = self._next_name("output")
+    self._pending[joined] = self._record(module, path + (name,), outputs)
+    return self._perturb(module, joined, outputs, name)
+
+  def _perturb_at_bgn(self, module: nn.Module, path: Path, outputs: Any, call: _Call) -> Any:
+    name = self._next_name("at_bgn")
+    call.at_bgn = path + (name,)
+    return self._perturb(module, "/".join(path), outputs, name)
 
   def _next_name(self, kind: str) -> str:
     self._count += 1
@@ -600,12 +638,7 @@ class _Probe:
     if not chosen:
       return outputs
     if self._discover and not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
-      raise ValueError(
-        f"grad_norms: the module call at {joined!r} runs inside a lifted transform "
-        f"(nn.scan, nn.vmap, ...) that does not carry the {GRAD_NORMS_COLLECTION!r} "
-        f"collection. Add it with axis 0, e.g. nn.scan(..., variable_axes={{'params': 0, "
-        f"{GRAD_NORMS_COLLECTION!r}: 0}}), or select modules outside the transform."
-      )
+      raise ValueError(_uncarried_message(joined))
     if not self._discover and not module.has_variable(GRAD_NORMS_COLLECTION, name):
       if GRAD_NORMS_COLLECTION in module.variables:
         return outputs  # a trace whose variables the lifted transform discards
@@ -618,6 +651,49 @@ class _Probe:
     for i, leaf in zip(chosen, perturbed, strict=True):
       leaves[i] = leaf
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _uncarried_message(joined: str) -> str:
+  """The error for a selected call inside a lifted transform that drops the perturbations."""
+  transform, rnn = _enclosing_transform(sys._getframe(1))
+  if rnn is not None:
+    return (
+      f"grad_norms: the module call at {joined!r} runs inside the nn.RNN at "
+      f"{module_path(rnn)!r}, whose scan does not carry the {GRAD_NORMS_COLLECTION!r} "
+      f"collection. Give it one value per step: nn.RNN(cell, variable_axes="
+      f"{{{GRAD_NORMS_COLLECTION!r}: 0}}) (the params stay broadcast), or select modules "
+      f"outside the RNN."
+    )
+  name = f"nn.{transform}" if transform else "a lifted transform (nn.scan, nn.vmap, ...)"
+  return (
+    f"grad_norms: the module call at {joined!r} runs inside {name}, which does not carry "
+    f"the {GRAD_NORMS_COLLECTION!r} collection. Add it with axis 0, e.g. "
+    f"{name if transform else 'nn.scan'}(..., variable_axes={{'params': 0, "
+    f"{GRAD_NORMS_COLLECTION!r}: 0}}) ({GRAD_NORMS_COLLECTION!r}: 0 alone where the "
+    f"params are broadcast), or select modules outside the transform."
+  )
+
+
+def _enclosing_transform(frame: Any) -> tuple[str | None, nn.Module | None]:
+  """The innermost lifted transform running ``frame`` (e.g. "scan"), and the nn.RNN
+  that applied it, if one did."""
+  transform = None
+  while frame is not None:
+    code = frame.f_code
+    if transform is None:
+      if code.co_filename == _LIFT_FILE and not code.co_qualname.startswith("pack."):
+        transform = code.co_qualname.split(".")[0]
+    elif code.co_filename == _TRANSFORMS_FILE and code.co_name == "wrapped_fn":
+      caller = frame.f_back
+      for _ in range(3):  # the module method that applied the transform
+        if caller is None:
+          break
+        if caller.f_code.co_qualname == "RNN.__call__":
+          return transform, caller.f_locals.get("self")
+        caller = caller.f_back
+      return transform, None
+    frame = frame.f_back
+  return transform, None
 
 
 def _graft(tree: dict[str, Any], prefix: Path, subtree: Mapping[str, Any]) -> None:
@@ -644,9 +720,10 @@ def _leading_axes(
   return lead
 
 
-# (perturbation location, its leading axes per leaf, module path, params leading
-# axes per leaf, the leading shape) of one report entry.
-_PlanEntry = tuple[Path, tuple[int, ...], Path, tuple[int, ...], tuple[int, ...]]
+# (output perturbation location, its leading axes per leaf, module path, params
+# leading axes per leaf, the leading shape, the at_bgn perturbation location or
+# None) of one report entry. The at_bgn perturbation has the output's leaves.
+_PlanEntry = tuple[Path, tuple[int, ...], Path, tuple[int, ...], tuple[int, ...], Path | None]
 
 
 def _plan_entry(call: _Call, shapes: Mapping[str, Any], params: Mapping[str, Any]) -> _PlanEntry:
@@ -661,23 +738,39 @@ def _plan_entry(call: _Call, shapes: Mapping[str, Any], params: Mapping[str, Any
   )
   if len(set(params_lead)) > 1:  # mixed scanned and shared parameters: one norm
     params_lead = (0,) * len(params_lead)
-  return call.location, output_lead, call.path, params_lead, lead_shape
+  at_bgn = call.at_bgn if call.at_bgn and get_path(shapes, call.at_bgn) is not None else None
+  return call.location, output_lead, call.path, params_lead, lead_shape, at_bgn
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _report_norms(
   grad_params: Any, grad_perturbations: Any, plan: tuple[_PlanEntry, ...]
-) -> list[tuple[jax.Array, jax.Array]]:
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   # One compiled computation for all norms, cached per plan: eagerly, the
   # op-by-op version costs seconds of dispatch and compilation.
   flats, lead_shapes = [], []
-  for location, output_lead, path, params_lead, lead_shape in plan:
+  for location, output_lead, path, params_lead, lead_shape, at_bgn in plan:
     output_leaves = jax.tree.leaves(get_path(grad_perturbations, location))
     param_leaves = jax.tree.leaves(get_path(grad_params, path) or {})
-    flats += [flatten_leaves(output_leaves, output_lead), flatten_leaves(param_leaves, params_lead)]
-    lead_shapes += [lead_shape, lead_shape]
+    at_bgn_leaves = jax.tree.leaves(get_path(grad_perturbations, at_bgn)) if at_bgn else []
+    flats += [
+      flatten_leaves(output_leaves, output_lead),
+      flatten_leaves(param_leaves, params_lead),
+      flatten_leaves(at_bgn_leaves, output_lead),
+    ]
+    lead_shapes += [lead_shape] * 3
   norms = group_norms(flats, lead_shapes)
-  return list(zip(norms[::2], norms[1::2], strict=True))
+  return list(zip(norms[::3], norms[1::3], norms[2::3], strict=True))
+
+
+@contextlib.contextmanager
+def _probing(probe: _Probe, token: object) -> Iterator[None]:
+  reset = _PROBE.set(probe)
+  try:
+    with _own_traces(token), nn.intercept_methods(probe):
+      yield
+  finally:
+    _PROBE.reset(reset)
 
 
 def _keys(calls: Iterable[_Call]) -> list[str]:
@@ -689,20 +782,6 @@ def _keys(calls: Iterable[_Call]) -> list[str]:
     joined = "/".join(call.path)
     keys.append(joined if index == 0 else f"{joined}#{index}")
   return keys
-
-
-def _no_match_message(where: Any, seen: Iterable[tuple[str, str]]) -> str:
-  calls = [f"{name} at {path!r}" for name, path in seen]
-  listed = ", ".join(calls[:SEEN_LISTED])
-  if len(calls) > SEEN_LISTED:
-    listed += f", ... and {len(calls) - SEEN_LISTED} more"
-  return (
-    f"grad_norms: `where` {where!r} matched no module call. The __call__s seen (module "
-    f"type at path; '' is the top-level module) were: {listed or 'none'}. A class matches "
-    f"by isinstance, a string is searched (re.search) in the '/'-joined path, a predicate "
-    f"gets the module. If loss_fn calls a jax.jit-compiled apply, its cached trace skips "
-    f"the module calls: call apply directly in loss_fn and jit the grad_norms call."
-  )
 
 
 def grad_norms(
@@ -722,13 +801,16 @@ def grad_norms(
   arithmetic is one forward and one backward pass. Works under ``jax.jit`` with
   ``loss_fn`` and ``where`` static (``functools.partial`` or ``static_argnames``).
 
-  "output" is the gradient as it arrives from the layers above, before any BGN
-  node at that output normalizes it: BGN placed by :func:`bgn_jax.insert` inside
-  ``loss_fn`` runs inside this function's interceptor, so the perturbation lands
-  after the BGN node; a :class:`bgn_jax.BGN` layer fed the output directly is
-  recognised and the perturbation moved after it. (A bare :func:`bgn_jax.bgn`
-  call, or an ``insert`` that wraps the call of ``grad_norms`` itself, is not
-  seen: its normalized gradient is reported.)
+  Two gradients are reported at an output. ``"output"`` is always the gradient of
+  the loss with respect to the module's output, summed over all its consumers
+  (a residual path included): the perturbation sits where the module returns.
+  Where a BGN node sits directly on that output (a node of :func:`insert` inside
+  ``loss_fn``, or a :class:`BGN` layer fed the output), ``"at_bgn"`` is the raw
+  gradient arriving at the node, before it normalizes it (the gradient at the
+  node's output). With the node as the only consumer, ``"output"`` is then the
+  normalized gradient and ``"at_bgn"`` the one the layers above sent. A bare
+  :func:`bgn_jax.bgn` call, or an ``insert`` that wraps the call of
+  ``grad_norms`` itself, is not seen as a node: no ``"at_bgn"`` there.
 
   Keys are module paths joined with "/" (``"Dense_3"``,
   ``"encoder/layer_1/Dense_0"``), in the order the calls return (input side
@@ -744,13 +826,14 @@ def grad_norms(
   when the parameters are scanned (``variable_axes={"params": 0, ...}``; shared
   parameters give one norm). The transform must carry the perturbations: add
   ``GRAD_NORMS_COLLECTION`` (``"grad_norms"``) with axis 0 to its
-  ``variable_axes``, otherwise ValueError. Listing it does nothing outside
-  ``grad_norms``. For gradient norm against depth, :func:`depth_profile`
+  ``variable_axes`` (for ``nn.RNN``, whose params are broadcast:
+  ``nn.RNN(cell, variable_axes={"grad_norms": 0})``), otherwise ValueError.
+  Listing it does nothing outside ``grad_norms``. For gradient norm against depth, :func:`depth_profile`
   flattens a report into one array ordered by depth (a scanned entry gives one
   value per iteration) and :func:`plot_grad_norms` draws it.
 
-  ``loss_fn`` must call the modules directly: a ``jax.jit``-compiled apply
-  inside it may reuse a trace made without this function's interceptor.
+  ``loss_fn`` may call a ``jax.jit``-compiled apply (or a model with ``nn.jit``):
+  their traces under ``grad_norms`` are made apart from their plain calls.
 
   Norms use :func:`bgn_jax.core.l2_norm`: float32 (float64 for float64
   gradients), exact for gradients far below the float32 range of their squares.
@@ -770,10 +853,11 @@ def grad_norms(
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``; each norm a 0-d array, or one
-    with a leading axis per enclosing ``nn.scan``. Modules without parameters
-    have ``"params"`` zero. Only floating-point leaves of a module's output are
-    perturbed; "output" is their global norm.
+    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    a BGN node sits on the output; each norm a 0-d array, or one with a leading
+    axis per enclosing ``nn.scan``. Modules without parameters have ``"params"``
+    zero. Only floating-point leaves of a module's output are perturbed;
+    "output" is their global norm.
 
   Raises:
     TypeError: ``loss_fn`` is not callable, ``variables`` not a mapping, or
@@ -798,13 +882,15 @@ def grad_norms(
 
   discovery = _Probe(is_match, discover=True)
 
+  token = object()  # cached traces would skip the module calls the probes must see
+
   def shape_pass() -> jax.Array:
-    with nn.intercept_methods(discovery):
+    with _probing(discovery, token):
       return loss_fn(variables, *args, **kwargs)
 
   jax.eval_shape(shape_pass)
   if not discovery.calls:
-    raise ValueError(_no_match_message(where, discovery.seen))
+    raise ValueError(no_match_message("grad_norms", where, discovery.seen, "module __call__"))
   shapes: dict[str, Any] = {}
   for prefix, tree in discovery.grafts:
     _graft(shapes, prefix, tree)
@@ -817,7 +903,7 @@ def grad_norms(
     measured = dict(variables)
     measured["params"] = params
     measured[GRAD_NORMS_COLLECTION] = perturbations
-    with nn.intercept_methods(_Probe(is_match, discover=False)):
+    with _probing(_Probe(is_match, discover=False), token):
       return loss_fn(measured, *args, **kwargs)
 
   params = variables.get("params", {})
@@ -826,7 +912,9 @@ def grad_norms(
   plan = tuple(_plan_entry(call, shapes, unfreeze(params)) for call in calls)
   norms = _report_norms(unfreeze(grad_params), grad_perturbations, plan)
   # An OrderedDict keeps the call order through jit (pytree dicts sort their keys).
-  return collections.OrderedDict(
-    (key, {"output": output, "params": params})
-    for key, (output, params) in zip(_keys(calls), norms, strict=True)
-  )
+  report: Report = collections.OrderedDict()
+  for key, entry, (output, params, at_bgn) in zip(_keys(calls), plan, norms, strict=True):
+    report[key] = {"output": output, "params": params}
+    if entry[-1] is not None:
+      report[key]["at_bgn"] = at_bgn
+  return report

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -215,17 +217,77 @@ def test_plain_mlp_matches_reference_and_vanishes(mlp, mlp_report, transform):
 
 # Under jit only: eagerly, the core's BGN backward compiles a conditional at every call.
 @pytest.mark.parametrize("placement", ["insert", "insert_around_loss", "layers"])
-def test_bgn_reports_the_raw_gradient_arriving_at_each_node(mlp, mlp_report, placement):
+def test_bgn_nodes_report_the_output_gradient_and_the_raw_one_at_the_node(
+  mlp, mlp_report, placement
+):
   _, variables, x, names = mlp
   report = mlp_report(placement, "jit")
   assert list(report) == names
   out_ref, grads_ref = reference(dense_layers(variables["params"], names), x, bgn=True)
+  for name, expected_raw, (gw, gb) in zip(names, out_ref, grads_ref, strict=True):
+    assert sorted(report[name]) == ["at_bgn", "output", "params"]
+    assert_close(report[name]["at_bgn"], expected_raw)
+    # The node is the output's only consumer: dL/d(output) is the normalized gradient.
+    assert_close(report[name]["output"], math.sqrt(WIDTH))
+    assert_close(report[name]["params"], norm64(gw, gb))
+  # The raw norms vary with depth.
+  assert np.ptp(depth_profile(report, "at_bgn")) > 0.1
+
+
+class Residual(nn.Module):
+  """``h = Dense(x); tanh(BGN(h)) * 3 + h``; ``perturbed``: perturbations by hand."""
+
+  perturbed: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH, name="Dense_0")(x)
+    h = self.perturb("h", h) if self.perturbed else h
+    normalized = bgn_jax.BGN(name="BGN_0")(h)
+    normalized = self.perturb("at_bgn", normalized) if self.perturbed else normalized
+    return jnp.tanh(normalized) * 3 + h
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_output_sums_all_consumers_when_a_bgn_layer_sits_on_it(transform):
+  x = inputs()
+  variables = Residual().init(jax.random.key(0), x)
+
+  def loss_fn(model):
+    return lambda variables, x: jnp.sum(jnp.sin(model.apply(variables, x)))
+
+  run = functools.partial(grad_norms, loss_fn(Residual()), where=nn.Dense)
+  report = TRANSFORMS[transform](run)(variables, x)
+  hand = Residual(perturbed=True)
+  perturbations = hand.init(jax.random.key(0), x)["perturbations"]
+  grads = jax.grad(loss_fn(hand))({**variables, "perturbations": perturbations}, x)
+  by_hand = {name: bgn_jax.l2_norm(g) for name, g in grads["perturbations"].items()}
+  entry = report["Dense_0"]
+  assert_close(entry["output"], float(by_hand["h"]), rtol=1e-6)
+  assert_close(entry["at_bgn"], float(by_hand["at_bgn"]), rtol=1e-6)
+  # The residual path counts: the gradient past the node alone is another number.
+  assert abs(float(by_hand["h"]) / float(by_hand["at_bgn"]) - 1) > 0.1
+
+
+def test_jit_compiled_apply_inside_loss_fn():
+  model = MLP(depth=3)
+  x = inputs()
+  variables = model.init(jax.random.key(0), x)
+  compiled = jax.jit(model.apply)
+  loss_fn = loss_of(compiled)
+  loss_fn(variables, x)  # a cached trace without the perturbations
+  report = grad_norms(loss_fn, variables, x, where=nn.Dense)
+  names = [f"Dense_{i}" for i in range(3)]
+  out_ref, grads_ref = reference(dense_layers(variables["params"], names), x)
+  assert list(report) == names
   for name, expected_out, (gw, gb) in zip(names, out_ref, grads_ref, strict=True):
     assert_close(report[name]["output"], expected_out)
     assert_close(report[name]["params"], norm64(gw, gb))
-  # The raw norms vary with depth; the normalized ones would all be sqrt(WIDTH).
-  assert np.ptp(depth_profile(report)) > 0.1
-  assert not np.allclose(depth_profile(report), math.sqrt(WIDTH), rtol=1e-3)
+  # A plain call afterwards does not reuse a trace with the perturbations.
+  chex.assert_trees_all_equal(
+    jax.grad(loss_fn)(variables, x),
+    jax.grad(loss_of(jax.jit(lambda v, x: model.apply(v, x))))(variables, x),
+  )
 
 
 @pytest.mark.parametrize("placement, transform", [("plain", "eager"), ("insert", "jit")])
@@ -395,7 +457,7 @@ def test_tiny_gradients_are_reported_exactly(mlp):
 def test_errors_name_the_argument(mlp):
   model, variables, x, _ = mlp
   loss_fn = loss_of(model.apply)
-  with pytest.raises(ValueError, match="matched no module call.*Dense at 'Dense_0'"):
+  with pytest.raises(ValueError, match="matched no module __call__.*Dense at 'Dense_0'"):
     grad_norms(loss_fn, variables, x, where=nn.Conv)
   with pytest.raises(TypeError, match="`where`"):
     grad_norms(loss_fn, variables, x, where=3)
@@ -411,6 +473,63 @@ def test_errors_name_the_argument(mlp):
 
   with pytest.raises(ValueError, match="loss_fn must pass the `variables`"):
     grad_norms(drops_perturbations, variables, x, where=nn.Dense)
+
+
+class StepCell(nn.RNNCellBase):
+  """A Dense + sigmoid per step, carry and output the same."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h = nn.sigmoid(nn.Dense(WIDTH)(jnp.concatenate([carry, x], axis=-1)))
+    return h, h
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (WIDTH,))
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+
+class Recurrent(nn.Module):
+  variable_axes: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.RNN(StepCell(name="cell"), variable_axes=dict(self.variable_axes), name="rnn")(x)
+
+
+def test_rnn_needs_its_own_variable_axes_and_then_reports_every_step():
+  x = jax.random.normal(jax.random.key(1), (BATCH, 3, WIDTH))
+  model = Recurrent()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=re.escape("nn.RNN(cell, variable_axes={'grad_norms': 0})")):
+    grad_norms(loss_of(model.apply), variables, x, where=nn.Dense)
+  carried = Recurrent(variable_axes=((GRAD_NORMS_COLLECTION, 0),))
+  report = grad_norms(loss_of(carried.apply), variables, x, where=nn.Dense)
+  assert list(report) == ["cell/Dense_0"]
+  assert report["cell/Dense_0"]["output"].shape == (3,)
+
+  # By hand: the same RNN with a perturbation on each step's Dense output.
+  class Perturbed(StepCell):
+    @nn.compact
+    def __call__(self, carry, x):
+      z = self.perturb("z", nn.Dense(WIDTH)(jnp.concatenate([carry, x], axis=-1)))
+      h = nn.sigmoid(z)
+      return h, h
+
+  class Hand(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      cell = Perturbed(name="cell")
+      return nn.RNN(cell, variable_axes={"perturbations": 0}, name="rnn")(x)
+
+  perturbations = Hand().init(jax.random.key(0), x)["perturbations"]
+  grads = jax.grad(loss_of(Hand().apply))({**variables, "perturbations": perturbations}, x)
+  by_hand = grads["perturbations"]["cell"]["z"]
+  expected = [norm64(by_hand[t]) for t in range(3)]
+  assert_close(report["cell/Dense_0"]["output"], expected, rtol=1e-5)
 
 
 def test_relative_updates_match_numpy(scanned, scanned_report):
