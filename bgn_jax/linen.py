@@ -828,9 +828,10 @@ def grad_norms(
   ``GRAD_NORMS_COLLECTION`` (``"grad_norms"``) with axis 0 to its
   ``variable_axes`` (for ``nn.RNN``, whose params are broadcast:
   ``nn.RNN(cell, variable_axes={"grad_norms": 0})``), otherwise ValueError.
-  Listing it does nothing outside ``grad_norms``. For gradient norm against depth, :func:`depth_profile`
-  flattens a report into one array ordered by depth (a scanned entry gives one
-  value per iteration) and :func:`plot_grad_norms` draws it.
+  Listing it does nothing outside ``grad_norms``. For gradient norm against
+  depth, :func:`depth_profile` flattens a report into one array ordered by depth
+  (a scanned entry gives one value per iteration) and :func:`plot_grad_norms`
+  draws it.
 
   ``loss_fn`` may call a ``jax.jit``-compiled apply (or a model with ``nn.jit``):
   their traces under ``grad_norms`` are made apart from their plain calls.
