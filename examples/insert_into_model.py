@@ -2,6 +2,7 @@
 
 The model's code is not touched: ``bgn_jax.insert`` wraps ``model.apply``. The parameter
 tree and the forward pass stay exactly those of the model; only the gradients change.
+``bgn_jax.linen.placements`` shows where the nodes went, from shapes alone.
 
 Run: python examples/insert_into_model.py
 """
@@ -45,6 +46,11 @@ def main():
   params = model.init(jax.random.key(0), x)["params"]
 
   apply_with_bgn = bgn_jax.insert(model.apply, where=nn.Dense)
+  # Where the nodes go, traced from shapes alone (no arithmetic): one per Dense.
+  report = bgn_jax.linen.placements(apply_with_bgn, {"params": params}, x)
+  print(report)
+  assert [p.path for p in report.nodes] == [f"Dense_{i}" for i in range(model.depth + 1)]
+  assert not report.skipped
 
   def loss_fn(params, apply_fn):
     logits = apply_fn({"params": params}, x)
@@ -54,11 +60,11 @@ def main():
     grads = jax.jit(jax.grad(loss_fn), static_argnums=1)(params, apply_fn)
     return float(jnp.linalg.norm(grads["Dense_0"]["kernel"]))
 
+  plain_norm, bgn_norm = first_kernel_grad_norm(model.apply), first_kernel_grad_norm(apply_with_bgn)
   print(
-    "gradient norm of the first kernel at init: "
-    f"plain {first_kernel_grad_norm(model.apply):.3e}, "
-    f"with BGN {first_kernel_grad_norm(apply_with_bgn):.3e}"
+    f"gradient norm of the first kernel at init: plain {plain_norm:.3e}, with BGN {bgn_norm:.3e}"
   )
+  assert bgn_norm > plain_norm
 
   optimizer = optax.adam(1e-3)
 
@@ -77,12 +83,12 @@ def main():
   shapes = jax.tree.map(jnp.shape, trained)
   same_tree = shapes == jax.tree.map(jnp.shape, params)
   print(f"parameter tree unchanged in structure and shapes: {same_tree}")
+  assert same_tree
   forward = jax.jit(model.apply)({"params": trained}, x)
   forward_with_bgn = jax.jit(apply_with_bgn)({"params": trained}, x)
-  print(
-    "forward output with BGN equals the original model's, bit for bit: "
-    f"{bool(jnp.array_equal(forward, forward_with_bgn))}"
-  )
+  same_forward = bool(jnp.array_equal(forward, forward_with_bgn))
+  print(f"forward output with BGN equals the original model's, bit for bit: {same_forward}")
+  assert same_forward
   accuracy = float(jnp.mean(jnp.argmax(forward, axis=1) == labels))
   print(f"training accuracy of the plain model with the trained parameters: {accuracy:.3f}")
 
