@@ -16,12 +16,20 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 Axes = int | Sequence[int] | None
-TargetNorm = float | Literal["sqrt_units"]
+TargetRule = Literal["sqrt_units", "sqrt_size"]
+TargetNorm = float | TargetRule
 AxisName = Hashable | tuple[Hashable, ...] | None
+# "platform": on the CPU the plain sum first and scaled sums only when a group needs
+# them, elsewhere the three sums in one variadic reduce. "variadic": the latter on
+# every platform (the tests check it on the CPU).
+_Formulation = Literal["platform", "variadic"]
 
 __all__ = ["bgn", "BGNConfig", "l2_norm", "make_config", "normalize_cotangent"]
+
+_TARGET_RULES = ("sqrt_units", "sqrt_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,121 +38,19 @@ class BGNConfig:
 
   Attributes:
     axes: the normalized axes, non-negative and sorted, or None for the whole array.
-    target_norm: the norm t every group gets after the node.
+    target_norm: the norm t every group gets after the node: a float, or the name
+      of the rule that takes t from the cotangent's shape in the backward rule
+      (so that it holds for symbolic shapes too).
     power: the exponent c of the rescale ``(t / ||g||) ** c``.
     eps: the floor on the norm.
     axis_name: mapped axis names over which the squared norm is summed.
   """
 
   axes: tuple[int, ...] | None
-  target_norm: float
+  target_norm: float | TargetRule
   power: float
   eps: float
   axis_name: AxisName
-
-
-def _is_real_number(value: Any) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-    value, (bool, np.bool_)
-  )
-
-
-def _check_axes(axes: Axes, ndim: int) -> tuple[int, ...] | None:
-  if axes is None:
-    return None
-  if isinstance(axes, (int, np.integer)) and not isinstance(axes, (bool, np.bool_)):
-    axes = (int(axes),)
-  if not isinstance(axes, (tuple, list)) or not all(
-    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in axes
-  ):
-    raise TypeError(f"bgn: `axes` must be None, an int or a tuple of ints; got {axes!r}.")
-  normalized = []
-  for axis in axes:
-    if not -ndim <= axis < ndim:
-      raise ValueError(
-        f"bgn: `axes` entry {axis} is out of range for an input of rank {ndim}; "
-        f"allowed are {-ndim}..{ndim - 1}."
-      )
-    normalized.append(int(axis) % ndim)
-  if len(set(normalized)) != len(normalized):
-    raise ValueError(f"bgn: `axes` {tuple(axes)!r} names the same axis twice.")
-  return tuple(sorted(normalized))
-
-
-def _check_target_norm(target_norm: TargetNorm, shape: tuple[int, ...]) -> float:
-  if isinstance(target_norm, str):
-    if target_norm != "sqrt_units":
-      raise ValueError(
-        f"bgn: unknown `target_norm` {target_norm!r}; use a positive float or 'sqrt_units'."
-      )
-    units = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
-    return math.sqrt(units)
-  if not _is_real_number(target_norm):
-    raise TypeError(
-      f"bgn: `target_norm` must be a positive float or 'sqrt_units'; got {target_norm!r}."
-    )
-  t = float(target_norm)
-  if not (math.isfinite(t) and t > 0):
-    raise ValueError(f"bgn: `target_norm` must be positive and finite; got {target_norm!r}.")
-  return t
-
-
-def _check_power(power: float) -> float:
-  if not _is_real_number(power):
-    raise TypeError(f"bgn: `power` must be a float in [0, 1]; got {power!r}.")
-  if not 0.0 <= float(power) <= 1.0:
-    raise ValueError(f"bgn: `power` must lie in [0, 1]; got {power!r}.")
-  return float(power)
-
-
-def _check_eps(eps: float) -> float:
-  if not _is_real_number(eps):
-    raise TypeError(f"bgn: `eps` must be a float >= 0; got {eps!r}.")
-  if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
-    raise ValueError(f"bgn: `eps` must be finite and >= 0; got {eps!r}.")
-  return float(eps)
-
-
-def _check_axis_name(axis_name: AxisName) -> AxisName:
-  if isinstance(axis_name, list):
-    axis_name = tuple(axis_name)
-  try:
-    hash(axis_name)
-  except TypeError:
-    raise TypeError(
-      f"bgn: `axis_name` must be None, a mapped axis name or a tuple of names; got {axis_name!r}."
-    ) from None
-  return axis_name
-
-
-def make_config(
-  shape: tuple[int, ...],
-  *,
-  axes: Axes = None,
-  target_norm: TargetNorm = "sqrt_units",
-  power: float = 1.0,
-  eps: float = 0.0,
-  axis_name: AxisName = None,
-) -> BGNConfig:
-  """Validates BGN options for an input of the given shape.
-
-  Args:
-    shape: the shape of the array BGN is applied to.
-    axes, target_norm, power, eps, axis_name: as in :func:`bgn`.
-
-  Returns:
-    A hashable :class:`BGNConfig`.
-
-  Raises:
-    TypeError, ValueError: naming the argument, the value given and what is allowed.
-  """
-  return BGNConfig(
-    axes=_check_axes(axes, len(shape)),
-    target_norm=_check_target_norm(target_norm, tuple(shape)),
-    power=_check_power(power),
-    eps=_check_eps(eps),
-    axis_name=_check_axis_name(axis_name),
-  )
 
 
 # Blue's scaled sum of squares (ACM TOMS 4(1), 1978) without masks or a max-abs
@@ -161,31 +67,256 @@ def make_config(
 #   is used only when the plain sum overflowed, so against a sum >= 2**-48 the
 #   lost squares (< 2**-86 in all) do not count.
 # A group holding NaN or Inf makes all three sums non-finite.
+#
+# A huge group is rescaled as (g * 2**-p) * (t * 2**p / ||g||)**c-ish scalars: the
+# scalar stays normal for norms up to 2**(emax + 20) when p >= emin + emax + 20 -
+# log2(t), and the entries the pre-scale flushes (< 2**(emin + p)) have results
+# below the normal range, as they would anyway, when p <= emax / 2 - log2(t) (for
+# power 1; with power < 1 such entries, 2**-147 of their group's norm and less,
+# come back zero). So p is chosen from t, the middle of that interval (clipped to
+# [0, -emin]: the pre-scale must not overflow, nor itself underflow). The options
+# the accumulator holds, from the scales (float32: emin = -126, emax = 128):
+# - t / ||g|| normal in every band: t in [min_target, max_target], with margin;
+# - with eps, a floored group's ratio is (t / eps) / k, normal in the small band
+#   (k = 2**log2_up) when t / eps >= 2**(emin + log2_up) = min_eps_ratio; t / eps
+#   <= max_eps_ratio = 2**-emin keeps it finite, and eps must be a normal number.
 @dataclasses.dataclass(frozen=True)
 class _Scales:
   log2_up: int  # the copy for tiny groups is g * 2**log2_up
   log2_down: int  # the copy for huge groups is g * 2**-log2_down
   floor: float  # a plain sum of squares below this is replaced by the scaled-up one
-  log2_pre_down: int  # a huge group is rescaled as (g * 2**-log2_pre_down) * scalar
+  log2_pre_down: int  # p for t = 1: a huge group is rescaled as (g * 2**-p) * scalar
+  max_pre_down: int  # the largest p, -emin
+  min_target: float
+  max_target: float
+  min_eps_ratio: float  # the smallest target_norm / eps
+  max_eps_ratio: float  # the largest target_norm / eps
+  tiny: float  # the smallest normal number
 
 
 _SCALES = {
-  np.dtype(np.float32): _Scales(log2_up=64, log2_down=88, floor=2.0**-56, log2_pre_down=40),
-  np.dtype(np.float64): _Scales(log2_up=600, log2_down=600, floor=2.0**-900, log2_pre_down=300),
+  np.dtype(np.float32): _Scales(
+    log2_up=64,
+    log2_down=88,
+    floor=2.0**-56,
+    log2_pre_down=43,
+    max_pre_down=126,
+    min_target=2.0**-60,
+    max_target=2.0**50,
+    min_eps_ratio=2.0**-62,
+    max_eps_ratio=2.0**126,
+    tiny=2.0**-126,
+  ),
+  np.dtype(np.float64): _Scales(
+    log2_up=600,
+    log2_down=600,
+    floor=2.0**-900,
+    log2_pre_down=267,
+    max_pre_down=1022,
+    min_target=2.0**-500,
+    max_target=2.0**480,
+    min_eps_ratio=2.0**-422,
+    max_eps_ratio=2.0**1022,
+    tiny=2.0**-1022,
+  ),
 }
 
 
+def _log2_pre_down(t: float | None, scales: _Scales) -> int:
+  if not t:  # a target from a symbolic shape, within [1, 2**21]: p for t = 1 suits it
+    return scales.log2_pre_down
+  return min(max(scales.log2_pre_down - math.floor(math.log2(t)), 0), scales.max_pre_down)
+
+
 def _accumulator_dtype(dtype: Any) -> np.dtype:
-  # Norms of bf16/fp16 cotangents are accumulated in float32, float64 in float64.
-  return np.dtype(jnp.promote_types(dtype, jnp.float32))
+  # float64 norms are accumulated in float64; every narrower float (float16,
+  # bfloat16, the float8 and float4 formats) in float32.
+  return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-# False makes every platform take the GPU formulation (the tests check it on the CPU).
-_CPU_FORMULATION = True
+def _is_real_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+    value, (bool, np.bool_)
+  )
+
+
+def _check_x(x: ArrayLike, fn_name: str) -> jax.Array:
+  if isinstance(x, (bool, int, np.bool_, np.integer)):
+    raise TypeError(f"{fn_name}: `x` must be a floating-point array; got the integer {x!r}.")
+  if isinstance(x, complex):
+    raise TypeError(f"{fn_name}: `x` must be a floating-point array; got the complex {x!r}.")
+  if not isinstance(x, jax.Array):
+    x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    hint = " Complex values are not supported: normalize x.real and x.imag, or abs(x)." * (
+      jnp.issubdtype(x.dtype, jnp.complexfloating)
+    )
+    raise TypeError(
+      f"{fn_name}: `x` must be a floating-point array; got dtype {x.dtype}. "
+      f"Cast it, for example x.astype(jnp.float32).{hint}"
+    )
+  return x
+
+
+def _check_axes(axes: Axes, ndim: int, fn_name: str = "bgn") -> tuple[int, ...] | None:
+  if axes is None:
+    return None
+  if isinstance(axes, (int, np.integer)) and not isinstance(axes, (bool, np.bool_)):
+    axes = (int(axes),)
+  if not isinstance(axes, (tuple, list)) or not all(
+    isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in axes
+  ):
+    raise TypeError(f"{fn_name}: `axes` must be None, an int or a tuple of ints; got {axes!r}.")
+  normalized = []
+  for axis in axes:
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+        f"{fn_name}: `axes` entry {axis} is out of range for an input of rank {ndim}; "
+        f"allowed are {-ndim}..{ndim - 1}."
+      )
+    normalized.append(int(axis) % ndim)
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(f"{fn_name}: `axes` {tuple(axes)!r} names the same axis twice.")
+  return tuple(sorted(normalized))
+
+
+def _target_units(target_norm: TargetRule, axes: tuple[int, ...] | None, shape: Sequence[Any]):
+  """The number whose square root is the target: an int, or symbolic under jax.export."""
+  if target_norm == "sqrt_size":
+    return math.prod(shape)
+  if axes is None:
+    return math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+  return math.prod(shape[a] for a in axes)
+
+
+def _check_target_norm(
+  target_norm: TargetNorm, axes: tuple[int, ...] | None, shape: Sequence[Any], scales: _Scales
+) -> tuple[float | TargetRule, float | None]:
+  """Returns the config's target and its value (None where the shape is symbolic)."""
+  if isinstance(target_norm, str):
+    if target_norm not in _TARGET_RULES:
+      raise ValueError(
+        f"bgn: unknown `target_norm` {target_norm!r}; use a positive float, 'sqrt_units' "
+        "or 'sqrt_size'."
+      )
+    units = _target_units(target_norm, axes, shape)  # type: ignore[arg-type]
+    if not isinstance(units, int) or units == 0:
+      return target_norm, None  # symbolic, or an empty array: nothing to check
+    t = math.sqrt(units)
+    if t > scales.max_target:
+      raise ValueError(
+        f"bgn: `target_norm` {target_norm!r} gives {t:.6g} for shape {tuple(shape)}, above "
+        f"the {scales.max_target:.6g} that the accumulator holds; pass a float target."
+      )
+    return target_norm, t
+  if not _is_real_number(target_norm):
+    raise TypeError(
+      "bgn: `target_norm` must be a positive float, 'sqrt_units' or 'sqrt_size'; "
+      f"got {target_norm!r}."
+    )
+  t = float(target_norm)
+  if not (math.isfinite(t) and t > 0):
+    raise ValueError(f"bgn: `target_norm` must be positive and finite; got {target_norm!r}.")
+  if not scales.min_target <= t <= scales.max_target:
+    raise ValueError(
+      f"bgn: `target_norm` {target_norm!r} is outside [{scales.min_target:.6g}, "
+      f"{scales.max_target:.6g}], the targets that every group's rescale holds in the "
+      "accumulator; rescale the loss instead, or use float64."
+    )
+  return t, t
+
+
+def _check_power(power: float) -> float:
+  if not _is_real_number(power):
+    raise TypeError(f"bgn: `power` must be a float in [0, 1]; got {power!r}.")
+  if not 0.0 <= float(power) <= 1.0:
+    raise ValueError(f"bgn: `power` must lie in [0, 1]; got {power!r}.")
+  return float(power)
+
+
+def _check_eps(eps: float, t: float | None, scales: _Scales) -> float:
+  if not _is_real_number(eps):
+    raise TypeError(f"bgn: `eps` must be a float >= 0; got {eps!r}.")
+  if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
+    raise ValueError(f"bgn: `eps` must be finite and >= 0; got {eps!r}.")
+  eps = float(eps)
+  if eps > 0 and t is not None:
+    low, high = max(t / scales.max_eps_ratio, scales.tiny), t / scales.min_eps_ratio
+    if not low <= eps <= high:
+      raise ValueError(
+        f"bgn: `eps` {eps!r} with a target norm of {t:.6g} is outside [{low:.6g}, "
+        f"{high:.6g}], where the floored rescale t / eps holds in the accumulator; use 0 "
+        "for no floor, or an eps in that range."
+      )
+  return eps
+
+
+def _check_axis_name(axis_name: AxisName) -> AxisName:
+  if isinstance(axis_name, list):
+    axis_name = tuple(axis_name)
+  try:
+    hash(axis_name)
+  except TypeError:
+    raise TypeError(
+      f"bgn: `axis_name` must be None, a mapped axis name or a tuple of names; got {axis_name!r}."
+    ) from None
+  return axis_name
+
+
+def _check_axis_name_is_bound(axis_name: AxisName) -> None:
+  # Unchecked, an unbound name would fail only in the backward pass, at its psum.
+  for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+        f"bgn: `axis_name` {name!r} is not bound here. Call bgn inside the transform that "
+        "names it (jax.vmap(..., axis_name=...), jax.pmap, jax.shard_map), or pass "
+        "axis_name=None."
+      ) from None
+
+
+def make_config(
+  shape: Sequence[Any],
+  *,
+  dtype: DTypeLike = jnp.float32,
+  axes: Axes = None,
+  target_norm: TargetNorm = "sqrt_units",
+  power: float = 1.0,
+  eps: float = 0.0,
+  axis_name: AxisName = None,
+) -> BGNConfig:
+  """Validates BGN options for an input of the given shape and dtype.
+
+  Args:
+    shape: the shape of the array BGN is applied to (symbolic dimensions allowed).
+    dtype: its dtype; the ranges of ``target_norm`` and ``eps`` are those of its
+      accumulator (float64 for float64, float32 for every other dtype).
+    axes, target_norm, power, eps, axis_name: as in :func:`bgn`.
+
+  Returns:
+    A hashable :class:`BGNConfig`.
+
+  Raises:
+    TypeError, ValueError: naming the argument, the value given and what is allowed.
+  """
+  scales = _SCALES[_accumulator_dtype(dtype)]
+  checked_axes = _check_axes(axes, len(shape))
+  target, t = _check_target_norm(target_norm, checked_axes, shape, scales)
+  return BGNConfig(
+    axes=checked_axes,
+    target_norm=target,
+    power=_check_power(power),
+    eps=_check_eps(eps, t, scales),
+    axis_name=_check_axis_name(axis_name),
+  )
 
 
 def _sums_of_squares(
-  arrays: tuple[jax.Array, ...], axes: tuple[int, ...] | None, axis_name: AxisName
+  arrays: tuple[jax.Array, ...],
+  axes: tuple[int, ...] | None,
+  axis_name: AxisName,
+  formulation: _Formulation,
 ) -> tuple[jax.Array, ...]:
   """Sums of squares of same-shaped arrays over ``axes``, dims kept.
 
@@ -212,7 +343,7 @@ def _sums_of_squares(
 
   if len(arrays) == 1:
     sums = separate(arrays)
-  elif _CPU_FORMULATION:
+  elif formulation == "platform":
     sums = jax.lax.platform_dependent(arrays, cpu=separate, default=variadic)
   else:
     sums = variadic(arrays)
@@ -220,7 +351,7 @@ def _sums_of_squares(
 
 
 def _scaled_norm(
-  g: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName
+  g: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName, formulation: _Formulation
 ) -> tuple[jax.Array, jax.Array]:
   """Returns (r, k) with ||g|| = r / k per group, r free of over/underflow.
 
@@ -239,7 +370,9 @@ def _scaled_norm(
     # would otherwise rewrite (a * up)**2 as a**2 * up**2 = a**2 * inf where the
     # reduction vanishes (a group of one entry).
     up_copy, down_copy = jax.lax.optimization_barrier((jnp.asarray(up), jnp.asarray(down)))
-    plain, small, large = _sums_of_squares((a, a * up_copy, a * down_copy), axes, axis_name)
+    plain, small, large = _sums_of_squares(
+      (a, a * up_copy, a * down_copy), axes, axis_name, formulation
+    )
     use_large = ~jnp.isfinite(plain)
     use_small = plain < scales.floor
     ss = jnp.where(use_large, large, jnp.where(use_small, small, plain))
@@ -250,7 +383,7 @@ def _scaled_norm(
     # On the CPU a reduction costs time in proportion to its arithmetic, and
     # XLA there runs each sum as its own pass, while a conditional is cheap: sum
     # the plain squares, and go over g again only when a group needs a scale.
-    (plain,) = _sums_of_squares((g.astype(acc),), axes, axis_name)
+    (plain,) = _sums_of_squares((g.astype(acc),), axes, axis_name, formulation)
     safe = jnp.all(jnp.isfinite(plain) & (plain >= scales.floor))
     return jax.lax.cond(safe, lambda g: (plain, jnp.ones_like(plain)), three_sums, g)
 
@@ -261,7 +394,7 @@ def _scaled_norm(
       # The conditional's operand is the accumulator copy: for bf16 XLA on the
       # CPU then hands over the float32 product it holds anyway, where g itself
       # would be written out once more, at each node.
-      branches = {"cpu": plain_first} if _CPU_FORMULATION else {}
+      branches = {"cpu": plain_first} if formulation == "platform" else {}
       ss, k = jax.lax.platform_dependent(g.astype(acc), **branches, default=three_sums)
     else:
       # A collective inside a conditional branch is avoided.
@@ -287,7 +420,13 @@ def _scaled_norm(
   return scaled_norm(g)
 
 
-def l2_norm(x: jax.Array, axes: Axes = None) -> jax.Array:
+def _l2_norm(x: jax.Array, axes: tuple[int, ...] | None, formulation: _Formulation) -> jax.Array:
+  scaled_norm, inverse_scale = _scaled_norm(x, axes, None, formulation)
+  norm = scaled_norm / inverse_scale
+  return jnp.squeeze(norm, axis=tuple(range(x.ndim)) if axes is None else axes)
+
+
+def l2_norm(x: ArrayLike, axes: Axes = None) -> jax.Array:
   """The L2 norm of ``x`` over ``axes``, free of overflow and underflow.
 
   Computed with the same scaled sums of squares as the BGN backward rule,
@@ -295,30 +434,80 @@ def l2_norm(x: jax.Array, axes: Axes = None) -> jax.Array:
   squares overflow) still give the right norm.
 
   Args:
-    x: a floating-point array.
+    x: a real floating-point array of any float dtype (float8 to float64).
     axes: the reduced axes (an int or a tuple of ints, negative allowed), or
       None for all of them.
 
   Returns:
-    The norms, with the reduced axes removed, in float32 for 16- and 32-bit
-    inputs and float64 for float64 inputs.
+    The norms, with the reduced axes removed, in float64 for float64 inputs and
+    float32 for every other dtype.
 
   Raises:
-    TypeError, ValueError: ``axes`` is not an int, a tuple of ints or None, or
-      names an axis out of range or twice.
+    TypeError: ``x`` is not a real floating-point array (integer, boolean and
+      complex arrays are refused), or ``axes`` is not an int, a tuple of ints or None.
+    ValueError: ``axes`` names an axis out of range or twice.
   """
-  x = jnp.asarray(x)
-  checked = _check_axes(axes, x.ndim)
-  scaled_norm, inverse_scale = _scaled_norm(x, checked, None)
-  norm = scaled_norm / inverse_scale
-  return jnp.squeeze(norm, axis=tuple(range(x.ndim)) if checked is None else checked)
+  x = _check_x(x, "l2_norm")
+  return _l2_norm(x, _check_axes(axes, x.ndim, "l2_norm"), "platform")
+
+
+def _normalize(g: jax.Array, config: BGNConfig, formulation: _Formulation) -> jax.Array:
+  if config.power == 0.0:
+    return g
+  acc = _accumulator_dtype(g.dtype)
+  c = config.power
+  scales = _SCALES[acc]
+  if isinstance(config.target_norm, str):
+    # From the cotangent's shape: a Python number, or under jax.export with
+    # symbolic dimensions a jnp one.
+    units = _target_units(config.target_norm, config.axes, g.shape)
+    t_value = math.sqrt(units) if isinstance(units, int) else None
+    t = jnp.sqrt(jnp.asarray(units, acc)) if t_value is None else acc.type(t_value)
+  else:
+    t_value = config.target_norm
+    t = acc.type(t_value)
+  log2_pre_down = _log2_pre_down(t_value, scales)
+  r, inverse_scale = _scaled_norm(g, config.axes, config.axis_name, formulation)
+  finite = jnp.isfinite(r)
+  positive = r > 0
+  # Substituting 1 where the group is zero or non-finite keeps the division and
+  # its derivative (grad of grad) free of inf and NaN.
+  r = jnp.where(positive & finite, r, 1)
+  ratio = t / r
+  if config.eps > 0:
+    eps = acc.type(config.eps)
+    # ||g|| < eps, compared in the group's scale: where eps * k overflows it is
+    # inf, above r, as it should be.
+    floored = r < eps * inverse_scale
+    # t / (eps * k) as (t / eps) / k, k a power of two: no overflow of eps * k.
+    ratio = jnp.where(floored, (t / eps) / inverse_scale, ratio)
+  factor = ratio if c == 1.0 else ratio**c
+  factor = jnp.where(positive, factor, 0)
+  factor = jnp.where(finite, factor, jnp.nan)
+  # g * factor * k**c as (g * pre) * (factor * post), pre * post = k**c, where
+  # pre and post are powers of two chosen by the band alone: `factor` is used
+  # once, so XLA on the GPU computes it inside the pass that multiplies (two uses
+  # of it cost a kernel of its own per node, measured on an H200). A small band
+  # scales up first, as before; a huge one (norm >= 2**64 in float32) scales
+  # down first, by 2**-p (see _Scales), so that neither multiply overflows nor
+  # flushes what the result can hold.
+  small_band, big_band = inverse_scale > 1, inverse_scale < 1
+  pre = jnp.where(small_band, inverse_scale, jnp.where(big_band, acc.type(2.0**-log2_pre_down), 1))
+  post = jnp.where(
+    small_band,
+    acc.type(2.0 ** ((c - 1) * scales.log2_up)),
+    jnp.where(big_band, acc.type(2.0 ** (log2_pre_down - c * scales.log2_down)), 1),
+  )
+  return ((g.astype(acc) * pre) * (factor * post)).astype(g.dtype)
 
 
 def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
   """The BGN backward rule: ``g * (t / max(||g||, eps)) ** power`` per group.
 
   An all-zero group stays zero; a group holding NaN or +-Inf becomes all NaN
-  (for ``power > 0``; ``power == 0`` returns ``g`` untouched).
+  (for ``power > 0``; ``power == 0`` returns ``g`` untouched). The norm is
+  accumulated in float32 (float64 for float64 ``g``), the result cast back to
+  the dtype of ``g``.
 
   Args:
     g: the cotangent arriving at the node.
@@ -327,43 +516,7 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
   Returns:
     The rescaled cotangent, with the dtype of ``g``.
   """
-  if config.power == 0.0:
-    return g
-  acc = _accumulator_dtype(g.dtype)
-  c = config.power
-  r, inverse_scale = _scaled_norm(g, config.axes, config.axis_name)
-  finite = jnp.isfinite(r)
-  positive = r > 0
-  # Substituting 1 where the group is zero or non-finite keeps the division and
-  # its derivative (grad of grad) free of inf and NaN.
-  r = jnp.where(positive & finite, r, 1)
-  if config.eps > 0:
-    # eps in the group's scale; a floor above the norm replaces it.
-    r = jnp.maximum(r, acc.type(config.eps) * inverse_scale)
-  ratio = acc.type(config.target_norm) / r
-  factor = ratio if c == 1.0 else ratio**c
-  factor = jnp.where(positive, factor, 0)
-  factor = jnp.where(finite, factor, jnp.nan)
-  # g * factor * k**c as (g * pre) * (factor * post), pre * post = k**c, where
-  # pre and post are powers of two chosen by the band alone: `factor` is used
-  # once, so XLA on the GPU computes it inside the pass that multiplies (two uses
-  # of it cost a kernel of its own per node, measured on an H200). A small band
-  # scales up first, as before. A huge one (norm >= 2**64 in float32) scales
-  # down by 2**-40 first: that flushes only entries < 2**-86, whose results
-  # (< t * 2**-150) are below float32's normal range for t < 2**24, and leaves
-  # the scalar t * 2**40 / ||g|| (power 1) a normal number for every finite
-  # group of up to 2**40 entries when t >= 2**-18.
-  scales = _SCALES[acc]
-  small_band, big_band = inverse_scale > 1, inverse_scale < 1
-  pre = jnp.where(
-    small_band, inverse_scale, jnp.where(big_band, acc.type(2.0**-scales.log2_pre_down), 1)
-  )
-  post = jnp.where(
-    small_band,
-    acc.type(2.0 ** ((c - 1) * scales.log2_up)),
-    jnp.where(big_band, acc.type(2.0 ** (scales.log2_pre_down - c * scales.log2_down)), 1),
-  )
-  return ((g.astype(acc) * pre) * (factor * post)).astype(g.dtype)
+  return _normalize(g, config, "platform")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -393,7 +546,7 @@ _bgn.defvjp(_bgn_fwd, _bgn_bwd)
 
 
 def bgn(
-  x: jax.Array,
+  x: ArrayLike,
   *,
   axes: Axes = None,
   target_norm: TargetNorm = "sqrt_units",
@@ -407,45 +560,81 @@ def bgn(
   backward pass. In the backward pass each group of the cotangent ``g`` becomes
   ``g * (t / max(||g||_2, eps)) ** power``.
 
+  The target t (``target_norm``), from the shape the node sees:
+
+  ====================  ===========  ============================  ========================
+  target_norm           axes         t                             reading
+  ====================  ===========  ============================  ========================
+  ``"sqrt_units"``      None         ``sqrt(prod(shape[1:]))``     paper, whole batch
+                                     (``sqrt(size)`` for 0-D/1-D)
+  ``"sqrt_units"``      given        ``sqrt(prod(shape[a] for a    paper, per example:
+                                     in axes))``, the entries of   ``(1,)`` on ``(B, n)``,
+                                     one group                     ``(1, 2, 3)`` on NHWC;
+                                                                   ``-1`` on ``(B, T, D)``
+                                                                   gives ``sqrt(D)``
+  ``"sqrt_size"``       any          ``sqrt(size)`` of the array   per-example code (vmapped
+                                     the node sees                 or equinox models)
+  a float               any          that float
+  ====================  ===========  ============================  ========================
+
+  Under ``vmap`` (and in equinox models) the node sees one example: there
+  ``"sqrt_units"`` with ``axes=None`` takes the example's first axis for a batch
+  axis, and ``"sqrt_size"`` gives the whole example's ``sqrt(C * H * W)``; with
+  ``axis_name`` over the vmapped batch, ``"sqrt_size"`` is the paper's whole-batch
+  reading. Mapped axes never count in t.
+
+  A call on a concrete array outside any transform validates the options and
+  returns ``x``: nothing can differentiate through it there. Reverse mode
+  (``grad``, ``vjp``, ``jacrev``) and forward mode over it (``jax.hessian``,
+  ``jax.jvp`` of a ``grad``) work; forward mode through the node itself
+  (``jax.jvp``, ``jacfwd`` or ``linearize`` of a function whose primal output
+  depends on ``x`` through the node) is JAX's ``TypeError``, as for every
+  ``custom_vjp``.
+
   References:
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
-    x: a floating-point array.
+    x: a real floating-point array, any float dtype (float8, float16, bfloat16,
+      float32, float64); the norm is accumulated in float32 (float64 for float64)
+      and the rescaled cotangent has the dtype of ``x``.
     axes: None normalizes the whole array as one group (one scalar rescales the
       mini-batch); an int or tuple of ints gives one group per index of the
       other axes (``axes=(1,)`` on ``(B, n)`` is per example). Negative allowed.
-    target_norm: the norm t of each group after the node: a positive float, or
-      ``"sqrt_units"`` for ``sqrt(prod(x.shape[1:]))`` (``sqrt(x.size)`` for 0-D
-      and 1-D ``x``).
+    target_norm: the norm t of each group after the node: a positive float in
+      [2**-60, 2**50] (float64: [2**-500, 2**480]), ``"sqrt_units"`` or
+      ``"sqrt_size"`` (see the table above).
     power: c in [0, 1]; 0 leaves the gradient unchanged, 1 normalizes fully.
-    eps: floor on the norm (>= 0); caps how much a tiny gradient is scaled up.
+    eps: floor on the norm: 0, or a normal number with ``t / eps`` in
+      [2**-62, 2**126] (float64: [2**-422, 2**1022]); caps how much a tiny
+      gradient is scaled up.
     axis_name: a mapped axis name or tuple of names (``pmap``, ``shard_map``,
       ``vmap(axis_name=...)``) over which the squared norm is summed, so a
-      batch split across devices is normalized as the whole batch.
+      batch split across devices is normalized as the whole batch. It must be
+      bound where ``bgn`` is called.
 
   Returns:
     ``x``, unchanged.
 
   Raises:
-    TypeError: ``x`` is not floating point, or an option has the wrong type.
-    ValueError: an option is out of range.
+    TypeError: ``x`` is not a real floating-point array (integer, boolean and
+      complex arrays are refused), or an option has the wrong type.
+    ValueError: an option is out of range, or ``axis_name`` is not bound.
   """
-  if not isinstance(x, jax.Array):
-    if isinstance(x, (bool, int, np.bool_, np.integer)):
-      raise TypeError(f"bgn: `x` must be a floating-point array; got the integer {x!r}.")
-    x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(
-      f"bgn: `x` must be a floating-point array; got dtype {x.dtype}. "
-      "Cast it, for example x.astype(jnp.float32)."
-    )
+  x = _check_x(x, "bgn")
   config = make_config(
     x.shape,
+    dtype=x.dtype,
     axes=axes,
     target_norm=target_norm,
     power=power,
     eps=eps,
     axis_name=axis_name,
   )
+  if not isinstance(x, jax.core.Tracer):
+    # A concrete array outside any trace: nothing differentiates through it, and
+    # JAX's eager custom_vjp call would cost 40x an identity.
+    return x
+  if config.axis_name is not None:
+    _check_axis_name_is_bound(config.axis_name)
   return _bgn(config, x)

@@ -1,50 +1,88 @@
-"""Tests of bgn_jax.bgn against the NumPy float64 reference in tests/reference.py."""
+"""Tests of bgn_jax.bgn and l2_norm against the NumPy float64 reference in tests/reference.py."""
 
 from __future__ import annotations
 
 import functools
+import math
+import re
 
+import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from absl.testing import parameterized
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import bgn_jax
 from bgn_jax import core
-from tests.reference import reference_backward, reference_norm, reference_target
+from tests.reference import (
+  BAD_OPTIONS,
+  mlp_backprop,
+  reference_backward,
+  reference_norm,
+  reference_target,
+)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+# Every floating dtype this JAX has, narrowest first (float64 is tested under enable_x64).
+FLOAT_DTYPES = [
+  getattr(jnp, name)
+  for name in (
+    "float4_e2m1fn",
+    "float8_e8m0fnu",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float16",
+    "bfloat16",
+    "float32",
+  )
+  if hasattr(jnp, name)
+]
+F32_TINY = float(np.finfo(np.float32).tiny)
 
 
-def backward(x, g, **options):
-  """The cotangent BGN sends down when ``g`` arrives at ``bgn(x, **options)``, jit-compiled.
+def rule(formulation="platform", **options):
+  """``g -> the cotangent BGN sends down when g arrives``, differentiable, not compiled.
+
+  "platform" goes through ``bgn``'s VJP (the formulation this platform takes);
+  "variadic" calls the backward rule with the off-CPU formulation directly.
+  """
+
+  def through_bgn(g):
+    return jax.vjp(functools.partial(bgn_jax.bgn, **options), jnp.zeros_like(g))[1](g)[0]
+
+  def variadic(g):
+    return core._normalize(g, core.make_config(g.shape, dtype=g.dtype, **options), "variadic")
+
+  return through_bgn if formulation == "platform" else variadic
+
+
+def backward(x, g, formulation="platform", **options):
+  """The cotangent at ``bgn(x, **options)`` for ``g``, jit-compiled.
 
   Compiled, because XLA's fusion and constant folding are where numerics break.
   """
-
-  def cotangent(x, g):
-    _, vjp = jax.vjp(functools.partial(bgn_jax.bgn, **options), x)
-    return vjp(g)[0]
-
-  return jax.jit(cotangent)(x, g)
+  assert x.shape == g.shape
+  return jax.jit(rule(formulation, **options))(g)
 
 
-def eager_backward(x, g, **options):
+def eager_backward(x, g, formulation="platform", **options):
   with jax.disable_jit():
-    return backward(x, g, **options)
+    return rule(formulation, **options)(g)
 
 
-@pytest.fixture(params=["platform", "gpu_formulation"])
-def formulation(request, monkeypatch):
-  """Runs a test with the norm this platform takes, then with the GPU's on this platform."""
-  if request.param == "gpu_formulation":
-    monkeypatch.setattr(core, "_CPU_FORMULATION", False)
-  jax.clear_caches()  # the backward rule's jit would reuse the other formulation
-  yield request.param
-  jax.clear_caches()
+@pytest.fixture(params=["platform", "variadic"])
+def formulation(request):
+  """The norm this platform takes, then the off-CPU one, on this platform."""
+  return request.param
 
 
 def random_cotangent(shape, dtype=jnp.float32, seed=0, scale=1.0):
@@ -52,19 +90,36 @@ def random_cotangent(shape, dtype=jnp.float32, seed=0, scale=1.0):
   return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
 
+def uniform_cotangent(shape, magnitude, seed=6):
+  # Entries in [0.5, 1.5) * magnitude: at 1e38 the group norm exceeds float32's range.
+  g = jnp.asarray(np.random.default_rng(seed).uniform(0.5, 1.5, shape), jnp.float32)
+  g = g * jnp.float32(magnitude)
+  assert np.isfinite(np.asarray(g)).all()
+  return g
+
+
 # ---------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("shape", [(), (5,), (4, 6), (2, 3, 4, 5)])
-def test_forward_is_bitwise_identity(shape, dtype):
-  x = random_cotangent(shape, dtype, seed=1, scale=3.0)
-  y = jax.jit(bgn_jax.bgn)(x)
-  assert y.dtype == x.dtype and y.shape == x.shape
-  np.testing.assert_array_equal(
-    np.asarray(y.view(jnp.uint16 if dtype != jnp.float32 else jnp.uint32)),
-    np.asarray(x.view(jnp.uint16 if dtype != jnp.float32 else jnp.uint32)),
-  )
+class ForwardTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*[(d, s) for d in FLOAT_DTYPES for s in [(), (2, 3, 4)]])
+  def test_forward_is_bitwise_identity(self, dtype, shape):
+    x = jnp.asarray(np.random.default_rng(1).uniform(0.25, 4.0, shape), jnp.float32).astype(dtype)
+    y = self.variant(functools.partial(bgn_jax.bgn, axes=-1 if shape else None))(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert np.asarray(y).tobytes() == np.asarray(x).tobytes()
+
+
+def test_an_eager_call_returns_x_itself():
+  # Outside any trace nothing differentiates through the node: x comes back as it is,
+  # and only the options are checked.
+  x = jnp.ones((4, 6))
+  assert bgn_jax.bgn(x, axes=1, power=0.5) is x
+  with pytest.raises(ValueError, match="`power`"):
+    bgn_jax.bgn(x, power=2.0)
+  y = bgn_jax.bgn(np.ones((2, 3), np.float32))
+  assert isinstance(y, jax.Array) and y.dtype == jnp.float32
 
 
 def test_saves_no_residuals():
@@ -82,6 +137,8 @@ OPTIONS = [
   {"axes": (1, 2, 3)},
   {"axes": (-3, -1)},
   {"axes": ()},
+  {"target_norm": "sqrt_size"},
+  {"target_norm": "sqrt_size", "axes": -1},
   {"target_norm": 1.0},
   {"target_norm": 2.5, "axes": (1,)},
   {"power": 0.0},
@@ -98,52 +155,89 @@ OPTIONS = [
 def test_backward_matches_reference(options, dtype, formulation):
   x = jnp.zeros((3, 4, 5, 6), dtype)
   g = random_cotangent(x.shape, dtype, seed=2)
-  got = backward(x, g, **options)
+  got = backward(x, g, formulation, **options)
   assert got.dtype == dtype
   want = reference_backward(np.asarray(g.astype(jnp.float32)), **options)
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=TOL[dtype], atol=0)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("axes", [None, 1])
+def test_every_float_dtype_backward(dtype, axes):
+  # Accumulated in float32, the result rounded once to the cotangent's dtype.
+  g = jnp.asarray(np.random.default_rng(3).uniform(0.25, 4.0, (4, 8)), jnp.float32).astype(dtype)
+  got = backward(g, g, axes=axes)
+  assert got.dtype == g.dtype
+  want = reference_backward(np.asarray(g.astype(jnp.float32)), axes=axes)
+  info = jnp.finfo(dtype)
+  np.testing.assert_allclose(
+    np.asarray(got.astype(jnp.float32)),
+    want,
+    rtol=0.75 * float(info.eps),
+    atol=float(info.tiny) * float(info.eps),
+  )
+
+
 @pytest.mark.parametrize(
-  ("shape", "target"),
-  [((), 1.0), ((7,), np.sqrt(7)), ((4, 9), 3.0), ((2, 3, 4), np.sqrt(12))],
+  ("shape", "options", "group_axes", "target"),
+  [
+    # The two paper readings: whole batch and per example.
+    ((), {}, None, 1.0),
+    ((7,), {}, None, math.sqrt(7)),
+    ((4, 9), {}, None, 3.0),
+    ((2, 3, 4), {}, None, math.sqrt(12)),
+    ((4, 9), {"axes": (1,)}, (1,), 3.0),
+    ((2, 3, 4, 5), {"axes": (1, 2, 3)}, (1, 2, 3), math.sqrt(60)),
+    # Groups that do not span every non-batch axis: the entries of one group.
+    ((2, 3, 4), {"axes": -1}, (2,), 2.0),
+    ((4, 9), {"axes": 0}, (0,), 2.0),
+    ((2, 3, 4), {"axes": ()}, (), 1.0),
+    # sqrt_size: the whole array the node sees, whatever the groups.
+    ((2, 3, 4), {"target_norm": "sqrt_size"}, None, math.sqrt(24)),
+    ((2, 3, 4), {"target_norm": "sqrt_size", "axes": -1}, (2,), math.sqrt(24)),
+    ((5,), {"target_norm": "sqrt_size"}, None, math.sqrt(5)),
+  ],
+  ids=str,
 )
-def test_sqrt_units_target(shape, target):
-  x = jnp.zeros(shape)
-  got = backward(x, random_cotangent(shape, seed=3))
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(got, np.float64)), target, rtol=1e-6)
+def test_target_table(shape, options, group_axes, target):
+  g = random_cotangent(shape, seed=3)
+  got = np.asarray(backward(g, g, **options), np.float64)
+  np.testing.assert_allclose(reference_norm(got, group_axes), target, rtol=1e-6)
+  assert reference_target(shape, options.get("target_norm", "sqrt_units"), group_axes) == (
+    pytest.approx(target)
+  )
+
+
+@pytest.mark.parametrize(("target_norm", "per_example"), [("sqrt_size", 60), ("sqrt_units", 20)])
+def test_target_in_per_example_code(target_norm, per_example):
+  # Under vmap a node sees one (C, H, W) example: sqrt_size is sqrt(C*H*W) and
+  # sqrt_units takes C for a batch axis, as documented.
+  g = random_cotangent((2, 3, 4, 5), seed=4)
+  node = functools.partial(bgn_jax.bgn, target_norm=target_norm)
+  got = jax.vmap(lambda g: jax.vjp(node, jnp.zeros_like(g))[1](g)[0])(g)
+  np.testing.assert_allclose(reference_norm(got, (1, 2, 3)), math.sqrt(per_example), rtol=1e-6)
 
 
 @pytest.mark.parametrize("axes", [None, (1,)])
 def test_per_group_norm_is_target(axes):
-  x = jnp.zeros((8, 16))
-  g = random_cotangent(x.shape, seed=4) * jnp.logspace(-3, 3, 8)[:, None]
-  got = np.asarray(backward(x, g, axes=axes, target_norm=2.0), np.float64)
+  g = random_cotangent((8, 16), seed=4) * jnp.logspace(-3, 3, 8)[:, None]
+  got = np.asarray(backward(g, g, axes=axes, target_norm=2.0), np.float64)
   np.testing.assert_allclose(reference_norm(got, axes), 2.0, rtol=1e-6)
 
 
 def test_whole_batch_keeps_relative_weight_of_examples():
-  x = jnp.zeros((4, 8))
-  g = random_cotangent(x.shape, seed=5) * jnp.array([1.0, 10.0, 100.0, 0.0])[:, None]
-  got = np.asarray(backward(x, g))
+  g = random_cotangent((4, 8), seed=5) * jnp.array([1.0, 10.0, 100.0, 0.0])[:, None]
+  got = np.asarray(backward(g, g))
   np.testing.assert_allclose(
     got / np.asarray(g + (g == 0)), got[0, 0] / g[0, 0] * (g != 0), rtol=1e-6
   )
 
 
-@settings(deadline=None, max_examples=60)
-@given(
-  data=st.data(),
-  shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5),
-  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
-  power=st.floats(0.0, 1.0),
-  target=st.one_of(st.just("sqrt_units"), st.floats(1e-3, 1e3)),
-  eps=st.sampled_from([0.0, 1e-6, 0.5]),
-  log_scale=st.integers(-30, 30),
-)
-def test_property_matches_reference(data, shape, dtype, power, target, eps, log_scale):
+@st.composite
+def shapes_and_axes(draw):
+  shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5))
   ndim = len(shape)
-  axes = data.draw(
+  axes = draw(
     st.one_of(
       st.none(),
       st.lists(st.integers(-ndim, ndim - 1), unique_by=lambda a: a % ndim, max_size=ndim).map(
@@ -151,11 +245,30 @@ def test_property_matches_reference(data, shape, dtype, power, target, eps, log_
       ),
     )
   )
+  return shape, axes
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+  shape_and_axes=shapes_and_axes(),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+  power=st.floats(0.0, 1.0),
+  target=st.one_of(st.sampled_from(["sqrt_units", "sqrt_size"]), st.floats(1e-3, 1e3)),
+  eps=st.sampled_from([0.0, 1e-6, 0.5, 1e-28]),
+  log_scale=st.integers(-30, 30),
+  seed=st.integers(0, 99),
+)
+# The edges: eps in the small band's scale, and tiny and huge groups.
+@example(((3, 4), None), jnp.float32, 1.0, 1.0, 1e-28, -30, 0)
+@example(((3, 4), (1,)), jnp.float32, 0.5, 1.0, 1e-28, -30, 0)
+@example(((1,), None), jnp.float32, 1.0, "sqrt_units", 0.0, -30, 0)
+@example(((2, 3), (0,)), jnp.float32, 0.5, 1e3, 0.0, 30, 0)
+def test_property_matches_reference(shape_and_axes, dtype, power, target, eps, log_scale, seed):
+  shape, axes = shape_and_axes
   scale = 10.0**log_scale if dtype == jnp.float32 else 1.0
-  x = jnp.zeros(shape, dtype)
-  g = random_cotangent(shape, dtype, seed=data.draw(st.integers(0, 99)), scale=scale)
+  g = random_cotangent(shape, dtype, seed=seed, scale=scale)
   options = {"axes": axes, "target_norm": target, "power": power, "eps": eps}
-  got = backward(x, g, **options)
+  got = backward(g, g, **options)
   assert got.dtype == dtype and got.shape == shape
   want = reference_backward(np.asarray(g.astype(jnp.float32)), **options)
   np.testing.assert_allclose(
@@ -170,29 +283,78 @@ def test_property_matches_reference(data, shape, dtype, power, target, eps, log_
 @pytest.mark.parametrize("axes", [None, (1,)])
 @pytest.mark.parametrize("magnitude", [1e-37, 1e-30, 1e-20, 1.0, 1e20, 1e30, 1e38])
 def test_tiny_and_huge_groups_get_the_target_norm(axes, magnitude, run, formulation):
-  x = jnp.zeros((4, 64))
-  # Entries in [0.5, 1.5) * magnitude: at 1e38 the group norm itself exceeds float32's range.
-  g = jnp.asarray(np.random.default_rng(6).uniform(0.5, 1.5, x.shape), jnp.float32)
-  g = g * jnp.float32(magnitude)
-  assert np.isfinite(np.asarray(g)).all()
-  got = np.asarray(run(x, g, axes=axes, target_norm=3.0), np.float64)
+  g = uniform_cotangent((4, 64), magnitude)
+  got = np.asarray(run(g, g, formulation, axes=axes, target_norm=3.0), np.float64)
   np.testing.assert_allclose(reference_norm(got, axes), 3.0, rtol=1e-5)
   np.testing.assert_allclose(got, reference_backward(g, axes=axes, target_norm=3.0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("power", [1.0, 0.5, 0.1])
-@pytest.mark.parametrize("target", [1e-3, 1e3])
-@pytest.mark.parametrize("magnitude", [1e-37, 1e-25, 1e25, 1e38])
+@pytest.mark.parametrize("target", [2.0**-60, 1e-3, 1e3, 1e10, 2.0**50])
+@pytest.mark.parametrize("magnitude", [1e-37, 1e-25, 1.0, 1e25, 1e38])
 def test_extreme_groups_with_any_target_and_power(magnitude, target, power, formulation):
-  # Both scaled bands, with targets and powers far from 1: their two multiplies
-  # must neither overflow nor flush what the result can hold.
-  x = jnp.zeros((4, 64))
-  g = jnp.asarray(np.random.default_rng(10).uniform(0.5, 1.5, x.shape), jnp.float32)
-  g = g * jnp.float32(magnitude)
-  got = np.asarray(backward(x, g, target_norm=target, power=power), np.float64)
+  # Both scaled bands, with targets and powers far from 1 up to the accepted edges:
+  # their two multiplies must neither overflow nor flush what the result can hold.
+  g = uniform_cotangent((4, 64), magnitude, seed=10)
+  got = np.asarray(backward(g, g, formulation, target_norm=target, power=power), np.float64)
   want = reference_backward(g, target_norm=target, power=power)
-  assert np.isfinite(want).all() and (np.abs(want) > np.finfo(np.float32).tiny).all()
+  assert np.isfinite(want).all() and (np.abs(want) > F32_TINY).all()
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+@pytest.mark.parametrize("edge", ["min_target", "max_target"])
+def test_target_range_edges(edge, accepted):
+  scales = core._SCALES[np.dtype(np.float32)]
+  target = getattr(scales, edge) * (1.0 if accepted else (0.99 if edge == "min_target" else 1.01))
+  g = uniform_cotangent((4, 64), 1.0)
+  if not accepted:
+    with pytest.raises(ValueError, match=re.escape(f"`target_norm` {target!r} is outside")):
+      bgn_jax.bgn(g, target_norm=target)
+    return
+  np.testing.assert_allclose(
+    backward(g, g, target_norm=target), reference_backward(g, target_norm=target), rtol=2e-5
+  )
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+@pytest.mark.parametrize("ratio", ["min_eps_ratio", "max_eps_ratio"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e30])
+def test_eps_range_edges(ratio, accepted, magnitude, formulation):
+  # eps = t / ratio: the largest eps floors every group, the smallest none.
+  scales, t = core._SCALES[np.dtype(np.float32)], 2.0
+  eps = t / getattr(scales, ratio) * (1.0 if accepted else (1.01 if ratio[:3] == "min" else 0.99))
+  g = uniform_cotangent((4, 64), magnitude)
+  if not accepted:
+    with pytest.raises(ValueError, match=re.escape(f"`eps` {eps!r} with a target norm of 2 is")):
+      bgn_jax.bgn(g, target_norm=t, eps=eps)
+    return
+  got = np.asarray(backward(g, g, formulation, axes=1, target_norm=t, eps=eps), np.float64)
+  want = reference_backward(g, axes=1, target_norm=t, eps=eps)
+  kept = np.abs(want) > F32_TINY
+  np.testing.assert_allclose(got[kept], want[kept], rtol=2e-5)
+  assert np.all(np.abs(got[~kept]) <= F32_TINY)
+
+
+def test_eps_above_the_small_band_scale():
+  # eps * 2**64 overflows float32; the floored rescale t / eps must not.
+  g = jnp.full((4, 16), 1e-20)
+  got = np.asarray(backward(g, g, target_norm=1e10, eps=1e20), np.float64)
+  np.testing.assert_allclose(got, 1e-30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axes", [None, 1])
+@pytest.mark.parametrize("floored", [True, False])
+def test_eps_at_tiny_groups(axes, floored, formulation):
+  # Groups of 1e-30 entries (the small band), eps just above or below their norm.
+  g = uniform_cotangent((4, 64), 1e-30, seed=11)
+  norm = float(np.max(reference_norm(g, axes)))
+  eps = norm * (4.0 if floored else 0.25) if axes is None else (1e-27 if floored else 1e-32)
+  got = np.asarray(backward(g, g, formulation, axes=axes, target_norm=2.0, eps=eps), np.float64)
+  want = reference_backward(g, axes=axes, target_norm=2.0, eps=eps)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+  if floored:
+    np.testing.assert_allclose(got, np.asarray(g, np.float64) * 2.0 / eps, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -205,20 +367,18 @@ def test_extreme_groups_with_any_target_and_power(magnitude, target, power, form
   ],
 )
 def test_mixed_magnitudes_in_one_group(values, formulation):
-  x = jnp.zeros((6,))
   g = jnp.array(values, jnp.float32)
-  got = backward(x, g, target_norm=1.0)
+  got = backward(g, g, formulation, target_norm=1.0)
   want = reference_backward(g, target_norm=1.0)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=np.finfo(np.float32).tiny)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=F32_TINY)
 
 
 @pytest.mark.parametrize("axes", [None, (1,)])
-def test_gpu_formulation_reads_g_in_one_reduction(axes, monkeypatch):
+def test_variadic_formulation_reads_g_in_one_reduction(axes):
   # Off the CPU: no conditional (its predicate would go to the host) and one variadic
   # reduce for the three sums, so XLA cannot split them into three reads of g.
-  monkeypatch.setattr(core, "_CPU_FORMULATION", False)
   config = core.make_config((8, 16), axes=axes)
-  hlo = jax.jit(lambda g: core.normalize_cotangent(g, config)).lower(jnp.ones((8, 16)))
+  hlo = jax.jit(lambda g: core._normalize(g, config, "variadic")).lower(jnp.ones((8, 16)))
   hlo = hlo.compile().as_text()
   reduces = [line for line in hlo.splitlines() if " reduce(" in line]
   assert "conditional" not in hlo
@@ -228,26 +388,23 @@ def test_gpu_formulation_reads_g_in_one_reduction(axes, monkeypatch):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_accumulates_in_float32(dtype, formulation):
   # 4096 equal bf16/fp16 entries: a sum of squares in the input dtype stalls far below 4096.
-  x = jnp.zeros((4096,), dtype)
-  g = jnp.full(x.shape, 1.0, dtype)
-  got = backward(x, g, target_norm=1.0)
+  g = jnp.full((4096,), 1.0, dtype)
+  got = backward(g, g, formulation, target_norm=1.0)
   assert got.dtype == dtype
   np.testing.assert_allclose(np.linalg.norm(np.asarray(got, np.float64)), 1.0, rtol=1e-2)
 
 
 def test_low_precision_tiny_gradients(formulation):
-  x = jnp.zeros((64,), jnp.bfloat16)
-  g = jnp.full(x.shape, 1e-30, jnp.bfloat16)
-  got = np.asarray(backward(x, g, target_norm=1.0), np.float64)
+  g = jnp.full((64,), 1e-30, jnp.bfloat16)
+  got = np.asarray(backward(g, g, formulation, target_norm=1.0), np.float64)
   np.testing.assert_allclose(np.linalg.norm(got), 1.0, rtol=1e-2)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
 @pytest.mark.parametrize("axes", [None, (1,)])
 def test_zero_group_comes_back_zero(axes, eps, formulation):
-  x = jnp.zeros((3, 5))
-  g = jnp.zeros(x.shape).at[1].set(1.0) if axes else jnp.zeros(x.shape)
-  got = np.asarray(backward(x, g, axes=axes, eps=eps))
+  g = jnp.zeros((3, 5)).at[1].set(1.0) if axes else jnp.zeros((3, 5))
+  got = np.asarray(backward(g, g, formulation, axes=axes, eps=eps))
   assert np.isfinite(got).all()
   np.testing.assert_array_equal(got[0], 0.0)
 
@@ -255,47 +412,59 @@ def test_zero_group_comes_back_zero(axes, eps, formulation):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("power", [1.0, 0.5])
 def test_non_finite_group_comes_back_all_nan(bad, power, formulation):
-  x = jnp.zeros((3, 5))
-  g = random_cotangent(x.shape, seed=7).at[1, 2].set(bad)
-  per_example = np.asarray(backward(x, g, axes=1, power=power))
+  g = random_cotangent((3, 5), seed=7).at[1, 2].set(bad)
+  per_example = np.asarray(backward(g, g, formulation, axes=1, power=power))
   assert np.isnan(per_example[1]).all()
   assert np.isfinite(per_example[[0, 2]]).all()
-  whole = np.asarray(backward(x, g, power=power))
+  whole = np.asarray(backward(g, g, formulation, power=power))
   assert np.isnan(whole).all()
 
 
 def test_power_zero_returns_gradient_unchanged():
-  x = jnp.zeros((3, 5))
-  g = random_cotangent(x.shape, seed=8).at[0, 0].set(jnp.inf)
-  np.testing.assert_array_equal(np.asarray(backward(x, g, power=0.0)), np.asarray(g))
+  g = random_cotangent((3, 5), seed=8).at[0, 0].set(jnp.inf)
+  chex.assert_trees_all_equal(backward(g, g, power=0.0), g)
 
 
 def test_eps_caps_the_scale_up():
-  x = jnp.zeros((10,))
-  g = jnp.full(x.shape, 1e-8)
-  got = np.asarray(backward(x, g, target_norm=1.0, eps=1e-2), np.float64)
+  g = jnp.full((10,), 1e-8)
+  got = np.asarray(backward(g, g, target_norm=1.0, eps=1e-2), np.float64)
   np.testing.assert_allclose(got, 1e-8 * 1.0 / 1e-2, rtol=1e-6)
 
 
 def test_float64(formulation):
   with jax.enable_x64(True):
     x = jnp.zeros((4, 6), jnp.float64)
+    assert bgn_jax.bgn(x) is x and jax.jit(bgn_jax.bgn)(x).dtype == jnp.float64
     for magnitude in (1e-300, 1.0, 1e300):
       g = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape) * magnitude)
-      got = backward(x, g, axes=1, target_norm=2.0)
+      got = backward(x, g, formulation, axes=1, target_norm=2.0)
       assert got.dtype == jnp.float64
       np.testing.assert_allclose(reference_norm(np.asarray(got), 1), 2.0, rtol=1e-12)
+    # float64 accepts what its accumulator holds, beyond float32's range.
+    g = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape))
+    got = backward(x, g, formulation, target_norm=1e100)
+    np.testing.assert_allclose(got, reference_backward(g, target_norm=1e100), rtol=1e-12)
+
+
+# ---------------------------------------------------------------- l2_norm
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e30])
+@pytest.mark.parametrize("axes", [None, -1])
+def test_l2_norm(axes, magnitude, dtype, formulation):
+  scale = magnitude if dtype == jnp.float32 else 1.0
+  x = random_cotangent((3, 16), seed=12, scale=scale).astype(dtype)
+  checked = core._check_axes(axes, x.ndim)
+  got = jax.jit(lambda x: core._l2_norm(x, checked, formulation))(x)
+  if formulation == "platform":
+    chex.assert_trees_all_equal(bgn_jax.l2_norm(x, axes), got)
+  assert got.dtype == jnp.float32
+  want = reference_norm(np.asarray(x.astype(jnp.float32)), axes)
+  np.testing.assert_allclose(got, np.squeeze(want, axis=axes), rtol=1e-6)
 
 
 # ------------------------------------------------ a 4-layer MLP against hand backprop
-
-
-def mlp_params(sizes, seed=10):
-  rng = np.random.default_rng(seed)
-  return [
-    (rng.standard_normal((m, n)) / np.sqrt(m), rng.standard_normal(n) * 0.1)
-    for m, n in zip(sizes[:-1], sizes[1:])
-  ]
 
 
 def mlp_loss(params, x, y, options):
@@ -307,47 +476,34 @@ def mlp_loss(params, x, y, options):
   return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=-1))
 
 
-def mlp_grads_by_hand(params, x, y, options):
-  """Float64 backprop written out by hand, BGN applied to each hidden cotangent."""
-  hs, pre = [x], []
-  for i, (w, b) in enumerate(params):
-    z = hs[-1] @ w + b
-    pre.append(z)
-    hs.append(np.tanh(z) if i < len(params) - 1 else z)
-  delta = (hs[-1] - y) / x.shape[0]
-  grads = [None] * len(params)
-  for i in reversed(range(len(params))):
-    w, _ = params[i]
-    grads[i] = (hs[i].T @ delta, delta.sum(0))
-    if i > 0:
-      cotangent = reference_backward(delta @ w.T, **options)
-      delta = cotangent * (1 - np.tanh(pre[i - 1]) ** 2)
-  return grads
-
-
 @pytest.mark.parametrize(
   "options",
   [{}, {"axes": (1,)}, {"target_norm": 1.0}, {"power": 0.5, "eps": 1e-2}],
   ids=str,
 )
 def test_mlp_gradient_matches_hand_backprop(options):
-  params = mlp_params([5, 16, 16, 16, 3])
-  rng = np.random.default_rng(11)
+  rng = np.random.default_rng(10)
+  sizes = [5, 16, 16, 16, 3]
+  params = [
+    (rng.standard_normal((m, n)) / np.sqrt(m), rng.standard_normal(n) * 0.1)
+    for m, n in zip(sizes[:-1], sizes[1:], strict=False)
+  ]
   x, y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
   got = jax.grad(mlp_loss)(
     jax.tree.map(jnp.float32, params), jnp.float32(x), jnp.float32(y), options
   )
-  want = mlp_grads_by_hand(params, x, y, options)
-  for (gw, gb), (ww, wb) in zip(got, want):
-    np.testing.assert_allclose(np.asarray(gw), ww, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(gb), wb, rtol=1e-4, atol=1e-6)
+  want, _ = mlp_backprop(
+    params,
+    x,
+    lambda h: (h - y) / x.shape[0],
+    activation="tanh",
+    bgn_after_activation=range(len(params) - 1),
+    bgn_options=options,
+  )
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- transforms
-
-
-def weights(shape, seed=12):
-  return random_cotangent(shape, seed=seed)
 
 
 def loss(x, w, **options):
@@ -355,7 +511,8 @@ def loss(x, w, **options):
 
 
 X = jnp.linspace(-1.0, 1.0, 24).reshape(4, 6)
-W = weights((4, 6))
+W = random_cotangent((4, 6), seed=12)
+V = random_cotangent((4, 6), seed=13)
 
 
 def run_plain(**o):
@@ -398,6 +555,11 @@ def run_vmap_axis_name(**o):
   return jax.vmap(jax.grad(per_row), axis_name="rows")(X, W)
 
 
+def run_jacrev(**o):
+  # Row i of the Jacobian of bgn(x) . w with respect to x is the gradient; sum it.
+  return jax.jacrev(lambda x: bgn_jax.bgn(x, **o) * W)(X).sum(axis=(0, 1))
+
+
 TRANSFORMS = {
   "plain": (run_plain, "whole"),
   "jit": (run_jit, "whole"),
@@ -426,39 +588,108 @@ def test_transforms(name, options):
   np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
-def test_grad_of_grad_matches_the_plain_formula(formulation):
-  # d/dw of <grad_x loss, v> differentiates the backward rule itself.
-  v = weights((4, 6), seed=13)
-
-  def through_bgn(w):
-    return jnp.sum(jax.grad(loss)(X, w, target_norm=2.0) * v)
-
-  def formula(w):
-    return jnp.sum(w * 2.0 / jnp.linalg.norm(w) * v)
-
-  np.testing.assert_allclose(jax.grad(through_bgn)(W), jax.grad(formula)(W), rtol=1e-5)
-
-
-@pytest.mark.parametrize("scale", [1e-30, 1e30])
-def test_grad_of_grad_at_tiny_and_huge_scales(scale, formulation):
-  # d/dw <t w / ||w||, v> = t (v / ||w|| - w <w, v> / ||w||**3), in float64 by hand.
-  v = weights((4, 6), seed=13)
-  w = W * jnp.float32(scale)
-
-  def through_bgn(w):
-    return jnp.sum(jax.grad(loss)(X, w, target_norm=2.0) * v)
-
-  got = np.asarray(jax.jit(jax.grad(through_bgn))(w), np.float64)
+def normalized_grad_by_hand(w, v, t):
+  """d/dw <t w / ||w||, v> = t (v / ||w|| - w <w, v> / ||w||**3), in float64."""
   w64, v64 = np.asarray(w, np.float64), np.asarray(v, np.float64)
   norm = np.linalg.norm(w64)
-  want = 2.0 * (v64 / norm - w64 * np.sum(w64 * v64) / norm**3)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  return t * (v64 / norm - w64 * np.sum(w64 * v64) / norm**3)
 
 
-def test_grad_of_grad_zero_cotangent_is_finite(formulation):
-  v = weights((4, 6), seed=14)
-  got = jax.grad(lambda w: jnp.sum(jax.grad(loss)(X, w) * v))(jnp.zeros((4, 6)))
-  assert np.isfinite(np.asarray(got)).all()
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_grad_of_grad_matches_the_formula(scale, formulation):
+  # d/dw of <rule(w), v> differentiates the backward rule itself.
+  w = W * jnp.float32(scale)
+  cotangent = rule(formulation, target_norm=2.0)
+  got = jax.jit(jax.grad(lambda w: jnp.sum(cotangent(w) * V)))(w)
+  np.testing.assert_allclose(got, normalized_grad_by_hand(w, V, 2.0), rtol=1e-5)
+
+
+def test_grad_of_grad_with_axis_name():
+  # One group over the vmapped rows: the norm's derivative must be summed over them too.
+  def per_row(x, w):
+    return jnp.sum(bgn_jax.bgn(x, axis_name="rows") * w)
+
+  def through_bgn(w):
+    return jnp.sum(jax.vmap(jax.grad(per_row), axis_name="rows")(X, w) * V)
+
+  got = jax.grad(through_bgn)(W)
+  np.testing.assert_allclose(got, normalized_grad_by_hand(W, V, math.sqrt(6)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_grad_of_grad_of_a_zero_group_is_zero(eps, formulation):
+  cotangent = rule(formulation, axes=1, eps=eps)
+  w = W.at[1].set(0.0)
+  got = np.asarray(jax.grad(lambda w: jnp.sum(cotangent(w) * V))(w))
+  assert np.isfinite(got).all()
+  np.testing.assert_array_equal(got[1], 0.0)
+
+
+def test_forward_mode_over_the_backward_works():
+  # jax.hessian is jacfwd(jacrev): forward mode over the backward rule, which is defined.
+  def f(x):
+    return jnp.sum(jnp.sin(bgn_jax.bgn(x, target_norm=2.0)) * W)
+
+  hessian = jax.hessian(f)(X)
+  by_reverse = jax.jacrev(jax.jacrev(f))(X)
+  np.testing.assert_allclose(hessian, by_reverse, rtol=1e-5, atol=1e-7)
+  tangent = jax.jvp(jax.grad(f), (X,), (V,))[1]
+  np.testing.assert_allclose(tangent, jnp.einsum("ijkl,kl->ij", by_reverse, V), rtol=1e-5)
+
+
+def test_forward_mode_through_the_node_is_jax_error():
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    jax.jvp(bgn_jax.bgn, (X,), (V,))
+
+
+def test_unbound_axis_name_is_reported_at_call_time():
+  with pytest.raises(ValueError, match="`axis_name` 'rows' is not bound here"):
+    jax.grad(loss)(X, W, axis_name="rows")
+  with pytest.raises(ValueError, match="`axis_name` 'cols' is not bound here"):
+    jax.vmap(functools.partial(loss, axis_name=("rows", "cols")), axis_name="rows")(X, W)
+
+
+# ---------------------------------------------------------------- jax.export
+
+
+@pytest.mark.parametrize(
+  "options",
+  [{}, {"target_norm": "sqrt_size", "eps": 1e-3}, {"axes": -1, "power": 0.5}],
+  ids=str,
+)
+def test_export_with_symbolic_shapes(options):
+  from flax import linen as nn
+
+  model = nn.Sequential([nn.Dense(8), bgn_jax.BGN(**options), nn.Dense(2)])
+  x = random_cotangent((3, 5, 16), seed=14)
+  params = model.init(jax.random.key(0), x)
+
+  def loss_of_input(params, x):
+    return jnp.sum(jnp.tanh(model.apply(params, x)))
+
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, t, 16"), jnp.float32)
+  exported = jax.export.export(jax.jit(jax.value_and_grad(loss_of_input, argnums=(0, 1))))(
+    params, spec
+  )
+  pytest.importorskip("flatbuffers", reason="jax.export's serialization needs flatbuffers")
+  restored = jax.export.deserialize(exported.serialize())
+  unexported = jax.jit(jax.value_and_grad(loss_of_input, argnums=(0, 1)))
+  for shape in [(3, 5, 16), (2, 7, 16)]:
+    x = random_cotangent(shape, seed=15)
+    chex.assert_trees_all_close(
+      restored.call(params, x), unexported(params, x), rtol=1e-5, atol=1e-6
+    )
+  forward = jax.export.export(jax.jit(model.apply))(params, spec)
+  chex.assert_trees_all_close(forward.call(params, x), model.apply(params, x), rtol=1e-6)
+
+
+def test_export_for_other_platforms():
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 16"), jnp.float32)
+  grad = jax.jit(jax.grad(functools.partial(loss, w=1.0)))
+  exported = jax.export.export(grad, platforms=("cpu", "cuda", "tpu"))(spec)
+  assert exported.platforms == ("cpu", "cuda", "tpu")
+  x = random_cotangent((4, 16), seed=16)
+  chex.assert_trees_all_close(exported.call(x), grad(x), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- modules
@@ -481,42 +712,38 @@ def test_nnx_module_applies_bgn():
 
 
 def test_public_api():
-  assert set(bgn_jax.__all__) >= {"bgn", "BGN", "nnx", "__version__"}
+  assert set(bgn_jax.__all__) >= {"bgn", "BGN", "l2_norm", "nnx", "__version__"}
   assert isinstance(bgn_jax.__version__, str)
 
 
 # ---------------------------------------------------------------- bad configuration
 
-BAD = [
-  ({"power": 1.5}, ValueError, "`power` must lie in [0, 1]; got 1.5"),
-  ({"power": -0.1}, ValueError, "`power`"),
-  ({"power": "1"}, TypeError, "`power`"),
-  ({"power": True}, TypeError, "`power`"),
-  ({"eps": -1e-3}, ValueError, "`eps` must be finite and >= 0; got -0.001"),
-  ({"eps": float("nan")}, ValueError, "`eps`"),
-  ({"target_norm": 0.0}, ValueError, "`target_norm` must be positive and finite; got 0.0"),
-  ({"target_norm": -2.0}, ValueError, "`target_norm`"),
-  ({"target_norm": float("inf")}, ValueError, "`target_norm`"),
-  ({"target_norm": "unit"}, ValueError, "unknown `target_norm` 'unit'"),
-  ({"target_norm": None}, TypeError, "`target_norm`"),
-  ({"axes": 2}, ValueError, "`axes` entry 2 is out of range for an input of rank 2"),
-  ({"axes": (0, -2)}, ValueError, "names the same axis twice"),
-  ({"axes": (1.0,)}, TypeError, "`axes`"),
-  ({"axes": "1"}, TypeError, "`axes`"),
-  ({"axis_name": ["a", {}]}, TypeError, "`axis_name`"),
-]
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_OPTIONS, ids=str)
+@pytest.mark.parametrize("traced", [False, True])
+def test_bad_configuration_is_rejected_at_call_time(options, error, message, traced):
+  call = functools.partial(bgn_jax.bgn, **options)
+  with pytest.raises(error, match=re.escape(message)):
+    (jax.jit(call) if traced else call)(jnp.ones((2, 3)))
 
 
-@pytest.mark.parametrize(("options", "error", "message"), BAD, ids=str)
-def test_bad_configuration_is_rejected_at_call_time(options, error, message):
-  with pytest.raises(error, match=__import__("re").escape(message)):
-    bgn_jax.bgn(jnp.ones((2, 3)), **options)
-
-
-@pytest.mark.parametrize("x", [jnp.ones((2,), jnp.int32), np.arange(3), 3, True, jnp.ones(2, bool)])
-def test_non_floating_input_is_rejected(x):
-  with pytest.raises(TypeError, match="`x` must be a floating-point array"):
-    bgn_jax.bgn(x)
+@pytest.mark.parametrize(
+  "x",
+  [
+    jnp.ones((2,), jnp.int32),
+    np.arange(3),
+    3,
+    True,
+    jnp.ones(2, bool),
+    jnp.ones(2, jnp.complex64),
+    1j,
+  ],
+  ids=str,
+)
+@pytest.mark.parametrize("fn", [bgn_jax.bgn, bgn_jax.l2_norm], ids=lambda f: f.__name__)
+def test_non_floating_input_is_rejected(fn, x):
+  with pytest.raises(TypeError, match=f"{fn.__name__}: `x` must be a floating-point array"):
+    fn(x)
 
 
 def test_bad_configuration_is_rejected_by_modules():
@@ -524,7 +751,3 @@ def test_bad_configuration_is_rejected_by_modules():
     bgn_jax.nnx.BGN(power=2.0)
   with pytest.raises(ValueError, match="`eps`"):
     bgn_jax.BGN(eps=-1.0).apply({}, X)
-
-
-def test_reference_target():
-  assert reference_target((3, 4, 5), "sqrt_units") == np.sqrt(20)

@@ -1,0 +1,160 @@
+"""Checks that the test suite kills deliberate bugs ("mutants") of the library.
+
+Each mutant replaces one exact piece of source text in a temporary copy of the
+package and its tests, then runs the few tests meant to catch it with ``-x``. A
+mutant is killed when pytest reports a failing test (exit status 1). A mutant
+whose text is no longer in the source is an error: update its entry with the
+code it stands for. The unmutated code passing those tests is the ordinary CI
+test run.
+
+Usage::
+
+  python tests/mutants.py            # every mutant, two at a time
+  python tests/mutants.py psum eps   # the mutants whose names contain these words
+
+Exits with status 1 if any mutant survives or cannot be applied.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str  # relative to the repository root
+  old: str  # exact source text, present once
+  new: str
+  tests: tuple[str, ...]  # pytest arguments: node ids, and -k expressions
+
+
+MUTANTS = [
+  Mutant(
+    "psum in the norm's custom JVP removed",
+    "bgn_jax/core.py",
+    "      dr = jax.lax.psum(dr, axis_name)",
+    "      dr = dr",
+    ("tests/test_core.py::test_grad_of_grad_with_axis_name",),
+  ),
+  Mutant(
+    "eps compared against the unscaled norm in the small band",
+    "bgn_jax/core.py",
+    "floored = r < eps * inverse_scale",
+    "floored = r < eps",
+    ("tests/test_core.py::test_eps_at_tiny_groups",),
+  ),
+  Mutant(
+    "the 2**64 scale-up replaced by 2**32",
+    "bgn_jax/core.py",
+    "log2_up=64,",
+    "log2_up=32,",
+    ("tests/test_core.py::test_tiny_and_huge_groups_get_the_target_norm",),
+  ),
+  Mutant(
+    "the huge band's pre-scale dropped",
+    "bgn_jax/core.py",
+    "log2_pre_down = _log2_pre_down(t_value, scales)",
+    "log2_pre_down = 0",
+    ("tests/test_core.py::test_extreme_groups_with_any_target_and_power",),
+  ),
+  Mutant(
+    "power applied as 1/c",
+    "bgn_jax/core.py",
+    "factor = ratio if c == 1.0 else ratio**c",
+    "factor = ratio if c == 1.0 else ratio ** (1 / c)",
+    ("tests/test_core.py::test_transforms",),
+  ),
+  Mutant(
+    "the zero-group guard on the factor removed",
+    "bgn_jax/core.py",
+    "  factor = jnp.where(positive, factor, 0)\n",
+    "",
+    ("tests/test_core.py::test_grad_of_grad_of_a_zero_group_is_zero",),
+  ),
+  Mutant(
+    "the zero-group guard on the norm removed",
+    "bgn_jax/core.py",
+    "  r = jnp.where(positive & finite, r, 1)\n",
+    "",
+    ("tests/test_core.py::test_grad_of_grad_of_a_zero_group_is_zero",),
+  ),
+  Mutant(
+    "axes sorted away (a per-example node normalizes the whole batch)",
+    "bgn_jax/core.py",
+    "  return tuple(sorted(normalized))",
+    "  return None",
+    ("tests/test_core.py::test_per_group_norm_is_target",),
+  ),
+  Mutant(
+    "position='before' normalizes keyword arguments too (linen insert)",
+    "bgn_jax/linen.py",
+    "return next_fun(*apply_bgn(args, self._options), **kwargs)",
+    "return next_fun(*apply_bgn(args, self._options), **apply_bgn(kwargs, self._options))",
+    ("tests/test_linen_insert.py", "-k", "before or keyword"),
+  ),
+]
+
+
+def copy_tree(destination: Path) -> None:
+  for name in ("bgn_jax", "tests"):
+    shutil.copytree(
+      ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+  shutil.copy(ROOT / "pyproject.toml", destination / "pyproject.toml")
+
+
+def run_mutant(mutant: Mutant) -> tuple[Mutant, str, float, str]:
+  """Returns (mutant, "killed" | "survived" | "error", seconds, pytest's tail)."""
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="bgn-mutant-") as directory:
+    copy = Path(directory)
+    copy_tree(copy)
+    source = (copy / mutant.path).read_text()
+    if source.count(mutant.old) != 1:
+      found = source.count(mutant.old)
+      return mutant, "error", 0.0, f"its text occurs {found} times in {mutant.path}, not once"
+    (copy / mutant.path).write_text(source.replace(mutant.old, mutant.new))
+    env = dict(os.environ, PYTHONPATH=str(copy), HYPOTHESIS_PROFILE="ci", JAX_PLATFORMS="cpu")
+    # The mutated copy must be what the tests import, not the installed package.
+    check = "import bgn_jax, sys; sys.exit(not bgn_jax.__file__.startswith(sys.argv[1]))"
+    imported = subprocess.run([sys.executable, "-c", check, str(copy)], cwd=copy, env=env)
+    if imported.returncode != 0:
+      return mutant, "error", 0.0, "the tests would import bgn_jax from outside the copy"
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    done = subprocess.run(
+      [*command, *mutant.tests], cwd=copy, env=env, capture_output=True, text=True, timeout=600
+    )
+  # pytest's exit status 1: tests failed. 0: all passed. Others: no tests, or a crash.
+  verdict = {0: "survived", 1: "killed"}.get(done.returncode, "error")
+  tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+  return mutant, verdict, time.perf_counter() - start, tail
+
+
+def main(argv: list[str]) -> int:
+  chosen = [m for m in MUTANTS if not argv or any(word in m.name for word in argv)]
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+    results = list(pool.map(run_mutant, chosen))
+  for mutant, verdict, seconds, tail in results:
+    print(f"{verdict:8} {seconds:5.1f}s  {mutant.name}")
+    if verdict != "killed":
+      print("         " + tail.replace("\n", "\n         "))
+  killed = sum(verdict == "killed" for _, verdict, _, _ in results)
+  print(f"mutants killed: {killed}/{len(results)} in {time.perf_counter() - start:.0f}s")
+  return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
