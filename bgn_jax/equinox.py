@@ -184,7 +184,7 @@ class _Listener:
   def node(self, module: eqx.Module, record: Placement) -> None:
     del module, record
 
-  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+  def after_call(self, module: Any, outputs: Any) -> Any:
     del module
     return outputs
 
@@ -196,9 +196,8 @@ class _Listening:
   def __init__(self, listener: _Listener):
     self._listener = listener
 
-  def __enter__(self) -> _Listener:
+  def __enter__(self) -> None:
     _LISTENERS.append(self._listener)
-    return self._listener
 
   def __exit__(self, *exc: Any) -> None:
     _LISTENERS.remove(self._listener)
@@ -293,7 +292,7 @@ def _probe_class(cls: type) -> type:
   return _subclass(cls, ("probe",), f"{cls.__name__}Probe", namespace)
 
 
-def _probe(module: eqx.Module, path: str, taps: tuple[jax.Array, ...] = ()) -> eqx.Module:
+def _probe(module: eqx.Module, path: str, taps: tuple[jax.Array | None, ...] = ()) -> eqx.Module:
   return _with_class(module, _probe_class(type(module)), bgn_path=path, bgn_taps=taps)
 
 
@@ -445,7 +444,8 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
       "equinox.placements: `model` has no BGN node inserted; pass the model that "
       "bgn_jax.equinox.insert returns."
     )
-  with _Listening(_Recorder()) as recorder:
+  recorder = _Recorder()
+  with _Listening(recorder):
     eqx.filter_eval_shape(lambda m, a, k: m(*a, **k), probed, args, kwargs)
   return recorder.records
 
@@ -474,6 +474,8 @@ def _tap_bwd(tap: jax.Array, grads: list[jax.Array]) -> tuple[list[jax.Array], j
   # scales. Under vmap the tap is shared by the batch, so these sums add up over
   # the examples: the norm over the whole batch.
   flat = flatten_leaves(grads, [0] * len(grads))
+  if flat is None:
+    return grads, jnp.zeros_like(tap)
   norm = l2_norm(flat).astype(tap.dtype)
   scales = jnp.asarray(_TAP_SCALES, tap.dtype)
   return grads, jnp.square(norm * scales)
@@ -521,7 +523,7 @@ class _Discovery(_Listener):
     self.calls: list[_Call] = []
     self._counts: collections.Counter[str] = collections.Counter()
 
-  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+  def after_call(self, module: Any, outputs: Any) -> Any:
     path = module.bgn_path
     index = self._counts[path]
     self._counts[path] += 1
@@ -536,7 +538,7 @@ class _Measure(_Listener):
   def __init__(self) -> None:
     self._counts: collections.Counter[str] = collections.Counter()
 
-  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+  def after_call(self, module: Any, outputs: Any) -> Any:
     index = self._counts[module.bgn_path]
     self._counts[module.bgn_path] += 1
     if index >= len(module.bgn_taps) or module.bgn_taps[index] is None:
@@ -693,7 +695,8 @@ def grad_norms(
   probed = _probed(model, select)
   if not selected:
     raise ValueError(no_match_message("equinox.grad_norms", where, seen, "module"))
-  with _Listening(_Discovery()) as discovery:
+  discovery = _Discovery()
+  with _Listening(discovery):
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   if not discovery.calls:
     raise ValueError(
