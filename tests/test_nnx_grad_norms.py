@@ -358,3 +358,39 @@ def test_bad_where_and_no_match():
     bgn_jax.nnx.grad_norms(None, model, x, where=nnx.Linear)
   with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
     bgn_jax.nnx.grad_norms(sin_loss, {"a": 1}, x, where=nnx.Linear)
+
+
+class Ensemble(nnx.Module):
+  """Three Linears with stacked parameters run side by side by nnx.vmap."""
+
+  def __init__(self, *, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs):
+      return nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    self.members = stacked(rngs)
+
+  def __call__(self, x):
+    @nnx.vmap(in_axes=(0, None), out_axes=0)
+    def run(member, x):
+      return jnp.tanh(member(x))
+
+    return run(self.members, x)
+
+
+def test_vmap_stack_gives_one_value_per_member_against_hand_backprop():
+  model, x = Ensemble(rngs=nnx.Rngs(0)), inputs((5, WIDTH))
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  kernel = np.asarray(model.members.kernel[...], np.float64)
+  bias = np.asarray(model.members.bias[...], np.float64)
+  h = np.einsum("bi,mio->mbo", np.asarray(x, np.float64), kernel) + bias[:, None]
+  # d/dh of sum(sin(3 tanh(h))), and the Linear's backprop to its kernel and bias.
+  grad_h = 3.0 * np.cos(3.0 * np.tanh(h)) * (1.0 - np.tanh(h) ** 2)
+  grad_kernel = np.einsum("bi,mbo->mio", np.asarray(x, np.float64), grad_h)
+  grad_bias = grad_h.sum(axis=1)
+  np.testing.assert_allclose(
+    report["members"]["output"], np.sqrt((grad_h**2).sum(axis=(1, 2))), rtol=1e-5
+  )
+  expected_params = np.sqrt((grad_kernel**2).sum(axis=(1, 2)) + (grad_bias**2).sum(axis=1))
+  np.testing.assert_allclose(report["members"]["params"], expected_params, rtol=1e-5)
