@@ -13,10 +13,21 @@ References:
 
 from bgn_jax import linen, nnx
 from bgn_jax.core import bgn, l2_norm
-from bgn_jax.linen import BGN, GRAD_NORMS_COLLECTION, grad_norms, insert
+from bgn_jax.linen import BGN, GRAD_NORMS_COLLECTION, grad_norms, insert, placements
 from bgn_jax.reports import depth_profile, plot_grad_norms, relative_updates
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+  # bgn_jax.equinox is imported on first use, so that `import bgn_jax` never
+  # imports equinox (an optional extra).
+  if name == "equinox":
+    import importlib
+
+    return importlib.import_module("bgn_jax.equinox")
+  raise AttributeError(f"module 'bgn_jax' has no attribute {name!r}")
+
 
 __all__ = [
   "BGN",
@@ -29,6 +40,7 @@ __all__ = [
   "l2_norm",
   "linen",
   "nnx",
+  "placements",
   "plot_grad_norms",
   "relative_updates",
 ]
