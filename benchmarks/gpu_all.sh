@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the benchmarks issue in one device call, under 10 minutes
-# even if every step runs into its limit: each step has its own timeout, so one
-# hang loses only its own numbers, and each writes its JSON straight under $OUT
-# (9 files with the log, $OUT/log.txt, and the optimized HLO, $OUT/hlo.txt).
+# The GPU measurements in one device call each. Every step has its own timeout, so one
+# hang loses only its own numbers, and each writes its JSON straight under $OUT, with
+# the log in $OUT/log.txt. PART picks the call:
 #
-#   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh           # on the GPU machine
-#   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh   # tiny sizes, to test it on a CPU
+# - models (the default, issue 15): models.py, the step cost of BGN in lm1b's
+#   Transformer LM and imagenet's ResNet-18/50 at the examples' sizes, in three steps
+#   of at most 150 s (8 minutes with the start, even if every step runs into its
+#   limit); node per block first, both dtypes, then a node per Dense / convolution.
+#   4 files: models_{bf16,f32}_block.json, models_layer.json, log.txt.
+# - micro (issue 6): the deep-MLP scripts, under 10 minutes; 9 files with the log and
+#   the optimized HLO, $OUT/hlo.txt.
+#
+#   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh             # on the GPU machine
+#   PART=micro OUT=/tmp/gpuout bash benchmarks/gpu_all.sh  # the issue-6 set, another call
+#   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh     # tiny sizes, to test it on a CPU
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
@@ -31,6 +39,25 @@ step() {
   "$PY" -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
   "$PY" -c "import torch; print('torch', torch.__version__)"
 } >>"$LOG" 2>&1
+
+if [ "${PART:-models}" = models ]; then
+  # Each (model, dtype) is timed for 11 rounds of 3 steps per configuration; the
+  # estimate of what each step takes is in RESULTS.md ("GPU: the next call"). The
+  # records of every finished (model, dtype) are written before the next one starts,
+  # so a step cut off by its limit keeps them. The JSON holds each step's counts of
+  # fusions and reductions in the optimized HLO (hlo_counts, hlo_added).
+  MODEL_ARGS=(--rounds 11 --steps-per-round 3)
+  # On a CPU the toy models of two of the four are enough to test the steps.
+  if [ "${QUICK:-0}" = 1 ]; then MODEL_ARGS=(--models lm1b_small,resnet18); fi
+  step 150 benchmarks/models.py --dtypes bfloat16 --placements block "${MODEL_ARGS[@]}" \
+    --json "$OUT/models_bf16_block.json"
+  step 150 benchmarks/models.py --dtypes float32 --placements block "${MODEL_ARGS[@]}" \
+    --json "$OUT/models_f32_block.json"
+  step 150 benchmarks/models.py --dtypes bfloat16,float32 --placements layer "${MODEL_ARGS[@]}" \
+    --json "$OUT/models_layer.json"
+  cat "$LOG"
+  exit 0
+fi
 
 step 90 benchmarks/overhead.py --dtypes float32 --loops scan --json "$OUT/overhead_f32_scan.json"
 step 45 benchmarks/op.py --dump-hlo "$OUT/hlo.txt" --json "$OUT/op.json"

@@ -43,9 +43,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -422,6 +424,21 @@ def make_step(model: Model, dtype: Any, placement: str | None, grouping: str | N
   return jax.jit(step, donate_argnums=0), jax.jit(init), counters
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s+=\s+.*?\s([a-z][a-z0-9-]*)\(")
+COUNTED_OPS = ("fusion", "reduce", "conditional", "convolution", "dot", "copy", "custom-call")
+
+
+def hlo_counts(text: str) -> dict[str, int]:
+  """How many instructions of each counted opcode the optimized HLO holds (fused
+  computations included: a reduce inside a fusion is one reduction pass)."""
+  counts: collections.Counter[str] = collections.Counter()
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match and match.group(1) in COUNTED_OPS:
+      counts[match.group(1)] += 1
+  return {op: counts[op] for op in COUNTED_OPS}
+
+
 def git_commit() -> str:
   """HEAD's short hash, with "+dirty" when bgn_jax/ or benchmarks/ differ from it."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -451,20 +468,41 @@ def measure(
   configs: list[tuple[str | None, str | None]] = [(None, None)]
   configs += [(p, g) for p in args.placements for g in args.groupings]
   load_start = os.getloadavg()
-  runs, info = {}, {}
+  runs, info, records = {}, {}, []
+  # Nodes add no parameters: one initial state serves every configuration. Lowering
+  # needs only its shapes, timing the arrays.
+  init = make_step(model, dtype, None, None)[1]
+  first_state = jax.eval_shape(init, key_init, *batch) if args.cost_only else init(key_init, *batch)
   for placement, grouping in configs:
-    step, init, counters = make_step(model, dtype, placement, grouping)
-    state = {"state": init(key_init, *batch)}
+    name = f"{placement}/{grouping}" if placement else "none"
+    step, _, counters = make_step(model, dtype, placement, grouping)
+    # Each step donates its state, so each gets a copy of its own.
+    state = {"state": first_state if args.cost_only else jax.tree.map(jnp.copy, first_state)}
     start = time.perf_counter()
     lowered = step.lower(state["state"], *batch)
     lower_s = time.perf_counter() - start
+    cost = lowered.cost_analysis()  # XLA's count on the unoptimized step
+    flops = {"gflop": cost["flops"] / 1e9, "gbytes_accessed": cost["bytes accessed"] / 1e9}
+    if args.cost_only:
+      print(f"  {name}: {flops['gflop']:.1f} GFLOP, {flops['gbytes_accessed']:.1f} GB", flush=True)
+      fields = {"model": model.name, "dtype": dtype_name, "placement": placement or "none"}
+      key = f"models/{model.name}/{dtype_name}/{name}"
+      records.append(harness.record(key, grouping or "none", env, **fields, **size, **flops))
+      continue
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lower_s
-    name = f"{placement}/{grouping}" if placement else "none"
+    text = compiled.as_text()
+    if args.dump_hlo:
+      os.makedirs(args.dump_hlo, exist_ok=True)
+      path = os.path.join(args.dump_hlo, f"{model.name}_{dtype_name}_{name.replace('/', '_')}.txt")
+      with open(path, "w") as f:
+        f.write(text)
     info[name] = {
       "lower_s": lower_s,
       "compile_s": compile_s,
       "nodes": sum(len(c.paths) for c in counters),
+      **flops,
+      "hlo_counts": hlo_counts(text),
       **peak_bytes(compiled),
     }
 
@@ -478,10 +516,11 @@ def measure(
     print(
       f"  {name}: {info[name]['nodes']} nodes, compiled in {lower_s + compile_s:.1f} s", flush=True
     )
+  if args.cost_only:
+    return records
   stats = harness.interleaved_medians(runs, args.rounds, args.steps_per_round)
   load_end = os.getloadavg()
   base, base_info = stats["none"], info["none"]
-  records = []
   for placement, grouping in configs:
     name = f"{placement}/{grouping}" if placement else "none"
     s = stats[name]
@@ -509,6 +548,9 @@ def measure(
       record.update(harness.ratios(s, base))
       record["baseline_ms_per_step"] = 1e3 * base["median_s"]
       record["extra_peak_bytes"] = info[name]["peak_bytes"] - base_info["peak_bytes"]
+      record["hlo_added"] = {
+        op: n - base_info["hlo_counts"][op] for op, n in info[name]["hlo_counts"].items()
+      }
       record["compile_ratio"] = record["compile_total_s"] / (
         base_info["lower_s"] + base_info["compile_s"]
       )
@@ -547,6 +589,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rounds", type=int, default=None, help="samples per configuration")
   parser.add_argument("--steps-per-round", type=int, default=None, help="steps per sample")
   parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--dump-hlo", default=None, help="write each optimized step's HLO here")
+  parser.add_argument(
+    "--cost-only", action="store_true", help="only lower each step and record its FLOPs"
+  )
   args = parser.parse_args(argv)
 
   env = harness.print_environment("models")
@@ -586,7 +632,8 @@ def main(argv: list[str] | None = None) -> None:
       print(f"-- {model.name} {dtype_name} {size}", flush=True)
       records += measure(model, dtype_name, size, args, env)
       harness.write_json(args.json, records)
-  print_table(records)
+  if not args.cost_only:
+    print_table(records)
 
 
 def tiny_model(model: Model) -> Model:

@@ -84,6 +84,8 @@ def test_reduction(tmp_path):
 
 
 def test_models(tmp_path):
+  # Per example only: each configuration is a compile, and the node count does not
+  # depend on the grouping.
   records = run_script(
     tmp_path,
     "models.py",
@@ -91,16 +93,20 @@ def test_models(tmp_path):
     "lm1b_small,resnet18",
     "--dtypes",
     "float32",
-    "--placements",
-    "block,layer",
     "--groupings",
-    "batch,per_example",
+    "per_example",
   )
-  by_key = {(r["model"], r["placement"], r["mode"]): r for r in records}
+  by_key = {(r["model"], r["placement"]): r for r in records}
+  assert set(by_key) == {
+    (m, p) for m in ("lm1b_small", "resnet18") for p in ("none", "block", "layer")
+  }
+  # The toy LM: 2 blocks of 6 Dense (query, key, value, out, 2 MLP) and the logits;
+  # the toy ResNet: the stem, 2 blocks of 2 convolutions and one projection.
   for model, blocks, layers in (("lm1b_small", 2, 13), ("resnet18", 2, 6)):
-    assert by_key[(model, "none", "none")]["nodes"] == 0
-    for mode in ("batch", "per_example"):
-      assert by_key[(model, "block", mode)]["nodes"] == blocks
-      assert by_key[(model, "layer", mode)]["nodes"] == layers
+    assert by_key[(model, "none")]["nodes"] == 0
+    assert by_key[(model, "block")]["nodes"] == blocks
+    assert by_key[(model, "layer")]["nodes"] == layers
+    # A node adds at least its reduction to the optimized step.
+    assert by_key[(model, "block")]["hlo_added"]["reduce"] >= blocks
   assert all(r["peak_bytes"] > 0 and r["compile_total_s"] > 0 for r in records)
   assert all("paired_ratio" in r for r in records if r["placement"] != "none")
