@@ -481,9 +481,14 @@ class _BlockScanBody(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, _: None) -> tuple[jax.Array, None]:
     block = TransformerBlock(
-      self.width, self.heads, self.activation, self.init_scheme, self.pre_ln, self.dtype,
+      self.width,
+      self.heads,
+      self.activation,
+      self.init_scheme,
+      self.pre_ln,
+      self.dtype,
       name="block",
-    )  # fmt: skip
+    )
     return block(h), None
 
 
