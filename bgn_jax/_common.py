@@ -59,7 +59,9 @@ def check_options(
         f"{fn_name}: unknown BGN option {name!r}; the options of bgn_jax.bgn are "
         f"{', '.join(BGN_OPTIONS)}."
       )
-  options = {k: tuple(v) if isinstance(v, list) else v for k, v in bgn_options.items()}
+  options: dict[str, Any] = {
+    k: tuple(v) if isinstance(v, list) else v for k, v in bgn_options.items()
+  }
   # The rank is known only at the call, so out-of-range axes are reported there by
   # bgn. Here: the types, and repeats, with a rank large enough that a negative and
   # a non-negative entry never name the same axis.
@@ -203,16 +205,16 @@ def group_norms(flats: Sequence[jax.Array | None], lead_shapes: Sequence[tuple[i
   per group instead of one per layer, which keeps compilation short for deep
   unrolled models.
   """
+  present = {i: flat for i, flat in enumerate(flats) if flat is not None}
   groups: dict[tuple[Any, ...], list[int]] = {}
-  for i, flat in enumerate(flats):
-    if flat is not None:
-      groups.setdefault((flat.shape, flat.dtype), []).append(i)
+  for i, flat in present.items():
+    groups.setdefault((flat.shape, flat.dtype), []).append(i)
   norms: list[Any] = [jnp.zeros(shape, jnp.float32) for shape in lead_shapes]
   for members in groups.values():
     if len(members) == 1:
-      norms[members[0]] = l2_norm(flats[members[0]], axes=-1)
+      norms[members[0]] = l2_norm(present[members[0]], axes=-1)
       continue
-    stacked = l2_norm(jnp.stack([flats[i] for i in members]), axes=-1)
+    stacked = l2_norm(jnp.stack([present[i] for i in members]), axes=-1)
     for row, i in enumerate(members):
       norms[i] = stacked[row]
   return norms

@@ -23,7 +23,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import flax.core.lift
 import flax.linen as nn
@@ -125,6 +125,9 @@ def _per_step_body(module: nn.Module, method: Callable[..., Any]) -> str | None:
   or ``@nn.scan`` on the method) only inside the transform's body, on a clone bound to
   the body's own root scope. A module that such a body merely calls (the cell that
   ``nn.RNN`` scans) is not the body: its method is not the transformed function.
+  The frames read here are flax's (``core_fn`` and ``wrapped_fn`` in
+  ``flax/linen/transforms.py``, the transforms in ``flax/core/lift.py``); the tests
+  of the scanned forms fail if a flax release renames them.
   """
   if module.scope is None or module.scope.parent is not None:
     return None
@@ -160,7 +163,7 @@ def _variable_names(module: nn.Module) -> dict[int, str]:
   if module.scope is None:
     return {}
   root = module.scope.root
-  flat, _ = jax.tree_util.tree_flatten_with_path(unfreeze(root.variables()))
+  flat, _ = jax.tree_util.tree_flatten_with_path(unfreeze(cast(dict, root.variables())))
   names = {}
   for path, leaf in flat:
     collection, *rest = (str(getattr(k, "key", k)) for k in path)
@@ -627,7 +630,7 @@ class _Probe:
       path=location[:-1],
       location=location,
       output_ndims=tuple(x.ndim for x in jax.tree.leaves(outputs) if _is_inexact_array(x)),
-      params_ndims=jax.tree.map(jnp.ndim, unfreeze(params)),
+      params_ndims=jax.tree.map(jnp.ndim, unfreeze(cast(dict, params))),
     )
     self.calls.append(call)
     return call
