@@ -170,3 +170,12 @@ def test_run_names_keep_the_earlier_mlp_names_and_tell_new_settings_apart():
     )
   }
   assert len(names) == 10
+
+
+@pytest.mark.parametrize(
+  "path", sorted((Path(__file__).parents[2] / "bgn_jax/experiments/configs").glob("*.toml"))
+)
+def test_every_shipped_grid_file_is_valid(path):
+  args = build_parser().parse_args(["sweep", "--config", str(path), "--out", "x"])
+  config = SweepConfig.from_args(args)
+  assert config.runs()
