@@ -65,13 +65,20 @@ def rule(formulation="platform", **options):
   return through_bgn if formulation == "platform" else variadic
 
 
+@functools.cache
+def compiled_rule(formulation, options):
+  # One jitted function per (formulation, options): calls on arrays of one shape
+  # and dtype reuse its compiled code.
+  return jax.jit(rule(formulation, **dict(options)))
+
+
 def backward(x, g, formulation="platform", **options):
   """The cotangent at ``bgn(x, **options)`` for ``g``, jit-compiled.
 
   Compiled, because XLA's fusion and constant folding are where numerics break.
   """
   assert x.shape == g.shape
-  return jax.jit(rule(formulation, **options))(g)
+  return compiled_rule(formulation, tuple(sorted(options.items())))(g)
 
 
 def eager_backward(x, g, formulation="platform", **options):
