@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ class BGN(nnx.Module):
     # construction; axes and the shape-dependent target are checked at call.
     make_config((), target_norm=target_norm, power=power, eps=eps, axis_name=axis_name)
     self.axes = tuple(axes) if isinstance(axes, list) else axes
-    self.target_norm = target_norm
+    self.target_norm: TargetNorm = target_norm
     self.power = power
     self.eps = eps
     self.axis_name = axis_name
@@ -97,8 +97,9 @@ Options = tuple[tuple[str, Any], ...]
 
 # The class attribute that marks a subclass made here: (kind, position, options).
 # Subclasses are found again through cls.__subclasses__(), which holds them weakly,
-# so bgn_jax keeps no class alive and makes one subclass per (class, marker): equal
-# graph definitions for repeated inserts, so nnx.jit reuses its compilation.
+# so bgn_jax holds no reference to any class (flax's own registries keep every nnx
+# Module class alive) and makes one subclass per (class, marker): equal graph
+# definitions for repeated inserts, so nnx.jit reuses its compilation.
 _MARKER = "_bgn_jax_marker"
 # The instance attribute (static, part of the graph definition) of a module with a
 # node: its _Site. Copies made inside nnx transforms carry it along.
@@ -178,7 +179,7 @@ def _classify(module: nnx.Module, tree: Any) -> tuple[list[Any], list[str | None
   reasons: list[str | None] = []
   for _, leaf in keyed:
     if isinstance(leaf, nnx.Variable) or id(leaf) in owned:
-      reasons.append("a variable of the model, passed through")
+      reasons.append("a variable of the module, passed through")
     elif not isinstance(leaf, jax.Array):
       reasons.append(f"not a jax.Array ({type(leaf).__name__})")
     elif not is_float_array(leaf):
@@ -263,7 +264,7 @@ def _is_nnx_filter(where: Any) -> bool:
 def _module_matcher(where: Where, fn_name: str) -> Callable[[Any, tuple[Any, ...]], bool]:
   """``where`` as a test ``(module, path parts) -> bool``; nnx filters get the path parts."""
   if _is_nnx_filter(where):
-    predicate = filterlib.to_predicate(where)
+    predicate = filterlib.to_predicate(cast(Any, where))
     return lambda module, parts: bool(predicate(parts, module))
   is_match = matcher(where, fn_name=fn_name, module_type=nnx.Module)
   return lambda module, parts: is_match(module, _joined(parts))
@@ -447,7 +448,7 @@ def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
   Traces the call abstractly (``nnx.eval_shape``: no FLOPs, the model's state
   is not changed) and lists one record per leaf of each call of a module with a
   node, in call order: the leaves that get a node, and those skipped with the
-  reason (not floating-point, not an array, a variable of the model passed
+  reason (not floating-point, not an array, a variable of the module passed
   through). Inside ``nnx.scan``/``nnx.vmap`` the shapes are those one call
   sees. ``str()`` of the result is a table.
 

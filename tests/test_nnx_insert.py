@@ -497,8 +497,8 @@ def test_a_parameter_passed_through_gets_no_node_and_shows_as_skipped():
   records = bgn_jax.nnx.placements(model, x)
   assert [(p.leaf, p.shape, p.reason) for p in records] == [
     ("[0]", (5, WIDTH), None),
-    ("[1]", (WIDTH,), "a variable of the model, passed through"),
-    ("[2]", (WIDTH,), "a variable of the model, passed through"),
+    ("[1]", (WIDTH,), "a variable of the module, passed through"),
+    ("[2]", (WIDTH,), "a variable of the module, passed through"),
   ]
 
 
