@@ -178,3 +178,26 @@ def test_readme_quickstart_runs_the_ci_test_command() -> None:
   assert ci_pytest, "no `python -m pytest` line in .ci/run"
   shown_pytest = [part.strip() for line in shown for part in line.split("&&")]
   assert set(ci_pytest) <= set(shown_pytest), (ci_pytest, shown)
+
+
+def test_api_reference_reads_rest_tables_as_markdown() -> None:
+  pytest.importorskip("griffe")
+  sys.path.insert(0, str(ROOT / "docs"))
+  try:
+    import griffe_sphinx_roles
+  finally:
+    sys.path.remove(str(ROOT / "docs"))
+  text = (
+    "Intro.\n\n====  =====  ====\nname  axes   t\n====  =====  ====\n"
+    "a     None   one\n             more\nb     given  two\n====  =====  ====\n\nAfter."
+  )
+  assert griffe_sphinx_roles._markdown_tables(text).split("\n") == [
+    "Intro.",
+    "",
+    "| name | axes | t |",
+    "| --- | --- | --- |",
+    "| a | None | one more |",
+    "| b | given | two |",
+    "",
+    "After.",
+  ]
