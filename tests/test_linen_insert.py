@@ -577,17 +577,37 @@ JitTanhDense = nn.jit(TanhDense)
 OtherJitTanhDense = nn.jit(TanhDense)  # the same program, another cache
 
 
+class JitMethodTanhDense(nn.Module):
+  """TanhDense with nn.jit on its __call__ (the decorator form)."""
+
+  hand: bool = False
+
+  @nn.jit
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(WIDTH)(x)
+    return jnp.tanh(bgn(x) if self.hand else x)
+
+
+class OtherJitMethodTanhDense(JitMethodTanhDense):
+  pass  # another class in nn.jit's cache key
+
+
 class JitBlock(nn.Module):
   """Dense_0, then a TanhDense compiled with nn.jit."""
 
   hand: bool = False
-  other: bool = False  # use OtherJitTanhDense: a plain model that no insert ever sees
+  other: bool = False  # a class of the same program that no insert ever sees
+  decorated: bool = False  # nn.jit on the method instead of on the class
 
   @nn.compact
   def __call__(self, x):
     h = nn.Dense(WIDTH)(x)
     x = jnp.tanh(bgn(h) if self.hand else h)
-    block = OtherJitTanhDense if self.other else JitTanhDense
+    if self.decorated:
+      block = OtherJitMethodTanhDense if self.other else JitMethodTanhDense
+    else:
+      block = OtherJitTanhDense if self.other else JitTanhDense
     return block(hand=self.hand, name="block")(x)
 
 
@@ -607,14 +627,16 @@ def test_jit_compiled_apply_gets_nodes_and_its_plain_calls_never_do(order):
   assert_trees_differ(expected, plain)
 
 
-@pytest.mark.parametrize("order", ["insert_first", "plain_first"])
-def test_nn_jit_inside_the_model_gets_nodes_and_its_plain_calls_never_do(order):
-  model = JitBlock()
+@pytest.mark.parametrize(
+  "order, decorated", [("insert_first", False), ("plain_first", False), ("insert_first", True)]
+)
+def test_nn_jit_inside_the_model_gets_nodes_and_its_plain_calls_never_do(order, decorated):
+  model = JitBlock(decorated=decorated)
   x = inputs((5, 6))
   variables = model.init(jax.random.key(0), x)
   with_bgn = bgn_jax.insert(model.apply, where=nn.Dense)
-  expected = loss_grads(JitBlock(hand=True).apply, variables, x)
-  plain = loss_grads(JitBlock(other=True).apply, variables, x)
+  expected = loss_grads(JitBlock(hand=True, decorated=decorated).apply, variables, x)
+  plain = loss_grads(JitBlock(other=True, decorated=decorated).apply, variables, x)
   if order == "plain_first":
     chex.assert_trees_all_equal(loss_grads(model.apply, variables, x), plain)
   chex.assert_trees_all_equal(loss_grads(with_bgn, variables, x), expected)
