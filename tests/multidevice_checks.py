@@ -72,6 +72,25 @@ def with_sharded_jit(w, options):
   return out
 
 
+def grad_of_grad_error():
+  """d/dw <rescaled w, v> under shard_map: the norm's derivative summed over devices too."""
+  rng = np.random.default_rng(1)
+  w, v = (jnp.asarray(rng.standard_normal((16, 6)), jnp.float32) for _ in range(2))
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  spec = PartitionSpec("batch")
+  cotangent = jax.shard_map(
+    jax.grad(functools.partial(loss, axis_name="batch")),
+    mesh=mesh,
+    in_specs=(spec, spec),
+    out_specs=spec,
+  )
+  got = jax.jit(jax.grad(lambda w: jnp.sum(cotangent(jnp.zeros_like(w), w) * v)))(w)
+  w64, v64 = np.asarray(w, np.float64), np.asarray(v, np.float64)
+  norm, t = np.linalg.norm(w64), np.sqrt(w.shape[1])
+  want = t * (v64 / norm - w64 * np.sum(w64 * v64) / norm**3)
+  return float(np.max(np.abs(np.asarray(got, np.float64) - want) / np.abs(want).max()))
+
+
 def main():
   assert jax.device_count() == DEVICES, jax.devices()
   w = cotangent()
@@ -86,6 +105,7 @@ def main():
       got = np.asarray(run(w, options), np.float64)
       error = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-37)))
       results[f"{name}-{options}"] = error
+  results["shard_map-grad_of_grad"] = grad_of_grad_error()
   print(json.dumps(results))
 
 

@@ -34,3 +34,7 @@ def errors():
 )
 def test_split_batch_is_normalized_as_the_whole_batch(errors, transform, options):
   assert errors[f"{transform}-{options}"] <= 1e-5
+
+
+def test_grad_of_grad_sums_the_norms_derivative_over_devices(errors):
+  assert errors["shard_map-grad_of_grad"] <= 1e-5
