@@ -5,7 +5,9 @@ The cotangent is a float32 array of 64M entries shaped (65536, 1024) (4M with
 1024. Each variant's backward (``harness.VARIANTS``) and ``g * 1.7`` are jit-compiled
 and timed in interleaved rounds; the time is the median sample.
 
-``ratio`` is the time over the multiply's. ``gb_per_s`` counts the fewest bytes each
+``ratio`` is the time over the multiply's. The ``eager`` records time a call of
+``bgn_jax.bgn`` on a concrete (64, 32) array outside any transform, in
+microseconds, with a jitted identity's for comparison. ``gb_per_s`` counts the fewest bytes each
 must move: the backward reads g twice (the sums, then the rescale) and writes it
 once, the multiply reads it once and writes it once. So a backward as fast as
 memory allows has ratio 1.5 and the same GB/s as the multiply.
@@ -85,6 +87,31 @@ def check_bgn(g: jax.Array) -> list[str]:
           if abs(got / target - 1) > tol or not close:
             failures.append(f"{where}: norm {got:.7g}, want {target:.7g}")
   return failures
+
+
+def eager_records(env: dict[str, Any], rounds: int, calls: int) -> list[dict[str, Any]]:
+  """Microseconds per eager call of ``bgn_jax.bgn`` on a concrete array, outside any
+  transform, against a jitted identity's (JAX's cheapest dispatch) on the same array."""
+  x = jnp.ones((64, 32))
+  identity = jax.jit(lambda x: x)
+  runs = {"bgn": lambda: bgn_jax.bgn(x, axes=1), "jit_identity": lambda: identity(x)}
+  for run in runs.values():
+    jax.block_until_ready(run())
+  stats = harness.interleaved_medians(runs, rounds, calls)
+  return [
+    harness.record(
+      f"op/eager/{name}",
+      "eager",
+      env,
+      variant=name,
+      us_per_call=1e6 * s["median_s"],
+      q1_us=1e6 * s["q1_s"],
+      q3_us=1e6 * s["q3_s"],
+      samples=s["samples"],
+      **harness.ratios(s, stats["jit_identity"]),
+    )
+    for name, s in stats.items()
+  ]
 
 
 def dump_hlo(path: str, g: jax.Array) -> None:
@@ -174,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     if name != "scale":
       record.update(harness.ratios(s, stats["scale"]))
     records.append(record)
+  eager = eager_records(env, rounds, 100 if args.tiny else 2000)
+  records.extend(eager)
   records.append(
     harness.record(
       "op/check",
@@ -186,9 +215,11 @@ def main(argv: list[str] | None = None) -> None:
   harness.write_json(args.json, records)
 
   print(f"{'variant':13} {'mode':12} {'ms':>9} {'ratio':>7} {'GB/s':>8}")
-  for r in records[:-1]:
+  for r in records[: -1 - len(eager)]:
     ratio = f"{r['ratio']:.3f}" if "ratio" in r else "-"
     print(f"{r['variant']:13} {r['mode']:12} {r['ms']:9.3f} {ratio:>7} {r['gb_per_s']:8.1f}")
+  for r in eager:
+    print(f"eager call, {r['variant']:13} {r['us_per_call']:8.2f} us  ratio {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def test_op(tmp_path):
   records = run_script(tmp_path, "op.py", "--variants", "bgn", "--modes", "batch")
   check = [r for r in records if r["mode"] == "check"]
   assert len(check) == 1 and check[0]["check"] == "ok", check
-  assert all(r["gb_per_s"] > 0 for r in records if r["mode"] != "check")
+  assert all(r["gb_per_s"] > 0 for r in records if r["mode"] not in ("check", "eager"))
+  eager = {r["variant"]: r for r in records if r["mode"] == "eager"}
+  assert set(eager) == {"bgn", "jit_identity"} and eager["bgn"]["us_per_call"] > 0
 
 
 def test_compile(tmp_path):
