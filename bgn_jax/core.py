@@ -14,6 +14,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
