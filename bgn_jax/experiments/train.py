@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bgn_jax.core import make_config
+from bgn_jax.core import TargetNorm, make_config
 from bgn_jax.experiments.data import DATASETS, Dataset, epoch_permutation, load_dataset
 from bgn_jax.experiments.models import (
   ACTIVATIONS,
@@ -202,12 +202,12 @@ class TrainConfig:
       raise ValueError(f"--momentum: must lie in [0, 1); got {self.momentum}.")
 
 
-def target_norm_value(text: str) -> str | float:
+def target_norm_value(text: str) -> TargetNorm:
   """``--bgn-target`` as :func:`bgn_jax.bgn` takes it: a name stays text, a number a float."""
   try:
     return float(text)
   except ValueError:
-    return text
+    return cast(TargetNorm, text)  # A rule's name; make_config rejects other text.
 
 
 def lr_factor(config: TrainConfig, total_steps: int) -> optax.Schedule | None:
@@ -245,7 +245,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 def make_model(config: TrainConfig, num_classes: int) -> DeepMLP | DeepCNN | Transformer:
   """The network of ``config.arch``."""
-  common = dict(
+  common: dict[str, Any] = dict(
     depth=config.depth,
     width=config.width,
     num_classes=num_classes,
@@ -263,7 +263,7 @@ def make_model(config: TrainConfig, num_classes: int) -> DeepMLP | DeepCNN | Tra
 def model_apply(config: TrainConfig, model: nn.Module) -> Callable[..., Any]:
   """``model.apply``, or for the transformer with BGN, with the nodes placed by ``insert``."""
   if config.arch == "transformer":
-    return transformer_apply(model, target_norm_value(config.bgn_target))
+    return transformer_apply(cast(Transformer, model), target_norm_value(config.bgn_target))
   return model.apply
 
 
