@@ -3,19 +3,26 @@
 # hang loses only its own numbers, and each writes its JSON straight under $OUT, with
 # the log in $OUT/log.txt. PART picks the call:
 #
-# - models (the default, issue 15): models.py, the step cost of BGN in lm1b's
-#   Transformer LM and imagenet's ResNet-18/50 at the examples' sizes, in three steps
-#   of at most 150 s (8 minutes with the start, even if every step runs into its
-#   limit); node per block first, both dtypes, then a node per Dense / convolution.
-#   4 files: models_{bf16,f32}_block.json, models_layer.json, log.txt.
+# - models (the default, issue 15): models.py with a node after every block (and
+#   none), whole batch and per example, for lm1b's Transformer LM (two sizes) and
+#   imagenet's ResNet-18/50 at the examples' sizes: bfloat16, then float32, each step
+#   at most 230 s, 8 minutes with the start even if both run into their limits.
+#   3 files: models_bf16_block.json, models_f32_block.json, log.txt.
+# - models_layer: the same with a node after every Dense / convolution, another call
+#   of the same length. 3 files: models_bf16_layer.json, models_f32_layer.json, log.txt.
 # - micro (issue 6): the deep-MLP scripts, under 10 minutes; 9 files with the log and
 #   the optimized HLO, $OUT/hlo.txt.
 #
-#   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh             # on the GPU machine
-#   PART=micro OUT=/tmp/gpuout bash benchmarks/gpu_all.sh  # the issue-6 set, another call
-#   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh     # tiny sizes, to test it on a CPU
+#   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh                     # on the GPU machine
+#   PART=models_layer OUT=/tmp/gpuout bash benchmarks/gpu_all.sh   # the second call
+#   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh             # tiny sizes, on a CPU
 set -u
 : "${OUT:?set OUT to the folder for the results}"
+PART=${PART:-models}
+case "$PART" in
+  models | models_layer | micro) ;;
+  *) echo "PART must be models, models_layer or micro; got '$PART'" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -40,21 +47,24 @@ step() {
   "$PY" -c "import torch; print('torch', torch.__version__)"
 } >>"$LOG" 2>&1
 
-if [ "${PART:-models}" = models ]; then
-  # Each (model, dtype) is timed for 11 rounds of 3 steps per configuration; the
-  # estimate of what each step takes is in RESULTS.md ("GPU: the next call"). The
-  # records of every finished (model, dtype) are written before the next one starts,
-  # so a step cut off by its limit keeps them. The JSON holds each step's counts of
-  # fusions and reductions in the optimized HLO (hlo_counts, hlo_added).
-  MODEL_ARGS=(--rounds 11 --steps-per-round 3)
+if [ "$PART" = models ] || [ "$PART" = models_layer ]; then
+  # Each (model, dtype) is timed for 11 rounds of 3 steps per configuration; the records
+  # of every finished (model, dtype) are written before the next starts, so a step cut
+  # off by its limit keeps them, and the models run cheapest first. Compiling takes
+  # most of the time (RESULTS.md, "GPU: the next calls"), so the baseline is not
+  # compiled twice here: its compile time includes the model's autotuning. The JSON
+  # holds the optimized HLO's counts of fusions and reductions (hlo_counts, hlo_added).
+  placement=block
+  if [ "$PART" = models_layer ]; then placement=layer; fi
+  MODEL_ARGS=(--placements "$placement" --rounds 11 --steps-per-round 3 --no-warm-compile)
   # On a CPU the toy models of two of the four are enough to test the steps.
-  if [ "${QUICK:-0}" = 1 ]; then MODEL_ARGS=(--models lm1b_small,resnet18); fi
-  step 150 benchmarks/models.py --dtypes bfloat16 --placements block "${MODEL_ARGS[@]}" \
-    --json "$OUT/models_bf16_block.json"
-  step 150 benchmarks/models.py --dtypes float32 --placements block "${MODEL_ARGS[@]}" \
-    --json "$OUT/models_f32_block.json"
-  step 150 benchmarks/models.py --dtypes bfloat16,float32 --placements layer "${MODEL_ARGS[@]}" \
-    --json "$OUT/models_layer.json"
+  if [ "${QUICK:-0}" = 1 ]; then
+    MODEL_ARGS=(--placements "$placement" --models lm1b_small,resnet18)
+  fi
+  step 230 benchmarks/models.py --dtypes bfloat16 "${MODEL_ARGS[@]}" \
+    --json "$OUT/models_bf16_$placement.json"
+  step 230 benchmarks/models.py --dtypes float32 "${MODEL_ARGS[@]}" \
+    --json "$OUT/models_f32_$placement.json"
   cat "$LOG"
   exit 0
 fi
