@@ -82,7 +82,7 @@ class BGN(nnx.Module):
     self.axis_name = axis_name
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return bgn(
+    y = bgn(
       x,
       axes=self.axes,
       target_norm=self.target_norm,
@@ -90,6 +90,8 @@ class BGN(nnx.Module):
       eps=self.eps,
       axis_name=self.axis_name,
     )
+    current = _PASS.get()
+    return y if current is None else _probe_bgn_layer(current, x, y)
 
 
 M = TypeVar("M", bound=nnx.Module)
@@ -495,6 +497,10 @@ class _ProbedCall:
   name: str  # the prefix of its GradProbe attributes
   output_ndims: tuple[int, ...]  # rank of each probed leaf in one call
   params_ndims: tuple[int, ...]  # rank of each Param leaf of the module in one call
+  at_bgn_ndims: tuple[int, ...] | None = None  # the same after a BGN node on the output
+
+
+_CallKey = tuple[str, str]  # (path, probe name) of one call
 
 
 @dataclasses.dataclass
@@ -502,6 +508,11 @@ class _Pass:
   discover: bool
   calls: list[_ProbedCall] = dataclasses.field(default_factory=list)
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Probed outputs by id, with their call's module and (path, probe name), so that a
+  # BGN layer fed one is recognised; and the calls whose at_bgn probes are placed.
+  tagged: dict[int, tuple[Any, nnx.Module, _CallKey]] = dataclasses.field(default_factory=dict)
+  at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
+  found: dict[_CallKey, _ProbedCall] = dataclasses.field(default_factory=dict)
 
 
 _PASS: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
@@ -513,40 +524,76 @@ def _param_leaves(module: nnx.Module) -> list[jax.Array]:
   return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
-def _probe_call(self: nnx.Module, outputs: Any) -> Any:
-  current = _PASS.get()
-  if current is None:  # called outside grad_norms (not possible through the public API)
-    return outputs
-  path = getattr(self, _PROBE_PATH)
-  index = current.counts.get(path, 0)
-  current.counts[path] = index + 1
-  name = f"grad_norms_{index}"
-  leaves, reasons, treedef, _ = _classify(self, outputs)
+def _perturbed(current: _Pass, owner: nnx.Module, tree: Any, name: str) -> tuple[Any, list[int]]:
+  """``tree`` plus the GradProbe Variables ``{name}_{n}`` of ``owner`` on its
+  floating-point leaves (made in the shape pass), and the ranks of those leaves."""
+  leaves, reasons, treedef, _ = _classify(owner, tree)
   chosen = [i for i, reason in enumerate(reasons) if reason is None]
-  if current.discover:
-    current.calls.append(
-      _ProbedCall(
-        path=path,
-        name=name,
-        output_ndims=tuple(leaves[i].ndim for i in chosen),
-        params_ndims=tuple(jnp.ndim(p) for p in _param_leaves(self)),
-      )
-    )
   for n, i in enumerate(chosen):
     attribute = f"{name}_{n}"
     if current.discover:
-      setattr(self, attribute, GradProbe(jnp.zeros_like(leaves[i])))
-    probe = getattr(self, attribute, None)
+      setattr(owner, attribute, GradProbe(jnp.zeros_like(leaves[i])))
+    probe = getattr(owner, attribute, None)
     if probe is not None:  # None: a trace whose variables the transform discarded
       leaves[i] = leaves[i] + probe[...]
-  return jax.tree.unflatten(treedef, leaves)
+  return jax.tree.unflatten(treedef, leaves), [leaves[i].ndim for i in chosen]
+
+
+def _probe_output(current: _Pass, module: nnx.Module, outputs: Any) -> tuple[Any, _CallKey]:
+  """The module's output with its "output" probes; the key of this call."""
+  path = getattr(module, _PROBE_PATH)
+  index = current.counts.get(path, 0)
+  current.counts[path] = index + 1
+  name = f"grad_norms_{index}"
+  params_ndims = tuple(jnp.ndim(p) for p in _param_leaves(module))
+  outputs, ndims = _perturbed(current, module, outputs, name)
+  key = (path, name)
+  if current.discover:
+    current.calls.append(_ProbedCall(path, name, tuple(ndims), params_ndims))
+    current.found[key] = current.calls[-1]
+  if ndims:
+    current.tagged[id(outputs)] = (outputs, module, key)
+  return outputs, key
+
+
+def _probe_at_bgn(current: _Pass, owner: nnx.Module, key: _CallKey, normalized: Any) -> Any:
+  """A BGN node's output with the "at_bgn" probes of the call ``key`` (on ``owner``)."""
+  current.at_bgn.add(key)
+  normalized, ndims = _perturbed(current, owner, normalized, f"{key[1]}_at_bgn")
+  if current.discover and ndims:
+    current.found[key].at_bgn_ndims = tuple(ndims)
+  return normalized
+
+
+def _probe_bgn_layer(current: _Pass, x: Any, y: Any) -> Any:
+  """``y = BGN()(x)``, with the at_bgn probes where ``x`` is a probed output."""
+  tagged = current.tagged.get(id(x))
+  if tagged is None or tagged[0] is not x or tagged[2] in current.at_bgn:
+    return y
+  _, owner, key = tagged
+  return _probe_at_bgn(current, owner, key, y)
 
 
 def _with_probe(cls: type) -> type:
   """The subclass of ``cls`` whose ``__call__`` adds grad_norms's perturbations."""
+  marker = _marker(cls)
+  if marker is not None and marker[:2] == ("bgn", "after"):
+    # insert's node sits on the output: "output" before it, "at_bgn" after it.
+    base, options = cls.__mro__[1], dict(marker[2])
 
-  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    return _probe_call(self, cls.__call__(self, *args, **kwargs))
+    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+      current = _PASS.get()
+      if current is None:  # called outside grad_norms (not possible through the public API)
+        return cls.__call__(self, *args, **kwargs)
+      outputs, key = _probe_output(current, self, base.__call__(self, *args, **kwargs))
+      return _probe_at_bgn(current, self, key, _with_nodes(self, outputs, options))
+
+  else:
+
+    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+      outputs = cls.__call__(self, *args, **kwargs)
+      current = _PASS.get()
+      return outputs if current is None else _probe_output(current, self, outputs)[0]
 
   return _subclass(cls, ("probe",), __call__, f"{cls.__name__} with grad_norms's probes.")
 
@@ -582,13 +629,26 @@ def _leading(stacked: list[int], per_call: tuple[int, ...], what: str, path: str
 @functools.partial(jax.jit, static_argnums=(2,))
 def _report_norms(grad_params: Any, grad_probes: Any, plan: tuple[Any, ...]) -> list:
   flats, lead_shapes = [], []
-  for probe_keys, output_lead, module_parts, params_lead, lead_shape in plan:
+  for (
+    probe_keys,
+    output_lead,
+    module_parts,
+    params_lead,
+    lead_shape,
+    at_bgn_keys,
+    at_bgn_lead,
+  ) in plan:
     outputs = [_state_at(grad_probes, keys) for keys in probe_keys]
     params = jax.tree.leaves(_state_at(grad_params, module_parts) or {})
-    flats += [flatten_leaves(outputs, output_lead), flatten_leaves(params, params_lead)]
-    lead_shapes += [lead_shape, lead_shape]
+    at_bgn = [_state_at(grad_probes, keys) for keys in at_bgn_keys]
+    flats += [
+      flatten_leaves(outputs, output_lead),
+      flatten_leaves(params, params_lead),
+      flatten_leaves(at_bgn, at_bgn_lead),
+    ]
+    lead_shapes += [lead_shape] * 3
   norms = group_norms(flats, lead_shapes)
-  return list(zip(norms[::2], norms[1::2], strict=True))
+  return list(zip(norms[::3], norms[1::3], norms[2::3], strict=True))
 
 
 def grad_norms(
@@ -678,8 +738,13 @@ def grad_norms(
     parts = module_parts[call.path]
     keys = [parts + (f"{call.name}_{n}",) for n in range(len(call.output_ndims))]
     shapes = [_state_at(probe_shapes, k) for k in keys]
-    if all(s is not None for s in shapes):
-      calls.append((call, parts, keys, [s.shape for s in shapes]))
+    if any(s is None for s in shapes):
+      continue  # a trace whose variables the transform discarded
+    at_bgn = [parts + (f"{call.name}_at_bgn_{n}",) for n in range(len(call.at_bgn_ndims or ()))]
+    at_bgn_shapes = [_state_at(probe_shapes, k) for k in at_bgn]
+    if call.at_bgn_ndims is None or any(s is None for s in at_bgn_shapes):
+      at_bgn = None
+    calls.append((call, parts, keys, [s.shape for s in shapes], at_bgn, at_bgn_shapes))
   if not calls:
     raise ValueError(
       f"nnx.grad_norms: `where` {where!r} selected "
@@ -697,20 +762,29 @@ def grad_norms(
   grad_probes = nnx.state(grads, GradProbe)
   params = nnx.state(work, nnx.Param)
   plan = []
-  for call, parts, keys, shapes in calls:
+  for call, parts, keys, shapes, at_bgn, at_bgn_shapes in calls:
     output_lead = _leading([len(s) for s in shapes], call.output_ndims, "outputs", call.path)
     lead_shape = tuple(shapes[0][: output_lead[0]]) if shapes else ()
     stacked = [jnp.ndim(p) for p in jax.tree.leaves(_state_at(params, parts) or {})]
     params_lead = _leading(stacked, call.params_ndims, "parameters", call.path)
     if len(set(params_lead)) > 1 or (params_lead and params_lead[0] != len(lead_shape)):
       params_lead = (0,) * len(params_lead)  # shared and stacked mixed: one norm
-    plan.append((tuple(keys), output_lead, parts, params_lead, lead_shape))
+    at_bgn_lead = ()
+    if at_bgn is not None:
+      ranks = [len(s.shape) for s in at_bgn_shapes]
+      at_bgn_lead = _leading(ranks, call.at_bgn_ndims or (), "outputs", call.path)
+    at_bgn_keys = tuple(at_bgn or ())
+    plan.append(
+      (tuple(keys), output_lead, parts, params_lead, lead_shape, at_bgn_keys, at_bgn_lead)
+    )
   norms = _report_norms(nnx.to_pure_dict(grad_params), nnx.to_pure_dict(grad_probes), tuple(plan))
   counts: dict[str, int] = {}
   report = collections.OrderedDict()
-  for (call, *_), (output, param) in zip(calls, norms, strict=True):
+  for (call, *_, at_bgn, _), (output, param, raw) in zip(calls, norms, strict=True):
     index = counts.get(call.path, 0)
     counts[call.path] = index + 1
     key = call.path if index == 0 else f"{call.path}#{index}"
     report[key] = {"output": output, "params": param}
+    if at_bgn is not None:
+      report[key]["at_bgn"] = raw
   return report

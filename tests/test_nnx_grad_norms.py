@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 import bgn_jax
+from bgn_jax import bgn
 from tests.trees import assert_trees_equal, inputs
 
 WIDTH = 8
@@ -79,25 +80,27 @@ def module_params(grad_params, path):
 
 
 def check_report(report, names, grad_taps, grad_params, per_layer=False):
-  """The report against the hand gradients: keys in call order, norms in float64."""
-  assert list(report) == names
-  for key in names:
+  """The report against the hand gradients: keys in call order, norms in float64.
+
+  The tap ``"<key>@at_bgn"``, where there is one, sits after a BGN node on the
+  output: the report must then have an "at_bgn" entry, and only then.
+  """
+  keys = [name for name in names if not name.endswith("@at_bgn")]
+  assert list(report) == keys
+  for key in keys:
     path = key.split("#")[0]
-    expected_output = grad_taps[key]
-    expected_params = module_params(grad_params, path)
-    if per_layer:  # one norm per leading index
-      expected = (
-        [norm64(expected_output[i]) for i in range(expected_output.shape[0])],
-        [
-          norm64(jax.tree.map(lambda p, i=i: p[i], expected_params))
-          for i in range(len(expected_output))
-        ],
-      )
-    else:
-      expected = (norm64(expected_output), norm64(expected_params))
-    got = (np.asarray(report[key]["output"]), np.asarray(report[key]["params"]))
-    np.testing.assert_allclose(got[0], expected[0], rtol=2e-6, err_msg=f"{key} output")
-    np.testing.assert_allclose(got[1], expected[1], rtol=2e-6, err_msg=f"{key} params")
+    expected = {"output": grad_taps[key], "params": module_params(grad_params, path)}
+    if f"{key}@at_bgn" in grad_taps:
+      expected["at_bgn"] = grad_taps[f"{key}@at_bgn"]
+    assert set(report[key]) == set(expected), key
+    layers = len(grad_taps[key]) if per_layer else None
+    for kind, tree in expected.items():
+      if per_layer:  # one norm per leading index
+        want = [norm64(jax.tree.map(lambda p, i=i: p[i], tree)) for i in range(layers)]
+      else:
+        want = norm64(tree)
+      got = np.asarray(report[key][kind])
+      np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=f"{key} {kind}")
 
 
 def sin_loss(model, x):
@@ -105,14 +108,20 @@ def sin_loss(model, x):
 
 
 class MLP(nnx.Module):
-  def __init__(self, depth=3, *, rngs):
+  """Linear and tanh; ``hand_nodes``/``hand_before``: a bgn node on each Linear's
+  output/input, written by hand."""
+
+  def __init__(self, depth=3, *, hand_nodes=False, hand_before=False, rngs):
     self.layers = nnx.List(
       [nnx.Linear(6 if i == 0 else WIDTH, WIDTH, rngs=rngs) for i in range(depth)]
     )
+    self.hand_nodes = hand_nodes
+    self.hand_before = hand_before
 
   def __call__(self, x):
     for i, layer in enumerate(self.layers):
-      x = jnp.tanh(tap(f"layers/{i}", layer(x)))
+      h = tap(f"layers/{i}", layer(bgn(x) if self.hand_before else x))
+      x = jnp.tanh(tap(f"layers/{i}@at_bgn", bgn(h)) if self.hand_nodes else h)
     return x
 
 
@@ -123,31 +132,51 @@ def test_mlp_against_hand_perturbations():
   assert all(report[k]["output"].dtype == jnp.float32 for k in report)
 
 
-def test_inserted_nodes_report_the_gradient_arriving_at_the_node():
-  # tap sits at the output as callers see it: after the node insert adds in __call__.
+def test_inserted_nodes_report_output_before_the_node_and_at_bgn_after_it():
+  # As in linen: "output" is the Linear's own output, which the node is the only
+  # consumer of (so the normalized gradient); "at_bgn" the raw one arriving at the node.
   model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((5, 6))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
-  names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
+  names, grad_taps, grad_params = hand_gradients(
+    sin_loss, MLP(hand_nodes=True, rngs=nnx.Rngs(0)), x
+  )
   check_report(report, names, grad_taps, grad_params)
+  # The node's target norm for a (5, 8) output is sqrt(8) (sqrt_units: the features).
+  for key in report:
+    np.testing.assert_allclose(report[key]["output"], np.sqrt(WIDTH), rtol=1e-6)
   # The params are those of the BGN model, not of the plain one.
   plain = hand_gradients(sin_loss, MLP(rngs=nnx.Rngs(0)), x)[2]
   assert not np.isclose(norm64(plain["layers"][0]), norm64(grad_params["layers"][0]))
+  # A node before the module normalizes its input: no node on the output, no "at_bgn".
+  model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, position="before")
+  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  check_report(report, *hand_gradients(sin_loss, MLP(hand_before=True, rngs=nnx.Rngs(0)), x))
 
 
 class Residual(nnx.Module):
-  """h = Linear(x); out = tanh(BGN(h)) * 3 + h: h has two consumers."""
+  """h = Linear(x); out = tanh(BGN(h)) * 3 + h: h has two consumers.
 
-  def __init__(self, *, rngs):
+  ``feed``: "attribute" (the BGN layer is an attribute), "inline" (made inside
+  ``__call__``: it has no state) or "copy" (the layer is fed ``h + 0``, not the
+  Linear's output itself, so it is not a node on that output).
+  """
+
+  def __init__(self, *, feed="attribute", rngs):
     self.linear = nnx.Linear(6, WIDTH, rngs=rngs)
     self.node = bgn_jax.nnx.BGN()
+    self.feed = feed
 
   def __call__(self, x):
     h = tap("linear", self.linear(x))
-    return jnp.tanh(self.node(h)) * 3.0 + h
+    if self.feed == "copy":
+      return jnp.tanh(self.node(h + 0.0)) * 3.0 + h
+    node = bgn_jax.nnx.BGN() if self.feed == "inline" else self.node
+    return jnp.tanh(tap("linear@at_bgn", node(h))) * 3.0 + h
 
 
-def test_residual_output_is_the_gradient_over_all_consumers():
-  model, x = Residual(rngs=nnx.Rngs(0)), inputs((5, 6))
+@pytest.mark.parametrize("feed", ["attribute", "inline", "copy"])
+def test_residual_output_is_over_all_consumers_and_at_bgn_at_the_layer(feed):
+  model, x = Residual(feed=feed, rngs=nnx.Rngs(0)), inputs((5, 6))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   check_report(report, *hand_gradients(sin_loss, model, x))
 
