@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def run_script(tmp_path: Path, script: str, *args: str, python_prefix: str = "") -> list[dict]:
+def run_script(
+  tmp_path: Path, script: str, *args: str, python_prefix: str = "", timeout: float = 120
+) -> list[dict]:
   """Runs ``benchmarks/<script>`` with ``--tiny --json`` and returns its records."""
   out = tmp_path / f"{script}.json"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
@@ -29,7 +31,7 @@ def run_script(tmp_path: Path, script: str, *args: str, python_prefix: str = "")
     command = [sys.executable, "-c", code]
   else:
     command = [sys.executable, str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stdout + result.stderr
   records = json.loads(out.read_text())
   assert isinstance(records, list) and records
@@ -86,8 +88,8 @@ def test_reduction(tmp_path):
 
 
 def test_models(tmp_path):
-  # Per example only: each configuration is a compile, and the node count does not
-  # depend on the grouping.
+  # Per example only and no warm-up compile: each configuration is a compile, and the
+  # node count does not depend on the grouping.
   records = run_script(
     tmp_path,
     "models.py",
@@ -97,6 +99,8 @@ def test_models(tmp_path):
     "float32",
     "--groupings",
     "per_example",
+    "--no-warm-compile",
+    timeout=600,
   )
   by_key = {(r["model"], r["placement"]): r for r in records}
   assert set(by_key) == {
