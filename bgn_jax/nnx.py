@@ -672,11 +672,18 @@ def grad_norms(
   ``__call__``) are discarded, as in the linen version. Works under ``nnx.jit``
   and ``jax.jit`` (``nnx.merge`` inside), with ``loss_fn`` and ``where`` static.
 
-  "output" is the norm of the gradient of the loss with respect to the module's
-  output as its callers see it, over all its consumers; for a module with a node
-  from :func:`insert`, that is the gradient arriving at the node, before the
-  node normalizes it. "params" is the norm of the gradient of the module's
-  ``nnx.Param`` Variables (its submodules' included), summed over its calls.
+  "output" is always the norm of the gradient of the loss with respect to the
+  module's output, the tensor its ``__call__`` computed, over all its consumers
+  (a residual path included). Where a BGN node sits directly on that output (a
+  node of :func:`insert` after the module, or a :class:`BGN` layer fed the output
+  itself, as an attribute or made inside ``__call__``), "at_bgn" is the raw
+  gradient arriving at the node, before it normalizes it. With the node as the
+  only consumer, "output" is then the normalized gradient and "at_bgn" the one
+  the layers above sent, as in the linen version. A bare :func:`bgn_jax.bgn`
+  call, a node placed ``position="before"`` the next module, or a BGN layer fed
+  a value computed from the output is not seen as a node: no "at_bgn" there.
+  "params" is the norm of the gradient of the module's ``nnx.Param`` Variables
+  (its submodules' included), summed over its calls.
 
   Keys are the "/"-joined attribute paths (``"layers/3"``,
   ``"blocks/linear"``), in call order; the result is an ``OrderedDict``. A
@@ -699,9 +706,10 @@ def grad_norms(
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``, float32 (float64 for float64
-    gradients); a module without parameters has "params" zero, a call without
-    floating-point output has "output" zero.
+    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    a BGN node sits on the output; float32 (float64 for float64 gradients). A
+    module without parameters has "params" zero, a call without floating-point
+    output has "output" zero.
 
   Raises:
     TypeError: ``loss_fn`` is not callable, ``model`` is not an ``nnx.Module``,

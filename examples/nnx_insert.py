@@ -61,11 +61,16 @@ def main():
 
   print(bgn_jax.nnx.placements(model, x[:8]))  # abstract: no FLOPs, state unchanged
 
-  # The gradient arriving at each layer's output, before its node normalizes it.
+  # "output": the gradient at each layer's own output, which its node normalized;
+  # "at_bgn": the raw gradient arriving at the node from the layers above.
   with_bgn = bgn_jax.nnx.grad_norms(loss_fn, model, x, labels, where=r"^layers/")
-  print("layer  |dL/dW| plain  |dL/dW| with BGN")
+  print("layer      |dL/dW| plain  |dL/dW| with BGN  at_bgn     output")
   for key in ("layers/0", "layers/5", "layers/11"):
-    print(f"{key:9s}  {float(plain[key]['params']):.3e}  {float(with_bgn[key]['params']):.3e}")
+    plain_w, entry = float(plain[key]["params"]), with_bgn[key]
+    print(
+      f"{key:9s}  {plain_w:.3e}      {float(entry['params']):.3e}         "
+      f"{float(entry['at_bgn']):.3e}  {float(entry['output']):.3e}"
+    )
   assert float(with_bgn["layers/0"]["params"]) > float(plain["layers/0"]["params"])
 
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)

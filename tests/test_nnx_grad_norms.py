@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 import bgn_jax
 from bgn_jax import bgn
@@ -181,6 +181,55 @@ def test_residual_output_is_over_all_consumers_and_at_bgn_at_the_layer(feed):
   check_report(report, *hand_gradients(sin_loss, model, x))
 
 
+class LinenMLP(linen.Module):
+  depth: int = 3
+
+  @linen.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = jnp.tanh(linen.Dense(WIDTH)(x))
+    return x
+
+
+class LinenResidual(linen.Module):
+  @linen.compact
+  def __call__(self, x):
+    h = linen.Dense(WIDTH)(x)
+    return jnp.tanh(bgn_jax.linen.BGN()(h)) * 3.0 + h
+
+
+def linen_params(linears):
+  return {
+    "params": {
+      f"Dense_{i}": {"kernel": linear.kernel[...], "bias": linear.bias[...]}
+      for i, linear in enumerate(linears)
+    }
+  }
+
+
+def test_the_report_is_linens_on_the_same_weights():
+  x = inputs((5, 6))
+  mlp = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear)
+  residual = Residual(rngs=nnx.Rngs(0))
+  inserted_apply = bgn_jax.linen.insert(LinenMLP().apply, where=linen.Dense)
+  cases = [
+    (mlp, list(mlp.layers), inserted_apply, [f"layers/{i}" for i in range(3)]),
+    (residual, [residual.linear], LinenResidual().apply, ["linear"]),
+  ]
+  for model, linears, apply, keys in cases:
+    got = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+    expected = bgn_jax.linen.grad_norms(
+      lambda v, x, apply=apply: jnp.sum(jnp.sin(3.0 * apply(v, x))),
+      linen_params(linears),
+      x,
+      where=linen.Dense,
+    )
+    assert list(got) == keys
+    renamed = {key: expected[f"Dense_{i}"] for i, key in enumerate(keys)}
+    assert {k: list(v) for k, v in got.items()} == {k: list(v) for k, v in renamed.items()}
+    chex.assert_trees_all_close(dict(got), renamed, rtol=1e-5)
+
+
 class Block(nnx.Module):
   """A gemma-like decoder block at toy size: pre-norms, attention, gated MLP, residuals."""
 
@@ -304,38 +353,52 @@ def test_batchnorm_and_dropout_in_train_mode():
   assert_trees_equal(nnx.state(model, (nnx.BatchStat, nnx.RngCount)), before)
 
 
-class ScanStack(nnx.Module):
-  """Layers with stacked parameters (nnx.vmap), run by nnx.scan; taps are scanned too."""
+LAYERS = 3
 
-  def __init__(self, *, rngs):
-    @nnx.split_rngs(splits=4)
+
+class ScanStack(nnx.Module):
+  """Layers with stacked parameters (nnx.vmap), run by nnx.scan; taps are scanned too.
+
+  ``hand_nodes``: a bgn node on each layer's output, by hand, with its own tap.
+  """
+
+  def __init__(self, *, hand_nodes=False, rngs):
+    @nnx.split_rngs(splits=LAYERS)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def stacked(rngs):
       return nnx.Linear(WIDTH, WIDTH, rngs=rngs)
 
     self.layers = stacked(rngs)
     self.head = nnx.Linear(WIDTH, 2, rngs=rngs)
+    self.hand_nodes = hand_nodes
 
   def __call__(self, x):
-    taps = _TAPS.get()
+    names = ["layers", "layers@at_bgn"] if self.hand_nodes else ["layers"]
+    shape, taps = (LAYERS, *x.shape), _TAPS.get()
     if isinstance(taps, list):
-      taps.append(("layers", jax.ShapeDtypeStruct((4, *x.shape), x.dtype)))
-    per_layer = taps["layers"] if isinstance(taps, dict) else jnp.zeros((4, *x.shape), x.dtype)
+      taps += [(name, jax.ShapeDtypeStruct(shape, x.dtype)) for name in names]
+    per_layer = [taps[n] if isinstance(taps, dict) else jnp.zeros(shape, x.dtype) for n in names]
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
-    def body(x, layer, perturbation):
-      return jnp.tanh(layer(x) + perturbation)
+    def body(x, layer, perturbations):
+      h = layer(x) + perturbations[0]
+      return jnp.tanh(bgn(h) + perturbations[1] if self.hand_nodes else h)
 
     return tap("head", self.head(body(x, self.layers, per_layer)))
 
 
-def test_scan_stack_gives_one_value_per_layer():
+@pytest.mark.parametrize("inserted", [False, True], ids=["plain", "inserted"])
+def test_scan_stack_gives_one_value_per_layer(inserted):
   model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
+  if inserted:
+    bgn_jax.nnx.insert(model, where=r"^layers$")
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=r"^layers$")
-  names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
-  assert report["layers"]["output"].shape == report["layers"]["params"].shape == (4,)
-  check_report(report, ["layers"], {"layers": grad_taps["layers"]}, grad_params, per_layer=True)
-  assert bgn_jax.depth_profile(report).shape == (4,)
+  reference = ScanStack(hand_nodes=inserted, rngs=nnx.Rngs(0))
+  names, grad_taps, grad_params = hand_gradients(sin_loss, reference, x)
+  assert {v.shape for v in report["layers"].values()} == {(LAYERS,)}
+  scanned = [name for name in names if name.startswith("layers")]
+  check_report(report, scanned, grad_taps, grad_params, per_layer=True)
+  assert bgn_jax.depth_profile(report).shape == (LAYERS,)
 
 
 class Twice(nnx.Module):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import bgn_jax
-from tests.test_nnx_grad_norms import MLP, ScanStack, sin_loss
+from tests.test_nnx_grad_norms import LAYERS, MLP, ScanStack, sin_loss
 from tests.trees import inputs
 
 
@@ -60,12 +60,12 @@ def test_relative_updates_per_layer_of_a_scan_stack_from_a_grad_norms_report():
   step(model, x)
   new = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   ratios = bgn_jax.relative_updates(old, new, where=report)
-  assert ratios["layers"].shape == (4,)
+  assert ratios["layers"].shape == (LAYERS,)
   expected = [
     numpy_ratio(
       jax.tree.map(lambda p, i=i: p[i], old["layers"]),
       jax.tree.map(lambda p, i=i: p[i], new["layers"]),
     )
-    for i in range(4)
+    for i in range(LAYERS)
   ]
   np.testing.assert_allclose(ratios["layers"], expected, rtol=1e-6)
