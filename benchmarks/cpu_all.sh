@@ -19,7 +19,8 @@ PIN=() # a command prefix for the steps, set below for the 1-core ones
 step() {
   echo "=== $(date -u +%T) load: $(cut -d' ' -f1-3 /proc/loadavg) | ${PIN[*]} $*" | tee -a "$LOG"
   "${PIN[@]}" "$PY" "$@" >>"$LOG" 2>&1
-  echo "=== $(date -u +%T) exit $?" | tee -a "$LOG"
+  local rc=$? # before the date below resets $?
+  echo "=== $(date -u +%T) exit $rc" | tee -a "$LOG"
 }
 
 { date -u; uptime; nproc; "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"; } >"$LOG" 2>&1

@@ -37,7 +37,8 @@ step() {
   shift
   echo "=== $(date -u +%T) (limit ${limit} s) $*" >>"$LOG"
   timeout "$limit" "$PY" "$@" "${EXTRA[@]}" >>"$LOG" 2>&1
-  echo "=== $(date -u +%T) exit $?" >>"$LOG"
+  local rc=$? # before the date below resets $?; 124 = cut off by the limit
+  echo "=== $(date -u +%T) exit $rc" >>"$LOG"
 }
 
 {
@@ -59,7 +60,7 @@ if [ "$PART" = models ] || [ "$PART" = models_layer ]; then
   MODEL_ARGS=(--placements "$placement" --rounds 11 --steps-per-round 3 --no-warm-compile)
   # On a CPU the toy models of two of the four are enough to test the steps.
   if [ "${QUICK:-0}" = 1 ]; then
-    MODEL_ARGS=(--placements "$placement" --models lm1b_small,resnet18)
+    MODEL_ARGS=(--placements "$placement" --models lm1b_small,resnet18 --no-warm-compile)
   fi
   step 230 benchmarks/models.py --dtypes bfloat16 "${MODEL_ARGS[@]}" \
     --json "$OUT/models_bf16_$placement.json"
