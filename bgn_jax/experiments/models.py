@@ -62,6 +62,20 @@ def bgn_flags(depth: int, method: str, bgn_every: int) -> list[bool]:
   return [uses_bgn and (i + 1) % bgn_every == 0 for i in range(depth)]
 
 
+def _maybe_bgn(
+  h: jax.Array, apply_bgn: jax.Array, axes: tuple[int, ...] | None, target_norm: TargetNorm
+) -> jax.Array:
+  """``bgn(h)`` where the (traced) flag is set, else ``h``.
+
+  A ``lax.cond``, not a select: the backward pass of a select would run the node
+  on a zero cotangent where the flag is off, and its 0/0 would poison the layer's
+  gradient with NaN.
+  """
+  return jax.lax.cond(
+    apply_bgn, lambda v: bgn(v, axes=axes, target_norm=target_norm), lambda v: v, h
+  )
+
+
 class HiddenLayer(nn.Module):
   """Dense, then the method's normalization, then the activation, then maybe BGN.
 
@@ -91,9 +105,7 @@ class HiddenLayer(nn.Module):
     h = ACTIVATIONS[self.activation](h)
     if self.method in ("bgn", "bgn-per-example"):
       axes = (1,) if self.method == "bgn-per-example" else None
-      # The flag selects the node for this layer; where the node is off, the
-      # select sends the whole cotangent around it.
-      h = jnp.where(apply_bgn, bgn(h, axes=axes, target_norm=self.target_norm), h)
+      h = _maybe_bgn(h, apply_bgn, axes, self.target_norm)
     return h
 
 
@@ -264,7 +276,7 @@ class ConvLayer(nn.Module):
       y = h + gain.astype(y.dtype) * y
     if self.method in ("bgn", "bgn-per-example"):
       axes = (1, 2, 3) if self.method == "bgn-per-example" else None
-      y = jnp.where(apply_bgn, bgn(y, axes=axes, target_norm=self.target_norm), y)
+      y = _maybe_bgn(y, apply_bgn, axes, self.target_norm)
     return y
 
 

@@ -225,3 +225,38 @@ def test_arch_trains_and_resumes_bitwise(arch, tmp_path, compile_cache):
   resumed = train(dataclasses.replace(interrupted, resume=True), dataset=data)
   assert resumed["params_sha256"] == full["params_sha256"]
   assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def _hand_written_mlp(params, x, node_after):
+  h = jax.nn.relu(
+    x @ params["input_layer"]["dense"]["kernel"] + params["input_layer"]["dense"]["bias"]
+  )
+  stack = params["stack"]["layer"]["dense"]
+  for i in range(stack["kernel"].shape[0]):
+    h = jax.nn.relu(h @ stack["kernel"][i] + stack["bias"][i])
+    if i + 2 in node_after:  # hidden layer i + 2, 1-based
+      h = bgn(h)
+  return h @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+
+
+def test_bgn_every_k_matches_hand_placed_nodes():
+  """Nodes after layers 2 and 4 only; the layers without one get no 0/0 from an unused node."""
+  from bgn_jax.experiments.models import DeepMLP
+
+  x = X[:, :64]
+  model = DeepMLP(depth=4, width=8, num_classes=10, method="bgn", bgn_every=2, init_scheme="he")
+  params = model.init(jax.random.key(1), x, train=False)["params"]
+  got = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)))(
+    params
+  )
+  expected = jax.jit(jax.grad(lambda p: jnp.sum(_hand_written_mlp(p, x, (2, 4)) ** 2)))(params)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_bgn_every_k_gradients_are_finite():
+  model = DeepCNN(depth=4, width=8, num_classes=10, method="bgn", bgn_every=2, init_scheme="he")
+  params = model.init(jax.random.key(1), X, train=False)["params"]
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, X, train=False) ** 2)))(
+    params
+  )
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(grads))
