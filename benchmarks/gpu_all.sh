@@ -15,6 +15,7 @@
 #
 #   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh                     # on the GPU machine
 #   PART=models_layer OUT=/tmp/gpuout bash benchmarks/gpu_all.sh   # the second call
+#   MODELS=resnet50 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh     # only what a limit cut off
 #   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh             # tiny sizes, on a CPU
 set -u
 : "${OUT:?set OUT to the folder for the results}"
@@ -58,6 +59,8 @@ if [ "$PART" = models ] || [ "$PART" = models_layer ]; then
   placement=block
   if [ "$PART" = models_layer ]; then placement=layer; fi
   MODEL_ARGS=(--placements "$placement" --rounds 11 --steps-per-round 3 --no-warm-compile)
+  # MODELS=resnet50 runs one model: a call for what a step's limit cut off.
+  if [ -n "${MODELS:-}" ]; then MODEL_ARGS+=(--models "$MODELS"); fi
   # On a CPU the toy models of two of the four are enough to test the steps.
   if [ "${QUICK:-0}" = 1 ]; then
     MODEL_ARGS=(--placements "$placement" --models lm1b_small,resnet18 --no-warm-compile)

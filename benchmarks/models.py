@@ -34,10 +34,17 @@ with BGN over the median without, ``paired_ratio`` the median of the per-round
 ratios. Peak memory comes from XLA's ``memory_analysis()`` of the compiled step
 (state donated), compile time is the wall time of ``lower`` and ``compile``.
 
+Every record also holds XLA's FLOP and byte count of the step (``gflop``), the
+optimized HLO's count of fusions, reductions, conditionals and copies (``hlo_counts``)
+and, with nodes, what they add (``hlo_added``), the node count, the compiler's CPU
+seconds and the load average around the timed rounds.
+
 Usage::
 
   python benchmarks/models.py --quick --json models.json   # CPU sizes (smaller batches)
   python benchmarks/models.py --json models.json           # the examples' sizes (GPU)
+  python benchmarks/models.py --cost-only --json cost.json # FLOPs only, no compile
+  python benchmarks/models.py --tiny --dump-hlo hlo/       # toy models, optimized HLO
 """
 
 from __future__ import annotations
