@@ -151,12 +151,18 @@ class _Insertion:
   has_node: bool = False  # some call had a floating-point leaf
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True)
 class _Site:
-  """One module with a node: its path and the insertion it belongs to."""
+  """One module with a node: its path, its node's options and the insertion it belongs to.
+
+  A static attribute, so part of the graph definition: sites compare by path and
+  options only, so that two models with the same nodes have equal graph
+  definitions and ``nnx.jit`` compiles once for both.
+  """
 
   path: str
-  insertion: _Insertion
+  marker: tuple[Any, ...]
+  insertion: _Insertion = dataclasses.field(compare=False)
 
 
 # The list that placements() fills while it traces, None otherwise.
@@ -397,7 +403,7 @@ def insert(
     modules=[type(module).__name__ for _, module in new],
   )
   for path, module in new:
-    setattr(module, _SITE, _Site(path, insertion))
+    setattr(module, _SITE, _Site(path, marker, insertion))
     _set_class(module, _with_bgn(type(module), position, options))
   return model
 

@@ -159,6 +159,10 @@ def test_inserting_again_with_the_same_options_is_a_no_op():
   # A second model gets the same subclass: equal graph definitions, one nnx.jit trace.
   other = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, power=0.5)
   assert type(other.layers[0]) is type(model.layers[0])
+  assert nnx.graphdef(other) == nnx.graphdef(model)
+  assert nnx.graphdef(other) != nnx.graphdef(
+    bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear)
+  )
   _, got = forward_and_grads(model, inputs((5, 6)))
   _, expected = forward_and_grads(HandPower(rngs=nnx.Rngs(0)), inputs((5, 6)))
   assert_trees_equal(got, expected)
@@ -277,11 +281,14 @@ class Block(nnx.Module):
     return jnp.tanh(bgn(x) if self.hand else x)
 
 
+LAYERS = 3
+
+
 class ScanStack(nnx.Module):
-  """50 Blocks with stacked parameters (nnx.vmap), run by nnx.scan."""
+  """Blocks with stacked parameters (nnx.vmap), run by nnx.scan."""
 
   def __init__(self, *, hand=False, rngs):
-    @nnx.split_rngs(splits=50)
+    @nnx.split_rngs(splits=LAYERS)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def stacked_blocks(rngs):
       return Block(hand=hand, rngs=rngs)
@@ -298,7 +305,7 @@ class ScanStack(nnx.Module):
 
 def test_scan_over_stacked_layers_gets_a_node_in_every_layer():
   model, reference = ScanStack(rngs=nnx.Rngs(0)), ScanStack(hand=True, rngs=nnx.Rngs(0))
-  assert model.blocks.linear.kernel.shape == (50, WIDTH, WIDTH)
+  assert model.blocks.linear.kernel.shape == (LAYERS, WIDTH, WIDTH)
   check_against_hand(model, reference, inputs((3, WIDTH)), where=r"^blocks/linear$")
 
 
