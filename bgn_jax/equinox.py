@@ -18,12 +18,14 @@ References:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 try:
   import equinox as eqx
@@ -103,7 +105,9 @@ class BGN(eqx.Module):
       "eps": self.eps,
       "axis_name": self.axis_name,
     }
-    return bgn(x, **options)
+    y = bgn(x, **options)
+    listener = _listener()
+    return y if listener is None else listener.node_applied(x, y)
 
 
 # ---------------------------------------------------------------------------
@@ -174,17 +178,48 @@ def _subclass(cls: type, marker: tuple[Any, ...], name: str, namespace: dict[str
   return types.new_class(name, (cls,), {}, fill)
 
 
+def _base_name(cls: type) -> str:
+  """The user's class name, without the subclasses this module adds."""
+  while "_bgn_marker" in vars(cls):
+    cls = cls.__mro__[1]
+  return cls.__name__
+
+
+def _own_arrays(module: eqx.Module) -> set[int]:
+  return {id(leaf) for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.Array)}
+
+
 # ---------------------------------------------------------------------------
 # What the diagnostics listen to while they trace.
 
 
 class _Listener:
-  """Told of every node and every probed call while a diagnostic traces the model."""
+  """Told of every node, every BGN layer and every probed call while a diagnostic traces."""
 
-  def node(self, module: eqx.Module, record: Placement) -> None:
-    del module, record
+  def node(self, record: Placement) -> None:
+    """A leaf an inserted node tested (placements records them)."""
+    del record
 
-  def after_call(self, module: Any, outputs: Any) -> Any:
+  def enter(self, module: eqx.Module) -> None:
+    """A probed module's ``__call__`` starts."""
+    del module
+
+  def leave(self, module: eqx.Module) -> None:
+    """A probed module's ``__call__`` ends (also when it raises)."""
+    del module
+
+  def before_node(self, module: eqx.Module, outputs: Any) -> Any:
+    """The output of an inserted module, about to get its nodes."""
+    del module
+    return outputs
+
+  def node_applied(self, inputs: Any, outputs: Any) -> Any:
+    """What a BGN node (a :class:`BGN` layer or an inserted node) got and returned."""
+    del inputs
+    return outputs
+
+  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+    """The output of a probed module's ``__call__``."""
     del module
     return outputs
 
@@ -207,47 +242,109 @@ def _listener() -> _Listener | None:
   return _LISTENERS[-1] if _LISTENERS else None
 
 
-def _base_name(cls: type) -> str:
-  """The user's class name, without the subclasses this module adds."""
-  while "_bgn_marker" in vars(cls):
-    cls = cls.__mro__[1]
-  return cls.__name__
+# ---------------------------------------------------------------------------
+# The nodes that insert adds.
 
 
-def _own_arrays(module: eqx.Module) -> set[int]:
-  return {id(leaf) for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.Array)}
+class _Insertion:
+  """What one :func:`insert` call selected; its nodes tell it what they placed.
+
+  Held (through each node's :class:`_Site`) in a static field, so it is part of
+  the tree structure: it compares by what was selected, not by identity, so that
+  equal inserts give equal structures and ``eqx.filter_jit`` reuses its compilation.
+  """
+
+  def __init__(self, where: Where, position: Position):
+    self.where = where
+    self.position = position
+    self.sites: list[tuple[str, str]] = []  # (path, class name) of the modules with a node
+    self.placed = False  # some call normalized a leaf
+    self.empty: dict[str, str] = {}  # path -> what its calls gave, while none placed
+
+  def _key(self) -> tuple[Any, ...]:
+    return self.position, tuple(self.sites)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Insertion) and self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash(self._key())
+
+  def tell(self, path: str, placed: bool, gave: str) -> None:
+    """Records one call; raises once every selected module was called and none placed a node."""
+    if placed:
+      self.placed = True
+    if self.placed:
+      return
+    self.empty.setdefault(path, gave)
+    if len(self.empty) < len(self.sites):
+      return
+    what = "output" if self.position == "after" else "positional input"
+    listed = ", ".join(f"{name} at {p!r} ({self.empty[p]})" for p, name in self.sites)
+    raise ValueError(
+      f"equinox.insert: `where` {self.where!r} matched {len(self.sites)} module(s) and none "
+      f"had a floating-point jax.Array in its {what} to normalize, so no BGN node was "
+      f"placed: {listed}. Select the modules whose {what} is a floating-point activation "
+      f"(the list gives each leaf and why it got no node)."
+    )
 
 
-def _apply_nodes(module: eqx.Module, tree: Any, position: Position, options: dict[str, Any]) -> Any:
+@dataclasses.dataclass(frozen=True)
+class _Site:
+  """One module with a node: its path, and the insertion that made it."""
+
+  path: str
+  insertion: _Insertion
+
+  def __repr__(self) -> str:
+    return f"<BGN node of {self.path!r}>"
+
+
+def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, Any]) -> Any:
   """BGN on the floating-point array leaves of ``tree`` that are not ``module``'s own arrays."""
+  site: _Site = module.bgn_site
   own = _own_arrays(module)
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  listener = _listener()
-  leaves = []
-  for keys, leaf in flat:
+  reasons: list[str | None] = []
+  for _, leaf in flat:
     if not isinstance(leaf, jax.Array):
-      reason = f"not a jax.Array ({type(leaf).__name__})"
+      reasons.append(f"not a jax.Array ({type(leaf).__name__})")
     elif not is_float_array(leaf):
-      reason = f"not floating-point ({leaf.dtype})"
+      reasons.append(f"not floating-point ({leaf.dtype})")
     elif id(leaf) in own:
-      reason = "a parameter of the module, passed through"
+      reasons.append("a parameter of the module, passed through")
     else:
-      reason = None
-    leaves.append(leaf if reason else apply_bgn(leaf, options))
+      reasons.append(None)
+  gave = []
+  listener = _listener()
+  for (keys, leaf), reason in zip(flat, reasons, strict=True):
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+    gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
     if listener is not None:
       listener.node(
-        module,
         Placement(
-          path=getattr(module, "bgn_path", "?"),
+          path=site.path,
           module=_base_name(type(module)),
           position=position,
           leaf=jax.tree_util.keystr(keys),
-          shape=tuple(getattr(leaf, "shape", ())),
-          dtype=str(getattr(leaf, "dtype", type(leaf).__name__)),
+          shape=shape,
+          dtype=dtype,
           reason=reason,
-        ),
+        )
       )
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  site.insertion.tell(site.path, any(r is None for r in reasons), ", ".join(gave) or "no leaves")
+  tell = position == "after" and listener is not None
+  # grad_norms taps what the node gets, and what it returns (see _Pass).
+  fed = listener.before_node(module, tree) if tell and listener is not None else tree
+  noded = jax.tree_util.tree_unflatten(
+    treedef,
+    [
+      leaf if reason else apply_bgn(leaf, options)
+      for leaf, reason in zip(treedef.flatten_up_to(fed), reasons, strict=True)
+    ],
+  )
+  return listener.node_applied(fed, noded) if tell and listener is not None else noded
 
 
 def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
@@ -262,6 +359,8 @@ def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
     return outputs
 
   namespace = {
+    "__annotations__": {"bgn_site": "Any"},
+    "bgn_site": eqx.field(static=True, default=None),
     "__call__": __call__,
     "__doc__": f"{cls.__name__} with a BGN node {position} its __call__ ({options}).",
   }
@@ -278,9 +377,15 @@ def _probe_class(cls: type) -> type:
   """
 
   def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    outputs = cls.__call__(self, *args, **kwargs)
     listener = _listener()
-    return outputs if listener is None else listener.after_call(self, outputs)
+    if listener is None:
+      return cls.__call__(self, *args, **kwargs)
+    listener.enter(self)
+    try:
+      outputs = cls.__call__(self, *args, **kwargs)
+    finally:
+      listener.leave(self)
+    return listener.after_call(self, outputs)
 
   namespace = {
     "__annotations__": {"bgn_path": "str", "bgn_taps": "tuple"},
@@ -296,8 +401,16 @@ def _probe(module: eqx.Module, path: str, taps: tuple[jax.Array | None, ...] = (
   return _with_class(module, _probe_class(type(module)), bgn_path=path, bgn_taps=taps)
 
 
-def _is_inserted(module: eqx.Module) -> bool:
-  return any(vars(base).get("_bgn_marker", ("",))[0] == "insert" for base in type(module).__mro__)
+def _sites(model: eqx.Module) -> list[str]:
+  found: list[str] = []
+
+  def note(path: str, module: eqx.Module) -> eqx.Module:
+    if getattr(module, "bgn_site", None) is not None:
+      found.append(path)
+    return module
+
+  _map_modules(note, model)
+  return found
 
 
 def _check_model(model: Any, fn_name: str) -> None:
@@ -325,15 +438,24 @@ def insert(
   or of the positional arguments (``"before"``; keyword arguments such as
   ``key`` are left alone). A leaf that is one of the module's own arrays,
   passed through unchanged, gets no node. Other methods and ``isinstance``
-  checks are unchanged, and ``model`` itself is not modified.
+  checks are unchanged, and ``model`` itself is not modified. If, once every
+  selected module has been called, none had a floating-point leaf to normalize,
+  that call raises ValueError listing them (the shapes are known only then).
 
   The array leaves of the result are the same arrays, in the same order and at
   the same attribute paths, as those of ``model``: ``eqx.tree_serialise_leaves``
   of one loads into the other. The tree structure differs in the swapped
-  classes only (it cannot be equal: ``eqx.filter_jit`` would then reuse the
-  compilation without nodes), so an optax state made for one is moved to the
-  other by its leaves, ``jax.tree.unflatten(jax.tree.structure(new_state),
-  jax.tree.leaves(old_state))``.
+  classes (and a static field on each of them) only. It cannot be equal:
+  ``eqx.filter_jit`` keys its compilations on the structure, static fields
+  included, so an equal structure would reuse the compilation of the model
+  without nodes (or give the plain model the nodes). So an optax state made for
+  one model does not fit the other: ``optimizer.update`` raises "pytree
+  structure error: different types" naming ``<Class>WithBGN``. Either move the
+  state by its leaves, ``jax.tree.unflatten(jax.tree.structure(new_state),
+  jax.tree.leaves(old_state))`` (``new_state`` from ``optimizer.init`` on the
+  other model), or keep training the plain model and insert inside the loss,
+  ``loss(insert(model, where=...), x)``: the gradients then have the plain
+  model's structure (the nodes cost nothing at run time under ``jit``).
 
   Works under ``eqx.filter_jit``, ``eqx.filter_grad``, ``jax.vmap`` and
   ``eqx.filter_vmap``, and for a stack of layers built with ``eqx.filter_vmap``
@@ -365,13 +487,15 @@ def insert(
     TypeError: ``model`` is not an ``eqx.Module``, ``where``, ``position``,
       ``every`` or a BGN option has the wrong type, or an option name is unknown.
     ValueError: an argument is out of range, ``where`` is not a valid regular
-      expression, or ``where`` matches no module.
+      expression, or ``where`` matches no module. Later, from a call of the
+      result: none of the selected modules had a floating-point leaf to normalize.
   """
   _check_model(model, "equinox.insert")
   is_match = matcher(where, fn_name="equinox.insert", module_type=eqx.Module)
   options = check_options(
     "equinox.insert", position, every, {"target_norm": DEFAULT_TARGET, **bgn_options}
   )
+  insertion = _Insertion(where, position)
   seen: dict[tuple[str, str], None] = {}
   matches = 0
 
@@ -385,7 +509,9 @@ def insert(
     matches += 1
     if (matches - 1) % every:
       return module
-    return _with_class(module, _with_bgn(type(module), position, options))
+    insertion.sites.append((path, _base_name(type(module))))
+    cls = _with_bgn(type(module), position, options)
+    return _with_class(module, cls, bgn_site=_Site(path, insertion))
 
   inserted = _map_modules(add_bgn, model)
   if not matches:
@@ -393,19 +519,11 @@ def insert(
   return inserted
 
 
-def _probed(model: eqx.Module, select: Callable[[str, eqx.Module], bool]) -> eqx.Module:
-  def probe(path: str, module: eqx.Module) -> eqx.Module:
-    return _probe(module, path) if select(path, module) else module
-
-  return _map_modules(probe, model)
-
-
 class _Recorder(_Listener):
   def __init__(self) -> None:
     self.records = Placements()
 
-  def node(self, module: eqx.Module, record: Placement) -> None:
-    del module
+  def node(self, record: Placement) -> None:
     self.records.append(record)
 
 
@@ -427,36 +545,30 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
 
   Raises:
     TypeError: ``model`` is not an ``eqx.Module``.
-    ValueError: ``model`` has no inserted node.
+    ValueError: ``model`` has no inserted node, or none of the selected modules
+      has a floating-point leaf to normalize.
   """
   _check_model(model, "equinox.placements")
-  found: list[str] = []
-
-  def select(path: str, module: eqx.Module) -> bool:
-    if _is_inserted(module):
-      found.append(path)
-      return True
-    return False
-
-  probed = _probed(model, select)
-  if not found:
+  if not _sites(model):
     raise ValueError(
       "equinox.placements: `model` has no BGN node inserted; pass the model that "
       "bgn_jax.equinox.insert returns."
     )
   recorder = _Recorder()
   with _Listening(recorder):
-    eqx.filter_eval_shape(lambda m, a, k: m(*a, **k), probed, args, kwargs)
+    eqx.filter_eval_shape(lambda m, a, k: m(*a, **k), model, args, kwargs)
   return recorder.records
 
+
+# ---------------------------------------------------------------------------
+# grad_norms: taps on the outputs, read by one jax.grad.
 
 # Scales of the three sums of squares a tap returns: the largest scale whose sum
 # is finite gives the norm, so norms over the whole float32 range survive.
 _TAP_SCALES = (2.0**62, 1.0, 2.0**-62)
-
-
-def _inexact_leaves(tree: Any) -> list[jax.Array]:
-  return [x for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x)]
+# Each call has two taps: at its output, and after a BGN node fed that output.
+_OUTPUT, _AT_BGN = 0, 1
+_TAP_SHAPE = (2, len(_TAP_SCALES))
 
 
 @jax.custom_vjp
@@ -504,51 +616,166 @@ def _param_leaves(module: eqx.Module) -> list[jax.Array]:
   ]
 
 
+def _tapped(leaves: list[Any], own: set[int]) -> list[int]:
+  """The leaves a tap measures: inexact arrays, less the module's own arrays passed through."""
+  return [i for i, leaf in enumerate(leaves) if eqx.is_inexact_array(leaf) and id(leaf) not in own]
+
+
+@dataclasses.dataclass
 class _Call:
   """One call of a selected module, as the shape pass saw it."""
 
-  def __init__(self, path: str, index: int, params_ndims: list[int], dtype: Any):
-    self.path = path
-    self.index = index
-    self.params_ndims = params_ndims
-    self.dtype = dtype
+  path: str
+  index: int
+  params_ndims: list[int]  # rank of each parameter in this call (per layer inside a scan)
+  dtype: Any  # of the tapped leaves; None when the output has none
+  at_bgn: bool = False  # a BGN node was fed the output
+  tap_shape: tuple[int, ...] | None = None  # of its tap as the call sees it, if it has one
 
   @property
   def key(self) -> str:
     return self.path if self.index == 0 else f"{self.path}#{self.index}"
 
 
-class _Discovery(_Listener):
-  def __init__(self) -> None:
-    self.calls: list[_Call] = []
-    self._counts: collections.Counter[str] = collections.Counter()
+@dataclasses.dataclass
+class _Output:
+  """A selected call's output, as one pass tapped it."""
 
-  def after_call(self, module: Any, outputs: Any) -> Any:
-    path = module.bgn_path
-    index = self._counts[path]
-    self._counts[path] += 1
-    leaves = _inexact_leaves(outputs)
-    dtype = jnp.result_type(*leaves, jnp.float32) if leaves else jnp.float32
-    params = [jnp.ndim(p) for p in _param_leaves(module)]
-    self.calls.append(_Call(path, index, params, dtype if leaves else None))
+  call: _Call | None  # in the shape pass
+  at_bgn_tap: jax.Array | None  # in the measured pass
+  own: set[int]  # ids of the module's own arrays, which the taps leave out
+  fed: bool = False  # a BGN node got it already
+
+
+class _Pass(_Listener):
+  """One pass of :func:`grad_norms`: the shape pass (``discover``) or the measured pass.
+
+  A selected call's output gets its "output" tap where the module returns it,
+  before any node: so its gradient is the one over all the output's consumers.
+  When the output goes through a BGN node (an inserted node of that module, a
+  node that :func:`insert` inside ``loss_fn`` puts on it, or a :class:`BGN`
+  layer fed it), the node's output gets the "at_bgn" tap: the raw gradient
+  arriving at the node. Both passes make the same decisions, so the shape pass
+  knows which taps the measured pass reads.
+  """
+
+  def __init__(
+    self,
+    selected: Collection[str],
+    discover: bool,
+    loose: dict[str, list[jax.Array | None]] | None = None,
+  ):
+    self._selected = selected
+    self._discover = discover
+    self._loose = loose or {}  # taps closed over, for calls whose layers are not known
+    self._counts: collections.Counter[str] = collections.Counter()
+    self._active: set[int] = set()  # ids of the probed modules inside their __call__
+    self._pending: dict[int, _Output] = {}  # by module id: tapped before an inserted node
+    # Tapped outputs by id (the object kept, so no id is reused), so that a node
+    # fed one is recognised.
+    self._tagged: dict[int, tuple[Any, _Output]] = {}
+    self.calls: list[_Call] = []
+    self.first_ndims: dict[str, list[int]] = {}  # per probed path: its first call's params
+
+  def enter(self, module: eqx.Module) -> None:
+    self._active.add(id(module))
+
+  def leave(self, module: eqx.Module) -> None:
+    self._active.discard(id(module))
+
+  def before_node(self, module: eqx.Module, outputs: Any) -> Any:
+    # Only when the probe wraps the inserted node from outside: an insert inside
+    # loss_fn wraps the probe instead, which has already tapped the output.
+    path = getattr(module, "bgn_path", None)
+    if path not in self._selected or id(module) not in self._active:
+      return outputs
+    outputs, tapped = self._output(module, path, outputs)
+    self._pending[id(module)] = tapped
     return outputs
 
+  def node_applied(self, inputs: Any, outputs: Any) -> Any:
+    tagged = self._tagged.get(id(inputs))
+    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
+      return outputs
+    return self._at_bgn(outputs, tagged[1])
 
-class _Measure(_Listener):
-  def __init__(self) -> None:
-    self._counts: collections.Counter[str] = collections.Counter()
+  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+    path = module.bgn_path
+    if self._discover:
+      self.first_ndims.setdefault(path, [jnp.ndim(p) for p in _param_leaves(module)])
+    if path not in self._selected:
+      return outputs
+    pending = self._pending.pop(id(module), None)
+    if pending is not None:
+      return self._at_bgn(outputs, pending)
+    outputs, tapped = self._output(module, path, outputs)
+    self._tagged[id(outputs)] = (outputs, tapped)
+    return outputs
 
-  def after_call(self, module: Any, outputs: Any) -> Any:
-    index = self._counts[module.bgn_path]
-    self._counts[module.bgn_path] += 1
-    if index >= len(module.bgn_taps) or module.bgn_taps[index] is None:
+  def _output(self, module: eqx.Module, path: str, outputs: Any) -> tuple[Any, _Output]:
+    index = self._counts[path]
+    self._counts[path] += 1
+    leaves, treedef = jax.tree.flatten(outputs)
+    own = _own_arrays(module)
+    chosen = _tapped(leaves, own)
+    if self._discover:
+      dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32) if chosen else None
+      params = [jnp.ndim(p) for p in _param_leaves(module)]
+      taps = module.bgn_taps
+      tap_shape = tuple(jnp.shape(taps[index])) if index < len(taps) else None
+      call = _Call(path, index, params, dtype, tap_shape=tap_shape)
+      self.calls.append(call)
+      return outputs, _Output(call, None, own)
+    taps = module.bgn_taps
+    tap = taps[index] if index < len(taps) else None
+    if tap is None:
+      loose = self._loose.get(path, [])
+      tap = loose[index] if index < len(loose) else None
+    if tap is None:
+      return outputs, _Output(None, None, own)
+    if tap.shape != _TAP_SHAPE:  # a layer count taken wrongly from the modules around
+      raise ValueError(_stack_message(path, tap.shape))
+    return _with_tap(leaves, treedef, chosen, tap[_OUTPUT]), _Output(None, tap[_AT_BGN], own)
+
+  def _at_bgn(self, outputs: Any, tapped: _Output) -> Any:
+    tapped.fed = True
+    if self._discover:
+      if tapped.call is not None:
+        tapped.call.at_bgn = True
+      return outputs
+    if tapped.at_bgn_tap is None:
       return outputs
     leaves, treedef = jax.tree.flatten(outputs)
-    chosen = [i for i, leaf in enumerate(leaves) if eqx.is_inexact_array(leaf)]
-    tapped = _tap([leaves[i] for i in chosen], module.bgn_taps[index])
-    for i, leaf in zip(chosen, tapped, strict=True):
-      leaves[i] = leaf
-    return jax.tree.unflatten(treedef, leaves)
+    return _with_tap(leaves, treedef, _tapped(leaves, tapped.own), tapped.at_bgn_tap)
+
+
+def _with_tap(leaves: list[Any], treedef: Any, chosen: list[int], tap: jax.Array) -> Any:
+  leaves = list(leaves)
+  for i, leaf in zip(chosen, _tap([leaves[i] for i in chosen], tap), strict=True):
+    leaves[i] = leaf
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _stack_message(path: str, shape: tuple[int, ...]) -> str:
+  return (
+    f"equinox.grad_norms: the module at {path!r} has no parameters, and its diagnostic "
+    f"tap arrived with shape {shape} instead of {_TAP_SHAPE}: the layer count taken from "
+    f"the modules around it does not fit how the model slices it (jax.lax.scan or vmap "
+    f"over stacked arrays). Select the layer module that holds it instead."
+  )
+
+
+def _stack_lead(module: eqx.Module, per_call: list[int]) -> tuple[int, tuple[int, ...]] | None:
+  """The leading (stacked) axes of ``module``'s parameters beyond their rank in one
+  call, and their shape; None without parameters or when the leaves disagree."""
+  stored = _param_leaves(module)
+  if not stored or len(stored) != len(per_call):
+    return None
+  leads = {jnp.ndim(p) - n for p, n in zip(stored, per_call, strict=True)}
+  if len(leads) != 1 or min(leads) < 0:
+    return None
+  lead = leads.pop()
+  return lead, tuple(stored[0].shape[:lead])
 
 
 def _modules_by_path(tree: Any) -> dict[str, eqx.Module]:
@@ -562,26 +789,69 @@ def _modules_by_path(tree: Any) -> dict[str, eqx.Module]:
   return found
 
 
-def _iter_leads(stored: list[int], per_call: list[int]) -> Iterator[int]:
-  for s, c in zip(stored, per_call, strict=True):
-    yield max(s - c, 0)
+# (path, call index, leading axes of the parameters, leading shape, tap dtype or
+# None, whether the call has an at_bgn tap, whether its tap is closed over rather
+# than carried by the module)
+_PlanEntry = tuple[str, int, int, tuple[int, ...], str | None, bool, bool]
 
 
-# (path, call index, leading axes of the parameters, leading shape, tap dtype or None)
-_PlanEntry = tuple[str, int, int, tuple[int, ...], str | None]
+def _layers_around(path: str, modules: dict[str, eqx.Module], first_ndims: dict[str, list[int]]):
+  """The stacked (per layer) shape for a module without parameters at ``path``.
+
+  Taken from the called modules with parameters nearest around it (its layer, or
+  the modules beside it in that layer): its taps are stacked with their arrays.
+  None when there is none, or when they disagree.
+  """
+  parts = path.split("/") if path else []
+  for n in range(len(parts) - 1, -1, -1):
+    outer = "/".join(parts[:n])
+    shapes = set()
+    for inner, ndims in first_ndims.items():
+      if n == 0 or inner == outer or inner.startswith(outer + "/"):
+        found = _stack_lead(modules[inner], ndims) if inner in modules else None
+        if found is not None:
+          shapes.add(found[1])
+    if shapes:
+      return shapes.pop() if len(shapes) == 1 else None
+  return None
 
 
-def _plan_entry(call: _Call, module: eqx.Module) -> _PlanEntry:
-  """What the measured pass needs of one call: its tap, and how to read its norms."""
-  stored = [jnp.ndim(p) for p in _param_leaves(module)]
+def _plan_entry(
+  call: _Call, modules: dict[str, eqx.Module], first_ndims: dict[str, list[int]]
+) -> _PlanEntry:
+  """What the measured pass needs of one call: its taps, and how to read its norms."""
+  module = modules[call.path]
   lead = 0
-  if len(call.params_ndims) == len(stored):
-    leads = set(_iter_leads(stored, call.params_ndims))
-    lead = leads.pop() if len(leads) == 1 else 0  # mixed stacked and shared: one norm
-  leaves = _param_leaves(module)
-  lead_shape = tuple(leaves[0].shape[:lead]) if leaves else ()
+  if _param_leaves(module):
+    found = _stack_lead(module, call.params_ndims)
+    lead, lead_shape = found if found is not None else (0, None)  # mixed: one norm
+  else:
+    lead_shape = _layers_around(call.path, modules, first_ndims)
   dtype = None if call.dtype is None else jnp.dtype(call.dtype).name
-  return call.path, call.index, lead, lead_shape, dtype
+  loose = lead_shape is None
+  return call.path, call.index, lead, lead_shape or (), dtype, call.at_bgn, loose
+
+
+def _tap_shapes(
+  loss_fn: Callable[..., jax.Array],
+  model: eqx.Module,
+  plan: list[_PlanEntry],
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> list[tuple[int, ...] | None]:
+  """The shape of each call's tap as the call sees it, by a second abstract pass."""
+  taps: dict[str, list[Any]] = {}
+  for path, _, _, lead_shape, dtype, _, is_loose in plan:
+    shape = lead_shape + _TAP_SHAPE
+    taps.setdefault(path, []).append(None if is_loose or dtype is None else np.zeros(shape))
+  probed = _map_modules(
+    lambda path, module: _probe(module, path, tuple(taps[path])) if path in taps else module,
+    model,
+  )
+  check = _Pass(taps, discover=True)
+  with _Listening(check):
+    eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
+  return [call.tap_shape for call in check.calls]
 
 
 @eqx.filter_jit
@@ -592,31 +862,39 @@ def _measured_norms(
   plan: tuple[_PlanEntry, ...],
   args: tuple[Any, ...],
   kwargs: dict[str, Any],
-) -> list[tuple[jax.Array, jax.Array]]:
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   # One compiled computation, cached per loss_fn, model structure and plan:
   # eagerly, the op-by-op backward pass costs seconds of dispatch.
+  # A module carries its taps (so a stack of layers slices them with its arrays),
+  # except where its layers are not known: those taps are closed over, and the
+  # gradients of all its layers add up in them.
   taps: dict[str, list[jax.Array | None]] = {}
-  for path, _, _, lead_shape, dtype in plan:
-    tap = None if dtype is None else jnp.zeros(lead_shape + (len(_TAP_SCALES),), dtype)
-    taps.setdefault(path, []).append(tap)
+  loose: dict[str, list[jax.Array | None]] = {}
+  for path, _, _, lead_shape, dtype, _, is_loose in plan:
+    tap = None if dtype is None else jnp.zeros(lead_shape + _TAP_SHAPE, dtype)
+    taps.setdefault(path, []).append(None if is_loose else tap)
+    loose.setdefault(path, []).append(tap if is_loose else None)
 
-  def loss_of(arrays: Any, taps: dict[str, list[jax.Array | None]]) -> jax.Array:
+  def loss_of(arrays: Any, taps: Any, loose: Any) -> jax.Array:
     def probe(path: str, module: eqx.Module) -> eqx.Module:
       return _probe(module, path, tuple(taps[path])) if path in taps else module
 
-    with _Listening(_Measure()):
+    with _Listening(_Pass(taps, discover=False, loose=loose)):
       return loss_fn(_map_modules(probe, eqx.combine(arrays, static)), *args, **kwargs)
 
-  grad_arrays, grad_taps = jax.grad(loss_of, argnums=(0, 1))(arrays, taps)
+  grads = jax.grad(loss_of, argnums=(0, 1, 2))(arrays, taps, loose)
+  grad_arrays, grad_taps, grad_loose = grads
   grad_modules = _modules_by_path(grad_arrays)
-  flats, shapes, outputs = [], [], []
-  for path, index, lead, lead_shape, _ in plan:
+  flats, shapes, outputs, at_bgn = [], [], [], []
+  for path, index, lead, lead_shape, _, _, is_loose in plan:
     leaves = _param_leaves(grad_modules[path]) if path in grad_modules else []
     flats.append(flatten_leaves(leaves, [lead] * len(leaves)))
     shapes.append(lead_shape)
-    tap = grad_taps[path][index]
-    outputs.append(jnp.zeros(lead_shape, jnp.float32) if tap is None else _tap_norm(tap))
-  return list(zip(outputs, group_norms(flats, shapes), strict=True))
+    tap = (grad_loose if is_loose else grad_taps)[path][index]
+    zeros = jnp.zeros(lead_shape, jnp.float32)
+    outputs.append(zeros if tap is None else _tap_norm(tap[..., _OUTPUT, :]))
+    at_bgn.append(zeros if tap is None else _tap_norm(tap[..., _AT_BGN, :]))
+  return list(zip(outputs, group_norms(flats, shapes), at_bgn, strict=True))
 
 
 def grad_norms(
@@ -630,18 +908,36 @@ def grad_norms(
 
   The selected submodules of a temporary copy of ``model`` pass their output
   through an identity whose backward rule hands out the norm of the gradient
-  arriving there, over all its consumers; one ``jax.grad`` with respect to the
-  model's arrays and these taps gives both kinds of norm. Their shapes come
-  from an abstract pass (``eqx.filter_eval_shape``), so the arithmetic is one
-  forward and one backward pass. Works under ``eqx.filter_jit`` with
-  ``loss_fn`` and ``where`` static (closed over, or ``functools.partial``).
+  arriving there; one ``jax.grad`` with respect to the model's arrays and these
+  taps gives both kinds of norm. Their shapes come from an abstract pass
+  (``eqx.filter_eval_shape``), so the arithmetic is one forward and one backward
+  pass. Works under ``eqx.filter_jit`` with ``loss_fn`` and ``where`` static
+  (closed over, or ``functools.partial``).
 
-  "output" is the gradient as it arrives from above, before a node that
-  :func:`insert` placed at that output normalizes it. Under ``jax.vmap`` (a
-  loss of per-example code) it is the norm over the whole batch, as are
-  "params". A stack of layers applied with ``jax.lax.scan`` (its arrays with a
+  Two gradients are reported at an output, as in :func:`bgn_jax.linen.grad_norms`.
+  ``"output"`` is always the gradient of the loss with respect to the module's
+  output, summed over all its consumers (a residual path included): the tap sits
+  where the module returns, before any node. Where a BGN node sits directly on
+  that output (the node :func:`insert` put on that module, a node of an
+  ``insert`` inside ``loss_fn``, or a :class:`BGN` layer fed the output),
+  ``"at_bgn"`` is the raw gradient arriving at the node, before it normalizes it
+  (the gradient at the node's output). With the node as the only consumer,
+  ``"output"`` is then the normalized gradient and ``"at_bgn"`` the one the
+  layers above sent. A bare :func:`bgn_jax.bgn` call is not seen as a node: no
+  ``"at_bgn"`` there. Leaves of the output that are the module's own arrays,
+  passed through, are not measured.
+
+  Under ``jax.vmap`` (a loss of per-example code) the norms are over the whole
+  batch. A stack of layers applied with ``jax.lax.scan`` (its arrays with a
   leading layer axis, as ``eqx.filter_vmap`` of the constructor makes them)
-  gives one value per layer: arrays of shape ``(layers,)``.
+  gives one value per layer: arrays of shape ``(layers,)``. A module without
+  parameters takes the layer count from the called modules with parameters
+  nearest around it (its layer, or the modules beside it). Where there are none
+  (a module without parameters called at every step of a ``jax.lax.scan`` over
+  no stacked arrays), or they disagree, or a module mixes stacked and shared
+  parameters, its entry is one value: the norm over all its steps together (the
+  gradients of all steps cannot be told apart without a stacked array to carry
+  the tap).
 
   Keys are attribute paths joined with "/" (``"layers/0"``), in the order the
   calls return (a selected module after the selected modules inside it); the
@@ -663,10 +959,11 @@ def grad_norms(
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``, each norm a float32 array
-    (float64 for float64 gradients), 0-d or one value per scanned layer.
-    Modules without parameters have "params" zero; "output" is zero for a
-    module whose output has no floating-point leaf.
+    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    a BGN node sits on the output; each norm a float32 array (float64 for
+    float64 gradients), 0-d or one value per scanned layer. Modules without
+    parameters have "params" zero; "output" is zero for a module whose output
+    has no floating-point leaf.
 
   Raises:
     TypeError: ``loss_fn`` is not callable, ``model`` not an ``eqx.Module``, or
@@ -683,19 +980,24 @@ def grad_norms(
   seen: dict[tuple[str, str], None] = {}
   selected: dict[str, eqx.Module] = {}
 
-  def select(path: str, module: eqx.Module) -> bool:
-    if not _has_call(type(module)):
-      return False
-    seen[(_base_name(type(module)), path)] = None
-    if is_match(module, path):
-      selected[path] = module
-      return True
-    return False
+  def select(path: str, module: eqx.Module) -> eqx.Module:
+    if _has_call(type(module)):
+      seen[(_base_name(type(module)), path)] = None
+      if is_match(module, path):
+        selected[path] = module
+    return module
 
-  probed = _probed(model, select)
+  _map_modules(select, model)
   if not selected:
     raise ValueError(no_match_message("equinox.grad_norms", where, seen, "module"))
-  discovery = _Discovery()
+  modules = _modules_by_path(model)
+
+  # The shape pass probes every module: the parameters of those that are called
+  # give a stacked module without parameters its layer count.
+  probed = _map_modules(
+    lambda path, module: _probe(module, path) if _has_call(type(module)) else module, model
+  )
+  discovery = _Pass(selected, discover=True)
   with _Listening(discovery):
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   if not discovery.calls:
@@ -704,10 +1006,21 @@ def grad_norms(
       f"({', '.join(repr(p) for p in selected)}); it must call the model it receives."
     )
 
-  plan = tuple(_plan_entry(call, selected[call.path]) for call in discovery.calls)
+  plan = [_plan_entry(call, modules, discovery.first_ndims) for call in discovery.calls]
+  borrowed = [i for i, e in enumerate(plan) if e[3] and not _param_leaves(modules[e[0]])]
+  if borrowed:
+    # A layer count taken from the modules around: check that the model slices the
+    # taps that way (it may call the module outside its stack); if not, close over.
+    seen = _tap_shapes(loss_fn, model, plan, args, kwargs)
+    for i in borrowed:
+      if seen[i] != _TAP_SHAPE:
+        path, index, lead, _, dtype, at_bgn, _ = plan[i]
+        plan[i] = (path, index, lead, (), dtype, at_bgn, True)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)
-  norms = _measured_norms(loss_fn, arrays, static, plan, args, kwargs)
-  return collections.OrderedDict(
-    (call.key, {"output": output, "params": params})
-    for call, (output, params) in zip(discovery.calls, norms, strict=True)
-  )
+  norms = _measured_norms(loss_fn, arrays, static, tuple(plan), args, kwargs)
+  report: Report = collections.OrderedDict()
+  for call, entry, (output, params, at_bgn) in zip(discovery.calls, plan, norms, strict=True):
+    report[call.key] = {"output": output, "params": params}
+    if entry[5]:
+      report[call.key]["at_bgn"] = at_bgn
+  return report
