@@ -52,10 +52,17 @@ def loss_fn(model, x, y):
 
 
 # 3. Gradient norms at each Linear's output and parameters (over the whole batch).
+# "output" is dL/d(the Linear's output), here the gradient its node normalized;
+# "at_bgn" is the raw gradient that arrived at the node from the layers above.
 for path, norms in beqx.grad_norms(loss_fn, inserted, x, y, where=eqx.nn.Linear).items():
-  print(f"{path}: output {float(norms['output']):.3g}, params {float(norms['params']):.3g}")
+  print(
+    f"{path}: output {float(norms['output']):.3g}, at_bgn {float(norms['at_bgn']):.3g}, "
+    f"params {float(norms['params']):.3g}"
+  )
 
-# 4. A few optax steps on the inserted model.
+# 4. A few optax steps on the inserted model (its optax state is made for it; to
+# keep a state made for the plain model, train the plain model and insert inside
+# the loss instead: loss_fn(beqx.insert(model, where=eqx.nn.Linear), x, y)).
 optimizer = optax.adam(1e-2)
 state = optimizer.init(eqx.filter(inserted, eqx.is_array))
 
