@@ -277,20 +277,27 @@ def lm_loss(model, tokens):
 
 
 def test_gemma_like_transformer_block():
-  model = Transformer(rngs=nnx.Rngs(0))
+  # Nodes inserted on the block's MLP (nnx filters combine type and path), and a
+  # report on every kind of module: at_bgn on the MLP Linears only.
+  model = bgn_jax.nnx.insert(
+    Transformer(rngs=nnx.Rngs(0)),
+    where=nnx.All(nnx.OfType(nnx.Linear), nnx.PathContains("block")),
+  )
   tokens = jnp.asarray([[1, 5, 2, 9, 3], [4, 4, 0, 15, 7]], jnp.int32)
-  where = (nnx.Embed, nnx.RMSNorm, nnx.MultiHeadAttention, nnx.Linear)
+  where = nnx.Any(
+    nnx.OfType(nnx.Embed),
+    nnx.OfType(nnx.RMSNorm),
+    nnx.OfType(nnx.MultiHeadAttention),
+    nnx.All(nnx.OfType(nnx.Linear), nnx.Not(nnx.PathContains("attention"))),
+  )
   report = bgn_jax.nnx.grad_norms(lm_loss, model, tokens, where=where)
-  names, grad_taps, grad_params = hand_gradients(lm_loss, model, tokens)
-  check_report(report, names, grad_taps, grad_params)
-  # With nodes inserted on the MLP only, nnx filters select type and path together.
-  bgn_jax.nnx.insert(model, where=nnx.All(nnx.OfType(nnx.Linear), nnx.PathContains("block")))
-  mlp = nnx.All(nnx.OfType(nnx.Linear), nnx.Not(nnx.PathContains("attention")))
-  report = bgn_jax.nnx.grad_norms(lm_loss, model, tokens, where=mlp)
   hand = Transformer(hand_nodes=True, rngs=nnx.Rngs(0))
-  names, grad_taps, grad_params = hand_gradients(lm_loss, hand, tokens)
-  mlp_names = [name for name in names if name.startswith(("block/gate", "block/up", "block/down"))]
-  check_report(report, mlp_names, grad_taps, grad_params)
+  check_report(report, *hand_gradients(lm_loss, hand, tokens))
+  assert [key for key in report if "at_bgn" in report[key]] == [
+    "block/gate",
+    "block/up",
+    "block/down",
+  ]
 
 
 class Loss(nnx.Variable):
