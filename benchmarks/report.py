@@ -231,8 +231,10 @@ def models_cost_table(records: list[dict[str, Any]]) -> list[str]:
       row.append(f"{r['extra_peak_bytes'] / 1024:+.1f}, {_compile_s(r) / _compile_s(base):.2f}")
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
-  lines.append(f"Commit {records[0].get('commit', '?')}. The 1-minute load average when each")
-  lines.append("model and dtype started and ended its timed rounds:")
+  commits = ", ".join(dict.fromkeys(r.get("commit", "?") for r in records))
+  lines.append(f"HEAD when run (+dirty: bgn_jax/ or benchmarks/ uncommitted): {commits}.")
+  lines.append("The 1-minute load average when each model and dtype started and ended its")
+  lines.append("timed rounds:")
   lines.append(
     "; ".join(
       f"{model} {dtype} {cells['none/none']['load_average_start'][0]:.1f}"
