@@ -334,9 +334,9 @@ def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, 
         )
       )
   site.insertion.tell(site.path, any(r is None for r in reasons), ", ".join(gave) or "no leaves")
-  tell = position == "after" and listener is not None
+  probing = position == "after" and listener is not None
   # grad_norms taps what the node gets, and what it returns (see _Pass).
-  fed = listener.before_node(module, tree) if tell and listener is not None else tree
+  fed = listener.before_node(module, tree) if probing and listener is not None else tree
   noded = jax.tree_util.tree_unflatten(
     treedef,
     [
@@ -344,7 +344,7 @@ def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, 
       for leaf, reason in zip(treedef.flatten_up_to(fed), reasons, strict=True)
     ],
   )
-  return listener.node_applied(fed, noded) if tell and listener is not None else noded
+  return listener.node_applied(fed, noded) if probing and listener is not None else noded
 
 
 def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
@@ -687,7 +687,7 @@ class _Pass(_Listener):
     # Only when the probe wraps the inserted node from outside: an insert inside
     # loss_fn wraps the probe instead, which has already tapped the output.
     path = getattr(module, "bgn_path", None)
-    if path not in self._selected or id(module) not in self._active:
+    if not isinstance(path, str) or path not in self._selected or id(module) not in self._active:
       return outputs
     outputs, tapped = self._output(module, path, outputs)
     self._pending[id(module)] = tapped
@@ -699,7 +699,7 @@ class _Pass(_Listener):
       return outputs
     return self._at_bgn(outputs, tagged[1])
 
-  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
+  def after_call(self, module: Any, outputs: Any) -> Any:
     path = module.bgn_path
     if self._discover:
       self.first_ndims.setdefault(path, [jnp.ndim(p) for p in _param_leaves(module)])
@@ -712,7 +712,7 @@ class _Pass(_Listener):
     self._tagged[id(outputs)] = (outputs, tapped)
     return outputs
 
-  def _output(self, module: eqx.Module, path: str, outputs: Any) -> tuple[Any, _Output]:
+  def _output(self, module: Any, path: str, outputs: Any) -> tuple[Any, _Output]:
     index = self._counts[path]
     self._counts[path] += 1
     leaves, treedef = jax.tree.flatten(outputs)
@@ -1011,9 +1011,9 @@ def grad_norms(
   if borrowed:
     # A layer count taken from the modules around: check that the model slices the
     # taps that way (it may call the module outside its stack); if not, close over.
-    seen = _tap_shapes(loss_fn, model, plan, args, kwargs)
+    tap_shapes = _tap_shapes(loss_fn, model, plan, args, kwargs)
     for i in borrowed:
-      if seen[i] != _TAP_SHAPE:
+      if tap_shapes[i] != _TAP_SHAPE:
         path, index, lead, _, dtype, at_bgn, _ = plan[i]
         plan[i] = (path, index, lead, (), dtype, at_bgn, True)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)
