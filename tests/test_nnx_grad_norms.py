@@ -23,7 +23,7 @@ import bgn_jax
 from bgn_jax import bgn
 from tests.trees import assert_trees_equal, inputs
 
-WIDTH = 8
+WIDTH = 8  # every input is (3, WIDTH) where it can be: the eager ops compile once
 _TAPS: contextvars.ContextVar = contextvars.ContextVar("taps", default=None)
 
 
@@ -112,9 +112,7 @@ class MLP(nnx.Module):
   output/input, written by hand."""
 
   def __init__(self, depth=3, *, hand_nodes=False, hand_before=False, rngs):
-    self.layers = nnx.List(
-      [nnx.Linear(6 if i == 0 else WIDTH, WIDTH, rngs=rngs) for i in range(depth)]
-    )
+    self.layers = nnx.List([nnx.Linear(WIDTH, WIDTH, rngs=rngs) for i in range(depth)])
     self.hand_nodes = hand_nodes
     self.hand_before = hand_before
 
@@ -126,7 +124,7 @@ class MLP(nnx.Module):
 
 
 def test_mlp_against_hand_perturbations():
-  model, x = MLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  model, x = MLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   check_report(report, *hand_gradients(sin_loss, model, x))
   assert all(report[k]["output"].dtype == jnp.float32 for k in report)
@@ -135,13 +133,13 @@ def test_mlp_against_hand_perturbations():
 def test_inserted_nodes_report_output_before_the_node_and_at_bgn_after_it():
   # As in linen: "output" is the Linear's own output, which the node is the only
   # consumer of (so the normalized gradient); "at_bgn" the raw one arriving at the node.
-  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((5, 6))
+  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   names, grad_taps, grad_params = hand_gradients(
     sin_loss, MLP(hand_nodes=True, rngs=nnx.Rngs(0)), x
   )
   check_report(report, names, grad_taps, grad_params)
-  # The node's target norm for a (5, 8) output is sqrt(8) (sqrt_units: the features).
+  # The node's target norm for a (3, 8) output is sqrt(8) (sqrt_units: the features).
   for key in report:
     np.testing.assert_allclose(report[key]["output"], np.sqrt(WIDTH), rtol=1e-6)
   # The params are those of the BGN model, not of the plain one.
@@ -162,7 +160,7 @@ class Residual(nnx.Module):
   """
 
   def __init__(self, *, feed="attribute", rngs):
-    self.linear = nnx.Linear(6, WIDTH, rngs=rngs)
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
     self.node = bgn_jax.nnx.BGN()
     self.feed = feed
 
@@ -176,7 +174,7 @@ class Residual(nnx.Module):
 
 @pytest.mark.parametrize("feed", ["attribute", "inline", "copy"])
 def test_residual_output_is_over_all_consumers_and_at_bgn_at_the_layer(feed):
-  model, x = Residual(feed=feed, rngs=nnx.Rngs(0)), inputs((5, 6))
+  model, x = Residual(feed=feed, rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   check_report(report, *hand_gradients(sin_loss, model, x))
 
@@ -208,7 +206,7 @@ def linen_params(linears):
 
 
 def test_the_report_is_linens_on_the_same_weights():
-  x = inputs((5, 6))
+  x = inputs((3, WIDTH))
   mlp = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear)
   residual = Residual(rngs=nnx.Rngs(0))
   inserted_apply = bgn_jax.linen.insert(LinenMLP().apply, where=linen.Dense)
@@ -343,10 +341,10 @@ class BatchNormDropoutMLP(nnx.Module):
   """The MLP of flax's nnx toy examples: Linear, BatchNorm, Dropout, in train mode."""
 
   def __init__(self, *, rngs):
-    self.linear1 = nnx.Linear(6, WIDTH, rngs=rngs)
+    self.linear1 = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
     self.norm = nnx.BatchNorm(WIDTH, rngs=rngs)
     self.dropout = nnx.Dropout(0.5, rngs=rngs)
-    self.linear2 = nnx.Linear(WIDTH, 3, rngs=rngs)
+    self.linear2 = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
 
   def __call__(self, x):
     x = tap("norm", self.norm(tap("linear1", self.linear1(x))))
@@ -355,7 +353,7 @@ class BatchNormDropoutMLP(nnx.Module):
 
 
 def test_batchnorm_and_dropout_in_train_mode():
-  model, x = BatchNormDropoutMLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  model, x = BatchNormDropoutMLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   before = nnx.state(model, (nnx.BatchStat, nnx.RngCount))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Module)
   names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
@@ -382,7 +380,7 @@ class ScanStack(nnx.Module):
       return nnx.Linear(WIDTH, WIDTH, rngs=rngs)
 
     self.layers = stacked(rngs)
-    self.head = nnx.Linear(WIDTH, 2, rngs=rngs)
+    self.head = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
     self.hand_nodes = hand_nodes
 
   def __call__(self, x):
@@ -431,7 +429,7 @@ def test_a_module_called_twice_gets_one_entry_per_call():
 
 
 def test_inside_nnx_jit_and_jax_jit():
-  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((5, 6))
+  model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((3, WIDTH))
   eager = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
 
   @nnx.jit
@@ -451,7 +449,7 @@ def test_inside_nnx_jit_and_jax_jit():
 
 
 def test_bad_where_and_no_match():
-  model, x = MLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  model, x = MLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   with pytest.raises(TypeError, match=r"nnx.grad_norms: `where` is a module instance"):
     bgn_jax.nnx.grad_norms(sin_loss, model, x, where=model.layers[0])
   with pytest.raises(ValueError, match="matched no module") as error:
@@ -485,7 +483,7 @@ class Ensemble(nnx.Module):
 
 
 def test_vmap_stack_gives_one_value_per_member_against_hand_backprop():
-  model, x = Ensemble(rngs=nnx.Rngs(0)), inputs((5, WIDTH))
+  model, x = Ensemble(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   kernel = np.asarray(model.members.kernel[...], np.float64)
   bias = np.asarray(model.members.bias[...], np.float64)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import bgn_jax
-from tests.test_nnx_grad_norms import LAYERS, MLP, ScanStack, sin_loss
+from tests.test_nnx_grad_norms import LAYERS, MLP, WIDTH, ScanStack, sin_loss
 from tests.trees import inputs
 
 
@@ -27,7 +27,7 @@ def numpy_ratio(old, new):
 
 
 def test_relative_updates_of_an_nnx_model_match_numpy():
-  model, x = MLP(rngs=nnx.Rngs(0)), inputs((5, 6))
+  model, x = MLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   old_state = nnx.state(nnx.clone(model), nnx.Param)  # a State snapshot works as well
   step(model, x)
@@ -48,13 +48,13 @@ def test_relative_updates_of_an_nnx_model_match_numpy():
 def test_the_live_state_before_the_step_is_refused():
   model = MLP(rngs=nnx.Rngs(0))
   live = nnx.state(model, nnx.Param)  # the model's own Variables: it follows the step
-  step(model, inputs((5, 6)))
+  step(model, inputs((3, WIDTH)))
   with pytest.raises(ValueError, match=r"same Variable objects .* nnx.to_pure_dict"):
     bgn_jax.relative_updates(live, nnx.state(model, nnx.Param))
 
 
 def test_relative_updates_per_layer_of_a_scan_stack_from_a_grad_norms_report():
-  model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, 8))
+  model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=r"^layers$")
   old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   step(model, x)
