@@ -438,7 +438,7 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
     **kwargs: its keyword arguments.
 
   Returns:
-    A :class:`bgn_jax._common.Placements`: a list of ``Placement(path, module,
+    A :class:`bgn_jax._common.Placements`, a list of ``Placement(path, module,
     position, leaf, shape, dtype, reason)``, ``reason`` None for a node, that
     prints as a table.
 
