@@ -497,6 +497,7 @@ def measure(
     if args.cost_only:
       print(f"  {name}: {flops['gflop']:.1f} GFLOP, {flops['gbytes_accessed']:.1f} GB", flush=True)
       fields = {"model": model.name, "dtype": dtype_name, "placement": placement or "none"}
+      fields["nodes"] = sum(len(c.paths) for c in counters)  # counted while tracing
       key = f"models/{model.name}/{dtype_name}/{name}"
       records.append(harness.record(key, grouping or "none", env, **fields, **size, **flops))
       continue
