@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTED_ELSEWHERE = {
   "train_sharded.py": "tests/test_train_sharded.py",
 }
+# Arguments that keep a script's smoke run short; what it shows does not depend on them.
+SHORT_RUN = {
+  "gradient_flow.py": ["--steps", "40"],
+}
 EXAMPLES = sorted(
   p.name for p in (ROOT / "examples").glob("*.py") if p.name not in TESTED_ELSEWHERE
 )
@@ -32,7 +36,7 @@ def test_examples_tested_elsewhere_exist():
 def test_example_runs(script, tmp_path):
   env = dict(os.environ, BGN_JAX_EXAMPLE_OUT=str(tmp_path), MPLBACKEND="Agg")
   done = subprocess.run(
-    [sys.executable, str(ROOT / "examples" / script)],
+    [sys.executable, str(ROOT / "examples" / script), *SHORT_RUN.get(script, [])],
     cwd=tmp_path,
     env=env,
     capture_output=True,
