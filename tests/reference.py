@@ -1,5 +1,6 @@
-"""Independent float64 references for the tests: the BGN backward rule in NumPy, a
-hand-written MLP backprop, and the table of rejected BGN options with their messages."""
+"""What the tests share: independent float64 references (the BGN backward rule in NumPy,
+a hand-written MLP backprop), the tables of rejected options with their messages, random
+inputs, and a pytree check that chex lacks."""
 
 from __future__ import annotations
 
@@ -125,3 +126,44 @@ BAD_OPTIONS = [
   ({"axes": "1"}, TypeError, "bgn: `axes`"),
   ({"axis_name": ["a", {}]}, TypeError, "bgn: `axis_name`"),
 ]
+
+
+# Arguments every framework's insert refuses at insert time (on top of a valid `where`),
+# with the error and a part of its message: one table for linen and nnx.
+INSERT_BAD_ARGUMENTS = [
+  ({"position": "middle"}, ValueError, "`position` must be 'after' or 'before'; got 'middle'"),
+  ({"position": 1}, TypeError, "`position` must be 'after' or 'before'; got 1"),
+  ({"every": 0}, ValueError, "`every` must be an int >= 1; got 0"),
+  ({"every": 1.5}, TypeError, "`every` must be an int >= 1; got 1.5"),
+  ({"every": True}, TypeError, "`every` must be an int >= 1; got True"),
+  ({"every": "2"}, TypeError, "`every` must be an int >= 1; got '2'"),
+  ({"powr": 0.5}, TypeError, "unknown BGN option 'powr'"),
+  ({"power": 2.0}, ValueError, "bgn: `power` must lie in [0, 1]; got 2.0"),
+  ({"power": -0.5}, ValueError, "bgn: `power` must lie in [0, 1]; got -0.5"),
+  ({"eps": -1.0}, ValueError, "bgn: `eps` must be finite and >= 0"),
+  ({"target_norm": "unit"}, ValueError, "bgn: unknown `target_norm` 'unit'"),
+  ({"axes": "batch"}, TypeError, "bgn: `axes` must be None, an int or a tuple of ints"),
+  ({"axes": 1.5}, TypeError, "bgn: `axes` must be None, an int or a tuple of ints"),
+  ({"axes": (1, 1)}, ValueError, "names the same axis twice"),
+  ({"axes": 10**9}, ValueError, "`axes` 1000000000 names an axis beyond rank 64"),
+  ({"axis_name": ["batch", {}]}, TypeError, "bgn: `axis_name` must be None"),
+  ({"where": "(unclosed"}, ValueError, "is not a valid regular expression"),
+  ({"where": 3}, TypeError, "`where` must be a Module class"),
+  ({"where": None}, TypeError, "`where` must be a Module class"),
+]
+
+
+def inputs(shape: tuple[int, ...], seed: int = 0):
+  """A float32 array of standard normal entries, the same for the same seed."""
+  import jax.numpy as jnp
+
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def assert_trees_differ(a, b) -> None:
+  """Some leaf of ``a`` differs from ``b`` (chex raises on the first difference)."""
+  import chex
+  import pytest
+
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(a, b)

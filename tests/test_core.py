@@ -261,7 +261,7 @@ def shapes_and_axes(draw):
   return shape, axes
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=30)
 @given(
   shape_and_axes=shapes_and_axes(),
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),

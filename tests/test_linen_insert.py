@@ -20,19 +20,10 @@ import pytest
 
 import bgn_jax
 from bgn_jax import bgn
+from tests.reference import INSERT_BAD_ARGUMENTS, assert_trees_differ, inputs
 
 WIDTH = 8
 TRANSFORMS = {"eager": lambda f: f, "jit": jax.jit}
-
-
-def inputs(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def assert_trees_differ(a, b):
-  """Some leaf differs (chex raises on the first difference)."""
-  with pytest.raises(AssertionError):
-    chex.assert_trees_all_equal(a, b)
 
 
 def loss_grads(apply_fn, variables, *args, **kwargs):
@@ -1008,26 +999,7 @@ def test_no_match_raises_at_the_first_call_listing_what_was_seen():
     assert "'Conv'" in message
 
 
-@pytest.mark.parametrize(
-  "arguments, error, message",
-  [
-    (dict(position="middle"), ValueError, "`position` must be 'after' or 'before'; got 'middle'"),
-    (dict(position=1), TypeError, "`position` must be 'after' or 'before'; got 1"),
-    (dict(every=0), ValueError, "`every` must be an int >= 1; got 0"),
-    (dict(every=1.5), TypeError, "`every` must be an int >= 1; got 1.5"),
-    (dict(every=True), TypeError, "`every` must be an int >= 1; got True"),
-    (dict(powr=0.5), TypeError, "unknown BGN option 'powr'"),
-    (dict(power=2.0), ValueError, "bgn: `power` must lie in [0, 1]; got 2.0"),
-    (dict(eps=-1.0), ValueError, "bgn: `eps` must be finite and >= 0"),
-    (dict(target_norm="unit"), ValueError, "bgn: unknown `target_norm` 'unit'"),
-    (dict(axes="batch"), TypeError, "bgn: `axes` must be None, an int or a tuple of ints"),
-    (dict(axes=(1, 1)), ValueError, "names the same axis twice"),
-    (dict(axes=10**9), ValueError, "`axes` 1000000000 names an axis beyond rank 64"),
-    (dict(axis_name=["batch", {}]), TypeError, "bgn: `axis_name` must be None"),
-    (dict(where="(unclosed"), ValueError, "is not a valid regular expression"),
-    (dict(where=3), TypeError, "`where` must be a Module class"),
-  ],
-)
+@pytest.mark.parametrize(("arguments", "error", "message"), INSERT_BAD_ARGUMENTS, ids=str)
 def test_bad_arguments_are_rejected_at_insert(arguments, error, message):
   arguments = {"where": nn.Dense, **arguments}
   with pytest.raises(error, match=re.escape(message)):

@@ -21,7 +21,7 @@ from flax import linen, nnx
 
 import bgn_jax
 from bgn_jax import bgn
-from tests.trees import assert_trees_equal, inputs
+from tests.reference import inputs
 
 WIDTH = 8  # every input is (3, WIDTH) where it can be: the eager ops compile once
 _TAPS: contextvars.ContextVar = contextvars.ContextVar("taps", default=None)
@@ -334,7 +334,7 @@ def test_vae_with_a_loss_variable_and_rngs_leaves_the_model_as_it_was():
   check_report(report, *hand_gradients(vae_loss, model, x))
   assert not hasattr(model, "kl_loss")
   assert nnx.graphdef(model) == graphdef
-  assert_trees_equal(nnx.state(model, nnx.RngCount), counts)
+  chex.assert_trees_all_equal(nnx.state(model, nnx.RngCount), counts)
 
 
 class BatchNormDropoutMLP(nnx.Module):
@@ -361,7 +361,7 @@ def test_batchnorm_and_dropout_in_train_mode():
   grad_taps[""] = jax.grad(lambda y: jnp.sum(jnp.sin(3.0 * y)))(nnx.clone(model)(x))
   check_report(report, [*names, ""], grad_taps, grad_params)
   assert float(report["dropout"]["params"]) == 0.0
-  assert_trees_equal(nnx.state(model, (nnx.BatchStat, nnx.RngCount)), before)
+  chex.assert_trees_all_equal(nnx.state(model, (nnx.BatchStat, nnx.RngCount)), before)
 
 
 LAYERS = 3
@@ -425,7 +425,7 @@ def test_a_module_called_twice_gets_one_entry_per_call():
   model, x = Twice(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
   check_report(report, *hand_gradients(sin_loss, model, x))
-  assert_trees_equal(report["linear"]["params"], report["linear#1"]["params"])
+  chex.assert_trees_all_equal(report["linear"]["params"], report["linear#1"]["params"])
 
 
 def test_inside_nnx_jit_and_jax_jit():

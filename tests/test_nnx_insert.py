@@ -11,6 +11,7 @@ import gc
 import re
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ from flax import nnx
 import bgn_jax
 from bgn_jax import bgn
 from bgn_jax._common import Placement
-from tests.trees import assert_trees_differ, assert_trees_equal, inputs
+from tests.reference import INSERT_BAD_ARGUMENTS, assert_trees_differ, inputs
 
 WIDTH = 8
 
@@ -65,8 +66,8 @@ def check_against_hand(model, reference, x, **insert_args):
   assert inserted is model
   y, got = forward_and_grads(model, x)
   _, expected = forward_and_grads(reference, x)
-  assert_trees_equal(y, plain_y)
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(y, plain_y)
+  chex.assert_trees_all_equal(got, expected)
   assert_trees_differ(got, plain)
   return model
 
@@ -82,13 +83,13 @@ def test_insert_edits_the_model_in_place_and_remove_undoes_it():
     assert layer is original and layer.kernel is kernel
     assert type(layer).__name__ == "LinearWithBGN" and isinstance(layer, nnx.Linear)
   assert type(model) is MLP
-  assert_trees_equal(nnx.state(model), before)
+  chex.assert_trees_all_equal(nnx.state(model), before)
   assert bgn_jax.nnx.remove(model) is model
   assert all(type(layer) is nnx.Linear for layer in model.layers)
   assert nnx.graphdef(model) == nnx.graphdef(MLP(rngs=nnx.Rngs(0)))
   _, plain = forward_and_grads(model, x)
   _, again = forward_and_grads(MLP(rngs=nnx.Rngs(0)), x)
-  assert_trees_equal(plain, again)
+  chex.assert_trees_all_equal(plain, again)
 
 
 def test_optimizer_step_on_the_inserted_model_matches_the_hand_model():
@@ -99,7 +100,7 @@ def test_optimizer_step_on_the_inserted_model_matches_the_hand_model():
     for m, optimizer in zip((model, reference), optimizers, strict=True):
       _, grads = forward_and_grads(m, inputs((5, 6), seed=step))
       optimizer.update(m, grads)
-  assert_trees_equal(nnx.state(model), nnx.state(reference))
+  chex.assert_trees_all_equal(nnx.state(model), nnx.state(reference))
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_position_before_and_options():
   _, got = forward_and_grads(model, inputs((5, 6)))
   hand = HandOptions(rngs=nnx.Rngs(0))
   _, expected = forward_and_grads(hand, inputs((5, 6)))
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(got, expected)
 
 
 class HandOptions(MLP):
@@ -165,7 +166,7 @@ def test_inserting_again_with_the_same_options_is_a_no_op():
   )
   _, got = forward_and_grads(model, inputs((5, 6)))
   _, expected = forward_and_grads(HandPower(rngs=nnx.Rngs(0)), inputs((5, 6)))
-  assert_trees_equal(got, expected)
+  chex.assert_trees_all_equal(got, expected)
 
 
 class HandPower(MLP):
@@ -332,11 +333,11 @@ def test_batchnorm_statistics_and_eval_mode_are_the_models():
     y, got = forward_and_grads(model, x + step)
     expected_y, expected = forward_and_grads(reference, x + step)
     plain_y, plain_grads = forward_and_grads(plain, x + step)
-    assert_trees_equal(y, plain_y)
-    assert_trees_equal(got, expected)
+    chex.assert_trees_all_equal(y, plain_y)
+    chex.assert_trees_all_equal(got, expected)
     assert_trees_differ(got, plain_grads)
   statistics = nnx.state(model, nnx.BatchStat)
-  assert_trees_equal(statistics, nnx.state(reference, nnx.BatchStat))
+  chex.assert_trees_all_equal(statistics, nnx.state(reference, nnx.BatchStat))
   assert_trees_differ(statistics, nnx.state(BatchNormNet(rngs=nnx.Rngs(0)), nnx.BatchStat))
   # eval() on the model switches the model that is trained: there is no copy.
   for m in (model, reference):
@@ -344,8 +345,8 @@ def test_batchnorm_statistics_and_eval_mode_are_the_models():
   assert model.norm.use_running_average
   y, got = forward_and_grads(model, x)
   expected_y, expected = forward_and_grads(reference, x)
-  assert_trees_equal((y, got), (expected_y, expected))
-  assert_trees_equal(nnx.state(model, nnx.BatchStat), statistics)
+  chex.assert_trees_all_equal((y, got), (expected_y, expected))
+  chex.assert_trees_all_equal(nnx.state(model, nnx.BatchStat), statistics)
 
 
 def test_no_match_raises_listing_what_was_seen():
@@ -359,19 +360,7 @@ def test_no_match_raises_listing_what_was_seen():
   assert "List" not in message  # a container without __call__ is never tested
 
 
-@pytest.mark.parametrize(
-  "arguments, error, message",
-  [
-    (dict(position="middle"), ValueError, "`position` must be 'after' or 'before'; got 'middle'"),
-    (dict(every=0), ValueError, "`every` must be an int >= 1; got 0"),
-    (dict(every="2"), TypeError, "`every` must be an int >= 1; got '2'"),
-    (dict(powr=0.5), TypeError, "unknown BGN option 'powr'"),
-    (dict(power=-0.5), ValueError, "bgn: `power` must lie in [0, 1]; got -0.5"),
-    (dict(axes=1.5), TypeError, "bgn: `axes` must be None, an int or a tuple of ints"),
-    (dict(where="(unclosed"), ValueError, "is not a valid regular expression"),
-    (dict(where=None), TypeError, "`where` must be a Module class"),
-  ],
-)
+@pytest.mark.parametrize(("arguments", "error", "message"), INSERT_BAD_ARGUMENTS, ids=str)
 def test_bad_arguments(arguments, error, message):
   arguments = {"where": nnx.Linear, **arguments}
   with pytest.raises(error, match=re.escape(message)):
@@ -472,7 +461,7 @@ def test_vae_variable_assigned_in_call_lands_on_the_trained_model():
   assert losses[0] == losses[1]
   assert isinstance(model.encoder.kl_loss, Loss)
   no_keys = nnx.Not(nnx.RngKey)  # key arrays do not convert to NumPy; their counts do
-  assert_trees_equal(nnx.state(model, no_keys), nnx.state(reference, no_keys))
+  chex.assert_trees_all_equal(nnx.state(model, no_keys), nnx.state(reference, no_keys))
   assert_trees_differ(nnx.state(model, nnx.Param), nnx.state(VAE(rngs=nnx.Rngs(0)), nnx.Param))
 
 
@@ -543,7 +532,7 @@ def test_matches_with_nothing_to_normalize_raise_at_the_first_call():
   model = bgn_jax.nnx.insert(
     Tokens(rngs=nnx.Rngs(0)), where=(nnx.Embed, nnx.Linear), position="before"
   )
-  assert_trees_equal(
+  chex.assert_trees_all_equal(
     tokens_loss_grads(model), tokens_loss_grads(Tokens(hand=True, rngs=nnx.Rngs(0)))
   )
   records = bgn_jax.nnx.placements(model, TOKENS)
@@ -570,7 +559,7 @@ def test_placements_table_in_call_order_without_changing_the_model():
     "''          MLP     after     -     (5, 8)  float32  yes",
     "3 nodes, 0 skipped",
   ]
-  assert_trees_equal(nnx.state(model), before)
+  chex.assert_trees_all_equal(nnx.state(model), before)
   with pytest.raises(ValueError, match="has no BGN node"):
     bgn_jax.nnx.placements(MLP(rngs=nnx.Rngs(0)), inputs((5, 6)))
 

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import bgn_jax
+from tests.reference import inputs
 from tests.test_nnx_grad_norms import LAYERS, MLP, WIDTH, ScanStack, sin_loss
-from tests.trees import inputs
 
 
 def step(model, x):
