@@ -90,38 +90,16 @@ def test_reduction(tmp_path):
 def test_models(tmp_path):
   # Per example only and no warm-up compile: each configuration is a compile, and the
   # node count does not depend on the grouping.
+  toy = ["--models", "lm1b_small,resnet18", "--dtypes", "float32", "--groupings", "per_example"]
   records = run_script(
-    tmp_path,
-    "models.py",
-    "--models",
-    "lm1b_small,resnet18",
-    "--dtypes",
-    "float32",
-    "--groupings",
-    "per_example",
-    "--placements",
-    "block",
-    "--no-warm-compile",
-    timeout=600,
+    tmp_path, "models.py", *toy, "--placements", "block", "--no-warm-compile", timeout=600
   )
   by_key = {(r["model"], r["placement"]): r for r in records}
   assert set(by_key) == {(m, p) for m in ("lm1b_small", "resnet18") for p in ("none", "block")}
   # The toy LM: 2 blocks of 6 Dense (query, key, value, out, 2 MLP) and the logits;
   # the toy ResNet: the stem, 2 blocks of 2 convolutions and one projection. A node per
   # layer is counted from the lowered step only (--cost-only): a compile each is slow.
-  layers = run_script(
-    tmp_path,
-    "models.py",
-    "--models",
-    "lm1b_small,resnet18",
-    "--dtypes",
-    "float32",
-    "--groupings",
-    "per_example",
-    "--placements",
-    "layer",
-    "--cost-only",
-  )
+  layers = run_script(tmp_path, "models.py", *toy, "--placements", "layer", "--cost-only")
   layer_nodes = {r["model"]: r["nodes"] for r in layers if r["placement"] == "layer"}
   for model, blocks, per_layer in (("lm1b_small", 2, 13), ("resnet18", 2, 6)):
     assert by_key[(model, "none")]["nodes"] == 0
