@@ -77,8 +77,9 @@ def check_options(
   return options
 
 
-def is_float_array(leaf: Any) -> bool:
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
+def is_float_array(leaf: Any, kind: Any = jnp.floating) -> bool:
+  """A ``jax.Array`` whose dtype is of ``kind`` (floating; ``jnp.inexact`` adds complex)."""
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, kind)
 
 
 def apply_bgn(tree: Any, options: dict[str, Any]) -> Any:

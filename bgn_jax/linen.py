@@ -480,10 +480,6 @@ GRAD_NORMS_COLLECTION = "grad_norms"
 Report = dict[str, dict[str, jax.Array]]
 
 
-def _is_inexact_array(leaf: Any) -> bool:
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
-
-
 @dataclasses.dataclass
 class _Call:
   """One selected module call, as found by the shape pass."""
@@ -629,7 +625,9 @@ class _Probe:
     call = _Call(
       path=location[:-1],
       location=location,
-      output_ndims=tuple(x.ndim for x in jax.tree.leaves(outputs) if _is_inexact_array(x)),
+      output_ndims=tuple(
+        x.ndim for x in jax.tree.leaves(outputs) if is_float_array(x, jnp.inexact)
+      ),
       params_ndims=jax.tree.map(jnp.ndim, unfreeze(cast(dict, params))),
     )
     self.calls.append(call)
@@ -637,7 +635,7 @@ class _Probe:
 
   def _perturb(self, module: nn.Module, joined: str, outputs: Any, name: str) -> Any:
     leaves, treedef = jax.tree.flatten(outputs)
-    chosen = [i for i, leaf in enumerate(leaves) if _is_inexact_array(leaf)]
+    chosen = [i for i, leaf in enumerate(leaves) if is_float_array(leaf, jnp.inexact)]
     if not chosen:
       return outputs
     if self._discover and not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
