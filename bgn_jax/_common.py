@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -280,3 +281,41 @@ class Placements(list):
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"{len(self.nodes)} nodes, {len(self.skipped)} skipped")
     return "\n".join(lines)
+
+
+def has_call(cls: type) -> bool:
+  """Whether ``cls`` (or a base other than ``object``) defines ``__call__``."""
+  # getattr(cls, "__call__") would find type.__call__ on every class.
+  return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
+
+
+_MARKER = "_bgn_jax_marker"
+
+
+def marker_of(cls: type) -> tuple[Any, ...] | None:
+  """The marker of a subclass made by :func:`marked_subclass`, None for other classes."""
+  return vars(cls).get(_MARKER)
+
+
+def marked_subclass(
+  cls: type,
+  marker_value: tuple[Any, ...],
+  name: str,
+  namespace: dict[str, Any],
+  keywords: dict[str, Any] | None = None,
+) -> type:
+  """The subclass ``name`` of ``cls`` with ``namespace``, made once per ``marker_value``.
+
+  Found again through ``cls.__subclasses__()``, which holds subclasses weakly: no
+  cache keeps a user's class alive, and repeated inserts give the same class (equal
+  graph definitions and tree structures, so jit reuses its compilation).
+  """
+  for existing in cls.__subclasses__():
+    if marker_of(existing) == marker_value:
+      return existing
+
+  def fill(body: dict[str, Any]) -> None:
+    body.update(namespace)
+    body[_MARKER] = marker_value
+
+  return types.new_class(name, (cls,), keywords or {}, fill)

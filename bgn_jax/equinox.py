@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import types
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -43,7 +42,10 @@ from bgn_jax._common import (
   check_options,
   flatten_leaves,
   group_norms,
+  has_call,
   is_float_array,
+  marked_subclass,
+  marker_of,
   matcher,
   no_match_message,
 )
@@ -146,11 +148,6 @@ def _map_modules(
   return fn("/".join(path), rebuilt) if isinstance(rebuilt, eqx.Module) else rebuilt
 
 
-def _has_call(cls: type) -> bool:
-  # getattr(cls, "__call__") would find type.__call__ on every class.
-  return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
-
-
 def _with_class(module: eqx.Module, cls: type, **fields: Any) -> eqx.Module:
   """``module`` as an instance of ``cls`` (a subclass of its class), fields shared."""
   swapped = object.__new__(cls)
@@ -161,26 +158,15 @@ def _with_class(module: eqx.Module, cls: type, **fields: Any) -> eqx.Module:
 
 
 def _subclass(cls: type, marker: tuple[Any, ...], name: str, namespace: dict[str, Any]) -> type:
-  """The subclass of ``cls`` made for ``marker``, made once.
-
-  Found again through ``cls.__subclasses__()``, so repeated inserts give equal
-  tree structures (``eqx.filter_jit`` reuses its compilation) and no class is
-  made twice.
-  """
-  for subclass in cls.__subclasses__():
-    if vars(subclass).get("_bgn_marker") == marker:
-      return subclass
-
-  def fill(body: dict[str, Any]) -> None:
-    body.update(namespace, _bgn_marker=marker, __module__=__name__)
-    body["__qualname__"] = name
-
-  return types.new_class(name, (cls,), {}, fill)
+  """The subclass of ``cls`` made for ``marker``, made once (see ``marked_subclass``)."""
+  return marked_subclass(
+    cls, marker, name, {**namespace, "__module__": __name__, "__qualname__": name}
+  )
 
 
 def _base_name(cls: type) -> str:
   """The user's class name, without the subclasses this module adds."""
-  while "_bgn_marker" in vars(cls):
+  while marker_of(cls) is not None:
     cls = cls.__mro__[1]
   return cls.__name__
 
@@ -501,7 +487,7 @@ def insert(
 
   def add_bgn(path: str, module: eqx.Module) -> eqx.Module:
     nonlocal matches
-    if not _has_call(type(module)):
+    if not has_call(type(module)):
       return module
     seen[(type(module).__name__, path)] = None
     if not is_match(module, path):
@@ -981,7 +967,7 @@ def grad_norms(
   selected: dict[str, eqx.Module] = {}
 
   def select(path: str, module: eqx.Module) -> eqx.Module:
-    if _has_call(type(module)):
+    if has_call(type(module)):
       seen[(_base_name(type(module)), path)] = None
       if is_match(module, path):
         selected[path] = module
@@ -995,7 +981,7 @@ def grad_norms(
   # The shape pass probes every module: the parameters of those that are called
   # give a stacked module without parameters its layer count.
   probed = _map_modules(
-    lambda path, module: _probe(module, path) if _has_call(type(module)) else module, model
+    lambda path, module: _probe(module, path) if has_call(type(module)) else module, model
   )
   discovery = _Pass(selected, discover=True)
   with _Listening(discovery):

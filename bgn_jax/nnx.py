@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -40,7 +39,10 @@ from bgn_jax._common import (
   check_options,
   flatten_leaves,
   group_norms,
+  has_call,
   is_float_array,
+  marked_subclass,
+  marker_of,
   matcher,
   no_match_message,
 )
@@ -102,7 +104,6 @@ Options = tuple[tuple[str, Any], ...]
 # so bgn_jax holds no reference to any class (flax's own registries keep every nnx
 # Module class alive) and makes one subclass per (class, marker): equal graph
 # definitions for repeated inserts, so nnx.jit reuses its compilation.
-_MARKER = "_bgn_jax_marker"
 # The instance attribute (static, part of the graph definition) of a module with a
 # node: its _Site. Copies made inside nnx transforms carry it along.
 _SITE = "_bgn_jax_site"
@@ -110,33 +111,17 @@ _SITE = "_bgn_jax_site"
 _PROBE_PATH = "_bgn_jax_probe_path"
 
 
-def _has_call(cls: type) -> bool:
-  # getattr(cls, "__call__") would find type.__call__ on every class.
-  return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
-
-
-def _marker(cls: type) -> tuple[Any, ...] | None:
-  return vars(cls).get(_MARKER)
-
-
 def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc: str) -> type:
   """The subclass of ``cls`` with ``marker`` and ``__call__``, made once."""
-  for existing in cls.__subclasses__():
-    if _marker(existing) == marker:
-      return existing
   suffix = "WithBGN" if marker[0] == "bgn" else "WithGradProbe"
-
-  def fill(namespace: dict[str, Any]) -> None:
-    namespace.update(
-      {_MARKER: marker},
-      __call__=call,
-      __module__=__name__,
-      __qualname__=f"{cls.__qualname__}{suffix}",
-      __doc__=doc,
-    )
-
+  namespace = {
+    "__call__": call,
+    "__module__": __name__,
+    "__qualname__": f"{cls.__qualname__}{suffix}",
+    "__doc__": doc,
+  }
   keywords = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
-  return types.new_class(f"{cls.__name__}{suffix}", (cls,), keywords, fill)
+  return marked_subclass(cls, marker, f"{cls.__name__}{suffix}", namespace, keywords)
 
 
 @dataclasses.dataclass(eq=False)
@@ -290,7 +275,7 @@ def _selected(
   seen: dict[tuple[str, str], None] = {}
   chosen = []
   for parts, node in nnx.iter_graph(model):
-    if not (isinstance(node, nnx.Module) and _has_call(type(node))):
+    if not (isinstance(node, nnx.Module) and has_call(type(node))):
       continue
     seen[(type(node).__name__, _joined(parts))] = None
     if is_match(node, parts):
@@ -304,7 +289,7 @@ def _set_class(module: nnx.Module, cls: type) -> None:
 
 
 def _original(cls: type) -> type:
-  while _marker(cls) is not None:
+  while marker_of(cls) is not None:
     cls = cls.__mro__[1]
   return cls
 
@@ -388,14 +373,14 @@ def insert(
   chosen = chosen[::every]
   marker = ("bgn", position, options)
   for path, module in chosen:
-    existing = _marker(type(module))
+    existing = marker_of(type(module))
     if existing is not None and existing != marker:
       raise ValueError(
         f"nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) already "
         f"has a BGN node with {_options_text(existing)}; asked now: {_options_text(marker)}. "
         f"Call bgn_jax.nnx.remove(model) first to replace the nodes."
       )
-  new = [(path, module) for path, module in chosen if _marker(type(module)) is None]
+  new = [(path, module) for path, module in chosen if marker_of(type(module)) is None]
   insertion = _Insertion(
     where=where,
     position=position,
@@ -427,7 +412,7 @@ def remove(model: M) -> M:
   if not isinstance(model, nnx.Module):
     raise TypeError(f"nnx.remove: `model` must be an nnx.Module; got {type(model).__name__}.")
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and _marker(type(node)) is not None:
+    if isinstance(node, nnx.Module) and marker_of(type(node)) is not None:
       _set_class(node, _original(type(node)))
       if hasattr(node, _SITE):
         delattr(node, _SITE)
@@ -582,7 +567,7 @@ def _probe_bgn_layer(current: _Pass, x: Any, y: Any) -> Any:
 
 def _with_probe(cls: type) -> type:
   """The subclass of ``cls`` whose ``__call__`` adds grad_norms's perturbations."""
-  marker = _marker(cls)
+  marker = marker_of(cls)
   if marker is not None and marker[:2] == ("bgn", "after"):
     # insert's node sits on the output: "output" before it, "at_bgn" after it.
     base, options = cls.__mro__[1], dict(marker[2])
