@@ -297,6 +297,13 @@ def marker_of(cls: type) -> tuple[Any, ...] | None:
   return vars(cls).get(_MARKER)
 
 
+def options_text(marker: tuple[Any, ...]) -> str:
+  """``"(position='after', target_norm=...)"`` for a node's marker ``(tag, position, options)``."""
+  _, position, options = marker
+  named = ", ".join(f"{k}={v!r}" for k, v in options) or "the default BGN options"
+  return f"(position={position!r}, {named})"
+
+
 def marked_subclass(
   cls: type,
   marker_value: tuple[Any, ...],
@@ -306,9 +313,10 @@ def marked_subclass(
 ) -> type:
   """The subclass ``name`` of ``cls`` with ``namespace``, made once per ``marker_value``.
 
-  Found again through ``cls.__subclasses__()``, which holds subclasses weakly: no
-  cache keeps a user's class alive, and repeated inserts give the same class (equal
-  graph definitions and tree structures, so jit reuses its compilation).
+  Found again through ``cls.__subclasses__()``: repeated inserts give the same class
+  (equal graph definitions and tree structures, so jit reuses its compilation), and
+  the classes made stay bounded by the classes and option sets a program uses. (JAX's
+  pytree registry and Flax's graph registry hold each one for the process's life.)
   """
   for existing in cls.__subclasses__():
     if marker_of(existing) == marker_value:

@@ -48,10 +48,11 @@ from bgn_jax._common import (
   marker_of,
   matcher,
   no_match_message,
+  options_text,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, l2_norm, make_config
 
-__all__ = ["BGN", "grad_norms", "insert", "placements"]
+__all__ = ["BGN", "grad_norms", "insert", "placements", "remove"]
 
 M = TypeVar("M", bound=eqx.Module)
 Report = dict[str, dict[str, jax.Array]]
@@ -350,8 +351,21 @@ def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
     "__call__": __call__,
     "__doc__": f"{cls.__name__} with a BGN node {position} its __call__ ({options}).",
   }
-  marker = ("insert", position, tuple(sorted(options.items())))
-  return _subclass(cls, marker, f"{cls.__name__}WithBGN", namespace)
+  return _subclass(cls, _insert_marker(position, options), f"{cls.__name__}WithBGN", namespace)
+
+
+def _insert_marker(position: Position, options: dict[str, Any]) -> tuple[Any, ...]:
+  return ("insert", position, tuple(sorted(options.items())))
+
+
+def _node_marker(module: eqx.Module) -> tuple[Any, ...] | None:
+  """The marker of the node :func:`insert` gave ``module``, or None."""
+  if getattr(module, "bgn_site", None) is None:
+    return None
+  cls = type(module)
+  while (marker := marker_of(cls)) is not None and marker[0] != "insert":
+    cls = cls.__mro__[1]  # a diagnostics probe around the inserted class
+  return marker
 
 
 def _probe_class(cls: type) -> type:
@@ -427,6 +441,10 @@ def insert(
   checks are unchanged, and ``model`` itself is not modified. If, once every
   selected module has been called, none had a floating-point leaf to normalize,
   that call raises ValueError listing them (the shapes are known only then).
+  Inserting again with the same ``position`` and options leaves the modules
+  that already have a node as they are (one node each, never two); other
+  options on a module that has a node are a ValueError. :func:`remove` takes
+  the nodes out.
 
   The array leaves of the result are the same arrays, in the same order and at
   the same attribute paths, as those of ``model``: ``eqx.tree_serialise_leaves``
@@ -439,9 +457,10 @@ def insert(
   structure error: different types" naming ``<Class>WithBGN``. Either move the
   state by its leaves, ``jax.tree.unflatten(jax.tree.structure(new_state),
   jax.tree.leaves(old_state))`` (``new_state`` from ``optimizer.init`` on the
-  other model), or keep training the plain model and insert inside the loss,
-  ``loss(insert(model, where=...), x)``: the gradients then have the plain
-  model's structure (the nodes cost nothing at run time under ``jit``).
+  other model), or :func:`remove` the nodes, or keep training the plain model
+  and insert inside the loss, ``loss(insert(model, where=...), x)``: the
+  gradients then have the plain model's structure (the nodes cost nothing at
+  run time under ``jit``).
 
   Works under ``eqx.filter_jit``, ``eqx.filter_grad``, ``jax.vmap`` and
   ``eqx.filter_vmap``, and for a stack of layers built with ``eqx.filter_vmap``
@@ -473,8 +492,9 @@ def insert(
     TypeError: ``model`` is not an ``eqx.Module``, ``where``, ``position``,
       ``every`` or a BGN option has the wrong type, or an option name is unknown.
     ValueError: an argument is out of range, ``where`` is not a valid regular
-      expression, or ``where`` matches no module. Later, from a call of the
-      result: none of the selected modules had a floating-point leaf to normalize.
+      expression, ``where`` matches no module, or a selected module already has
+      a node with other options. Later, from a call of the result: none of the
+      selected modules had a floating-point leaf to normalize.
   """
   _check_model(model, "equinox.insert")
   is_match = matcher(where, fn_name="equinox.insert", module_type=eqx.Module)
@@ -482,6 +502,7 @@ def insert(
     "equinox.insert", position, every, {"target_norm": DEFAULT_TARGET, **bgn_options}
   )
   insertion = _Insertion(where, position)
+  marker = _insert_marker(position, options)
   seen: dict[tuple[str, str], None] = {}
   matches = 0
 
@@ -495,6 +516,15 @@ def insert(
     matches += 1
     if (matches - 1) % every:
       return module
+    existing = _node_marker(module)
+    if existing is not None:
+      if existing != marker:
+        raise ValueError(
+          f"equinox.insert: the module at {path!r} ({_base_name(type(module))}) already has a "
+          f"BGN node with {options_text(existing)}; asked now: {options_text(marker)}. Call "
+          f"bgn_jax.equinox.remove(model) first to replace the nodes."
+        )
+      return module  # the same node again: kept as it is, not a second one
     insertion.sites.append((path, _base_name(type(module))))
     cls = _with_bgn(type(module), position, options)
     return _with_class(module, cls, bgn_site=_Site(path, insertion))
@@ -503,6 +533,41 @@ def insert(
   if not matches:
     raise ValueError(no_match_message("equinox.insert", where, seen, "module"))
   return inserted
+
+
+def remove(model: M) -> M:
+  """Returns ``model`` without the BGN nodes that :func:`insert` added.
+
+  Each module with a node gets its original class back, so the result has the
+  tree structure of the model before :func:`insert` (an optax state made for
+  that model fits it) and the same array leaves. A model without nodes is
+  returned as it is; ``model`` itself is not modified.
+
+  Args:
+    model: an ``eqx.Module``.
+
+  Returns:
+    The model without the nodes.
+
+  Raises:
+    TypeError: ``model`` is not an ``eqx.Module``.
+  """
+  _check_model(model, "equinox.remove")
+  if not _sites(model):
+    return model
+
+  def original(path: str, module: eqx.Module) -> eqx.Module:
+    del path
+    if _node_marker(module) is None:
+      return module
+    cls = type(module)
+    while marker_of(cls) is not None:
+      cls = cls.__mro__[1]
+    plain = _with_class(module, cls)
+    object.__delattr__(plain, "bgn_site")
+    return plain
+
+  return _map_modules(original, model)
 
 
 class _Recorder(_Listener):

@@ -45,6 +45,7 @@ from bgn_jax._common import (
   marker_of,
   matcher,
   no_match_message,
+  options_text,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
@@ -294,12 +295,6 @@ def _original(cls: type) -> type:
   return cls
 
 
-def _options_text(marker: tuple[Any, ...]) -> str:
-  _, position, options = marker
-  named = ", ".join(f"{k}={v!r}" for k, v in options) or "the default BGN options"
-  return f"(position={position!r}, {named})"
-
-
 def insert(
   model: M,
   *,
@@ -377,7 +372,7 @@ def insert(
     if existing is not None and existing != marker:
       raise ValueError(
         f"nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) already "
-        f"has a BGN node with {_options_text(existing)}; asked now: {_options_text(marker)}. "
+        f"has a BGN node with {options_text(existing)}; asked now: {options_text(marker)}. "
         f"Call bgn_jax.nnx.remove(model) first to replace the nodes."
       )
   new = [(path, module) for path, module in chosen if marker_of(type(module)) is None]

@@ -494,6 +494,39 @@ def test_serialised_leaves_load_both_ways(tmp_path):
   chex.assert_trees_all_equal(leaves(back), leaves(trained))
 
 
+def test_inserting_again_adds_no_second_node_and_other_options_are_an_error():
+  once = beqx.insert(MLP, where=eqx.nn.Linear)
+  twice = beqx.insert(once, where=eqx.nn.Linear)
+  assert jax.tree.structure(twice) == jax.tree.structure(once)
+  assert type(twice.layers[0]).__mro__[1] is eqx.nn.Linear  # one subclass, not two
+  # A second insert may add nodes where there were none; the old ones stay single.
+  first_only = beqx.insert(MLP, where="layers/0")
+  both = beqx.insert(first_only, where=eqx.nn.Linear)
+  assert_same_grads(batched, both, per_example(hand_mlp), MLP, X)
+  with pytest.raises(ValueError, match=r"'layers/0' \(Linear\) already has a BGN node.*remove"):
+    beqx.insert(once, where=eqx.nn.Linear, power=0.5)
+  with pytest.raises(ValueError, match="position='before'"):
+    beqx.insert(once, where="layers/1", position="before")
+
+
+def test_remove_gives_back_the_plain_structure_and_the_same_leaves():
+  inserted = beqx.insert(BLOCK, where=eqx.nn.Linear)
+  removed = beqx.remove(inserted)
+  assert jax.tree.structure(removed) == jax.tree.structure(BLOCK)
+  assert all(a is b for a, b in zip(leaves(removed), leaves(BLOCK), strict=True))
+  assert type(inserted.mlp.layers[0]).__name__ == "LinearWithBGN"  # not modified
+  assert beqx.remove(BLOCK) is BLOCK
+  # An optax state made for the plain model fits the removed one.
+  optimizer = optax.adam(1e-2)
+  state = optimizer.init(eqx.filter(MLP, eqx.is_array))
+  removed = beqx.remove(beqx.insert(MLP, where=eqx.nn.Linear))
+  g = eqx.filter_grad(loss_fn)(removed, X)
+  updates, _ = optimizer.update(g, state, eqx.filter(removed, eqx.is_array))
+  assert jax.tree.structure(updates) == jax.tree.structure(eqx.filter(MLP, eqx.is_array))
+  with pytest.raises(TypeError, match="equinox.remove: `model` must be an eqx.Module"):
+    beqx.remove([MLP])
+
+
 def test_optax_state_moves_by_its_leaves_or_stays_with_an_insert_inside_the_loss():
   optimizer = optax.adam(1e-2)
 
