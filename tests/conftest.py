@@ -14,12 +14,17 @@ subprocess that sets its own ``XLA_FLAGS`` does without it. Speed is measured in
 from __future__ import annotations
 
 import os
+import tempfile
 
 from hypothesis import settings
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+# Data caches (scikit-learn's digits, kept as a file) go to a temporary folder, shared with
+# the subprocesses, never to the user's ~/.cache.
+os.environ.setdefault("BGN_JAX_CACHE", tempfile.mkdtemp(prefix="bgn_jax_test_cache_"))
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev")

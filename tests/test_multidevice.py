@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def errors():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  count = "--xla_force_host_platform_device_count=8"  # beside the suite's fast-compile flag
+  env = dict(
+    os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {count}", JAX_PLATFORMS="cpu"
+  )
   done = subprocess.run(
     [sys.executable, "tests/multidevice_checks.py"],
     cwd=ROOT,

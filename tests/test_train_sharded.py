@@ -21,7 +21,9 @@ STEPS = 20
 
 def _train(devices: int, cwd: Path, *flags: str) -> dict[int, str]:
   """Runs the script; returns {step: the loss as printed} (9 digits: a float32 exactly)."""
-  flags_env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  # The suite's fast-compile flag (tests/conftest.py) and the device count.
+  count = f"--xla_force_host_platform_device_count={devices}"
+  flags_env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()}
   done = subprocess.run(
     [sys.executable, str(SCRIPT), "--steps", str(STEPS), *flags],
     cwd=cwd,

@@ -151,11 +151,33 @@ def _standardize(name: str, x_train: np.ndarray, x_test: np.ndarray, y_train, y_
   )
 
 
-def load_digits(test_fraction: float = 0.2) -> Dataset:
-  """scikit-learn's bundled 8x8 digits (1797 images), a fixed random train/test split."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits, kept as ``digits.npz`` in :func:`cache_dir` after the first
+  load: importing scikit-learn takes longer than a short run's training."""
+  cached = cache_dir() / "digits.npz"
+  try:
+    with np.load(cached) as arrays:
+      images, labels = arrays["images"], arrays["labels"]
+    if images.shape == (1797, 64) and labels.shape == (1797,):
+      return images, labels
+  except (OSError, KeyError, ValueError):
+    pass  # absent or unreadable: load it again
   from sklearn.datasets import load_digits as sk_load_digits
 
   images, labels = sk_load_digits(return_X_y=True)
+  try:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"digits.{os.getpid()}.npz")
+    np.savez(partial, images=images, labels=labels)
+    os.replace(partial, cached)  # atomic: a concurrent run reads the old file or the new
+  except OSError:
+    pass  # a read-only cache: load it every time
+  return images, labels
+
+
+def load_digits(test_fraction: float = 0.2) -> Dataset:
+  """scikit-learn's bundled 8x8 digits (1797 images), a fixed random train/test split."""
+  images, labels = _digits_arrays()
   order = np.random.default_rng(0).permutation(len(labels))
   x, y = images[order], labels[order]
   n_test = int(round(test_fraction * len(y)))

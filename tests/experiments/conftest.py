@@ -15,10 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory) -> dict[str, str]:
-  """The environment of CLI subprocesses: one CPU device, a shared compilation cache."""
+  """The environment of CLI subprocesses: one CPU device, a shared compilation cache.
+
+  ``XLA_FLAGS`` keeps the suite's fast-compile flag (see tests/conftest.py), less any
+  device count a multi-device invocation set.
+  """
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
   env.update(
+    XLA_FLAGS=" ".join(flags),
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

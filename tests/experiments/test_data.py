@@ -186,10 +186,22 @@ def test_corrupt_cifar_batch_names_the_file(tmp_path, cut):
     data.load_dataset("cifar10", data_dir=tmp_path)
 
 
-def test_digits_split_is_fixed():
-  a, b = data.load_digits(), data.load_digits()
+def test_digits_split_is_fixed_and_the_cached_copy_is_scikit_learns(tmp_path, monkeypatch):
+  from sklearn.datasets import load_digits
+
+  monkeypatch.setenv("BGN_JAX_CACHE", str(tmp_path))
+  a = data.load_digits()  # from scikit-learn, then cached
+  assert (tmp_path / "digits.npz").is_file()
+  b = data.load_digits()  # from the cache
   assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64)
-  np.testing.assert_array_equal(a.y_test, b.y_test)
+  for field in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  images, labels = load_digits(return_X_y=True)
+  with np.load(tmp_path / "digits.npz") as cached:
+    np.testing.assert_array_equal(cached["images"], images)
+    np.testing.assert_array_equal(cached["labels"], labels)
+  (tmp_path / "digits.npz").write_bytes(b"not an npz")  # a corrupt copy is loaded again
+  np.testing.assert_array_equal(data.load_digits().x_train, a.x_train)
 
 
 def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
