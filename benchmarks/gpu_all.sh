@@ -3,26 +3,25 @@
 # hang loses only its own numbers, and each writes its JSON straight under $OUT, with
 # the log in $OUT/log.txt. PART picks the call:
 #
-# - models (the default, issue 15): models.py with a node after every block (and
-#   none), whole batch and per example, for lm1b's Transformer LM (two sizes) and
-#   imagenet's ResNet-18/50 at the examples' sizes: bfloat16, then float32, each step
-#   at most 230 s, 8 minutes with the start even if both run into their limits.
-#   3 files: models_bf16_block.json, models_f32_block.json, log.txt.
-# - models_layer: the same with a node after every Dense / convolution, another call
-#   of the same length. 3 files: models_bf16_layer.json, models_f32_layer.json, log.txt.
+# - models (the default, issue 15): models.py at the examples' sizes for lm1b's
+#   Transformer LM (two sizes) and imagenet's ResNet-18/50, with no node, a node after
+#   every block and a node after every Dense / convolution, whole batch and per
+#   example: bfloat16, then float32, each step at most 225 s, so 8 minutes with the
+#   start even if both run into their limits. Each (model, dtype) compiles its baseline
+#   alone and its four steps with nodes side by side (--compile-threads 4).
+#   3 files: models_bf16.json, models_f32.json, log.txt.
 # - micro (issue 6): the deep-MLP scripts, under 10 minutes; 9 files with the log and
 #   the optimized HLO, $OUT/hlo.txt.
 #
 #   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh                     # on the GPU machine
-#   PART=models_layer OUT=/tmp/gpuout bash benchmarks/gpu_all.sh   # the second call
 #   MODELS=resnet50 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh     # only what a limit cut off
 #   QUICK=1 OUT=/tmp/gpuout bash benchmarks/gpu_all.sh             # tiny sizes, on a CPU
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 PART=${PART:-models}
 case "$PART" in
-  models | models_layer | micro) ;;
-  *) echo "PART must be models, models_layer or micro; got '$PART'" >&2; exit 2 ;;
+  models | micro) ;;
+  *) echo "PART must be models or micro; got '$PART'" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -49,26 +48,25 @@ step() {
   "$PY" -c "import torch; print('torch', torch.__version__)"
 } >>"$LOG" 2>&1
 
-if [ "$PART" = models ] || [ "$PART" = models_layer ]; then
+if [ "$PART" = models ]; then
   # Each (model, dtype) is timed for 11 rounds of 3 steps per configuration; the records
   # of every finished (model, dtype) are written before the next starts, so a step cut
   # off by its limit keeps them, and the models run cheapest first. Compiling takes
   # most of the time (RESULTS.md, "GPU: the next calls"), so the baseline is not
-  # compiled twice here: its compile time includes the model's autotuning. The JSON
-  # holds the optimized HLO's counts of fusions and reductions (hlo_counts, hlo_added).
-  placement=block
-  if [ "$PART" = models_layer ]; then placement=layer; fi
-  MODEL_ARGS=(--placements "$placement" --rounds 11 --steps-per-round 3 --no-warm-compile)
+  # compiled twice here: its compile time includes the model's autotuning, and the
+  # steps with nodes, compiled after it, reuse that autotuning. The JSON holds the
+  # optimized HLO's counts of fusions and reductions (hlo_counts, hlo_added).
+  MODEL_ARGS=(--placements block,layer --rounds 11 --steps-per-round 3 --no-warm-compile
+    --compile-threads 4)
   # MODELS=resnet50 runs one model: a call for what a step's limit cut off.
   if [ -n "${MODELS:-}" ]; then MODEL_ARGS+=(--models "$MODELS"); fi
   # On a CPU the toy models of two of the four are enough to test the steps.
   if [ "${QUICK:-0}" = 1 ]; then
-    MODEL_ARGS=(--placements "$placement" --models lm1b_small,resnet18 --no-warm-compile)
+    MODEL_ARGS=(--placements block,layer --models lm1b_small,resnet18 --no-warm-compile
+      --compile-threads 4)
   fi
-  step 230 benchmarks/models.py --dtypes bfloat16 "${MODEL_ARGS[@]}" \
-    --json "$OUT/models_bf16_$placement.json"
-  step 230 benchmarks/models.py --dtypes float32 "${MODEL_ARGS[@]}" \
-    --json "$OUT/models_f32_$placement.json"
+  step 225 benchmarks/models.py --dtypes bfloat16 "${MODEL_ARGS[@]}" --json "$OUT/models_bf16.json"
+  step 225 benchmarks/models.py --dtypes float32 "${MODEL_ARGS[@]}" --json "$OUT/models_f32.json"
   cat "$LOG"
   exit 0
 fi

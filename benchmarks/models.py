@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -465,6 +466,35 @@ def git_commit() -> str:
   return head + ("+dirty" if dirty else "")
 
 
+def compile_steps(
+  lowered: dict[str, Any], threads: int
+) -> dict[str, tuple[Any, float, float | None]]:
+  """Compiles each lowered step: ``{name: (compiled, wall s, compiler CPU s or None)}``.
+
+  The first (the baseline) is compiled alone; with ``threads > 1`` the others are then
+  compiled side by side (XLA compiles without the GIL). The baseline first: on a GPU it
+  autotunes the convolutions and matrix products, which the steps with nodes share
+  (XLA keeps the autotuning results of a process), so they are not autotuned again while
+  compiles run side by side. With threads, a compile's wall time includes its
+  neighbours' and its CPU seconds are not its own (None).
+  """
+
+  def one(item: Any) -> tuple[Any, float, float | None]:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    compiled = item.compile()
+    return compiled, time.perf_counter() - start, time.process_time() - cpu_start
+
+  names = list(lowered)
+  done = {names[0]: one(lowered[names[0]])}
+  if threads <= 1:
+    done.update((name, one(lowered[name])) for name in names[1:])
+  else:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      futures = {name: pool.submit(one, lowered[name]) for name in names[1:]}
+      done.update((name, (*f.result()[:2], None)) for name, f in futures.items())
+  return done
+
+
 def measure(
   model: Model, dtype_name: str, size: dict[str, int], args: argparse.Namespace, env: dict
 ) -> list[dict[str, Any]]:
@@ -484,6 +514,7 @@ def measure(
     # The first compile of a model pays for more than its step (the compiler's own
     # start-up, autotuning on a GPU): a discarded compile of the baseline takes it.
     make_step(model, dtype, None, None)[0].lower(first_state, *batch).compile()
+  lowered_steps: dict[str, tuple[Any, dict[str, Any], float, int]] = {}
   for placement, grouping in configs:
     name = f"{placement}/{grouping}" if placement else "none"
     step, _, counters = make_step(model, dtype, placement, grouping)
@@ -494,44 +525,46 @@ def measure(
     lower_s = time.perf_counter() - start
     cost = lowered.cost_analysis()  # XLA's count on the unoptimized step
     flops = {"gflop": cost["flops"] / 1e9, "gbytes_accessed": cost["bytes accessed"] / 1e9}
+    nodes = sum(len(c.paths) for c in counters)  # counted while tracing
     if args.cost_only:
       print(f"  {name}: {flops['gflop']:.1f} GFLOP, {flops['gbytes_accessed']:.1f} GB", flush=True)
       fields = {"model": model.name, "dtype": dtype_name, "placement": placement or "none"}
-      fields["nodes"] = sum(len(c.paths) for c in counters)  # counted while tracing
       key = f"models/{model.name}/{dtype_name}/{name}"
-      records.append(harness.record(key, grouping or "none", env, **fields, **size, **flops))
+      records.append(
+        harness.record(key, grouping or "none", env, **fields, nodes=nodes, **size, **flops)
+      )
       continue
-    cpu_start = time.process_time()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
-    # The compiler's CPU seconds, which other processes on the machine hardly change.
-    compile_cpu_s = time.process_time() - cpu_start
-    text = compiled.as_text()
-    if args.dump_hlo:
-      os.makedirs(args.dump_hlo, exist_ok=True)
-      path = os.path.join(args.dump_hlo, f"{model.name}_{dtype_name}_{name.replace('/', '_')}.txt")
-      with open(path, "w") as f:
-        f.write(text)
-    info[name] = {
-      "lower_s": lower_s,
-      "compile_s": compile_s,
-      "compile_cpu_s": compile_cpu_s,
-      "nodes": sum(len(c.paths) for c in counters),
-      **flops,
-      "hlo_counts": hlo_counts(text),
-      **peak_bytes(compiled),
-    }
+    lowered_steps[name] = (lowered, state, lower_s, nodes)
+    info[name] = {"lower_s": lower_s, "nodes": nodes, **flops}
+  if not args.cost_only:
+    for name, (compiled, compile_s, compile_cpu_s) in compile_steps(
+      {name: lowered for name, (lowered, *_) in lowered_steps.items()}, args.compile_threads
+    ).items():
+      _, state, lower_s, nodes = lowered_steps[name]
+      text = compiled.as_text()
+      if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        path = os.path.join(
+          args.dump_hlo, f"{model.name}_{dtype_name}_{name.replace('/', '_')}.txt"
+        )
+        with open(path, "w") as f:
+          f.write(text)
+      info[name].update(
+        compile_s=compile_s,
+        compile_cpu_s=compile_cpu_s,
+        compile_threads=args.compile_threads,
+        hlo_counts=hlo_counts(text),
+        **peak_bytes(compiled),
+      )
 
-    def run(compiled: Callable = compiled, state: dict[str, Any] = state) -> Any:
-      state["state"] = compiled(state["state"], *batch)
-      return state["state"]
+      def run(compiled: Callable = compiled, state: dict[str, Any] = state) -> Any:
+        state["state"] = compiled(state["state"], *batch)
+        return state["state"]
 
-    for _ in range(args.warmup):
-      jax.block_until_ready(run())
-    runs[name] = run
-    print(
-      f"  {name}: {info[name]['nodes']} nodes, compiled in {lower_s + compile_s:.1f} s", flush=True
-    )
+      for _ in range(args.warmup):
+        jax.block_until_ready(run())
+      runs[name] = run
+      print(f"  {name}: {nodes} nodes, compiled in {lower_s + compile_s:.1f} s", flush=True)
   if args.cost_only:
     return records
   stats = harness.interleaved_medians(runs, args.rounds, args.steps_per_round)
@@ -611,6 +644,12 @@ def main(argv: list[str] | None = None) -> None:
     action=argparse.BooleanOptionalAction,
     default=True,
     help="compile the baseline once before the compiles that are timed",
+  )
+  parser.add_argument(
+    "--compile-threads",
+    type=int,
+    default=1,
+    help="compile the steps with nodes side by side, after the baseline (default 1)",
   )
   parser.add_argument("--dump-hlo", default=None, help="write each optimized step's HLO here")
   parser.add_argument(

@@ -228,6 +228,9 @@ def models_cost_table(records: list[dict[str, Any]]) -> list[str]:
       if r is None:
         row.append("-")
         continue
+      if r.get("compile_cpu_s", 0.0) is None:  # compiled side by side (--compile-threads)
+        row.append(f"{r['extra_peak_bytes'] / 1024:+.1f}, side by side")
+        continue
       row.append(f"{r['extra_peak_bytes'] / 1024:+.1f}, {_compile_s(r) / _compile_s(base):.2f}")
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")

@@ -13,7 +13,9 @@ subprocess that sets its own ``XLA_FLAGS`` does without it. Speed is measured in
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from hypothesis import settings
@@ -22,9 +24,24 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
-# Data caches (scikit-learn's digits, kept as a file) go to a temporary folder, shared with
-# the subprocesses, never to the user's ~/.cache.
-os.environ.setdefault("BGN_JAX_CACHE", tempfile.mkdtemp(prefix="bgn_jax_test_cache_"))
+
+def _session_folder(variable: str, prefix: str) -> None:
+  """``$variable`` as a fresh temporary folder, made by the first process (pytest's
+  controller) and inherited by its workers and subprocesses; removed at its exit."""
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+
+
+# Data caches (scikit-learn's digits, kept as a file) go to a temporary folder, never to
+# the user's ~/.cache.
+_session_folder("BGN_JAX_CACHE", "bgn_jax_test_data_")
+# One persistent compilation cache for the session: the tests build many fresh jitted
+# functions that compile to programs compiled before (the cache is keyed on the program,
+# not on the Python function). Unless set already, empty at the start of every session,
+# so no test depends on an earlier run.
+_session_folder("JAX_COMPILATION_CACHE_DIR", "bgn_jax_test_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev")

@@ -122,15 +122,23 @@ def run_mutant(mutant: Mutant) -> tuple[Mutant, str, float, str]:
     (copy / mutant.path).write_text(source.replace(mutant.old, mutant.new))
     env = dict(os.environ, PYTHONPATH=str(copy), HYPOTHESIS_PROFILE="ci", JAX_PLATFORMS="cpu")
     # The mutated copy must be what the tests import, not the installed package.
-    check = "import bgn_jax, sys; sys.exit(not bgn_jax.__file__.startswith(sys.argv[1]))"
-    imported = subprocess.run([sys.executable, "-c", check, str(copy)], cwd=copy, env=env)
-    if imported.returncode != 0:
-      return mutant, "error", 0.0, "the tests would import bgn_jax from outside the copy"
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(
-      [*command, *mutant.tests], cwd=copy, env=env, capture_output=True, text=True, timeout=600
+    # One process: it checks that bgn_jax comes from the copy, then runs pytest (exit 9:
+    # the tests would import bgn_jax from outside the copy).
+    code = (
+      "import sys, bgn_jax, pytest\n"
+      "if not bgn_jax.__file__.startswith(sys.argv[1]): sys.exit(9)\n"
+      "sys.exit(pytest.main(['-x', '-q', '-p', 'no:cacheprovider', *sys.argv[2:]]))"
     )
-  # pytest's exit status 1: tests failed. 0: all passed. Others: no tests, or a crash.
+    done = subprocess.run(
+      [sys.executable, "-c", code, str(copy), *mutant.tests],
+      cwd=copy,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+  if done.returncode == 9:
+    return mutant, "error", 0.0, "the tests would import bgn_jax from outside the copy"
   verdict = {0: "survived", 1: "killed"}.get(done.returncode, "error")
   tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
   return mutant, verdict, time.perf_counter() - start, tail

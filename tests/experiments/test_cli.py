@@ -152,9 +152,23 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, cli_env):
   out = tmp_path / "interrupted"
-  args = [*SMALL, "--epochs", "40", "--out", str(out)]
+  # Far more steps than run before the signal: a step of this model takes about a
+  # millisecond, so a short run could finish before a loaded machine delivers it.
+  epochs = 1000
+  args = [*SMALL, "--epochs", str(epochs), "--out", str(out)]
+  # As from a terminal: Ctrl-C raising KeyboardInterrupt. A suite started in the
+  # background of a non-interactive shell (`pytest &`, some CI runners) passes SIGINT
+  # down ignored, and Python then installs no handler for it.
+  terminal = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'bgn-jax'; runpy.run_module('bgn_jax', run_name='__main__')"
+  )
   process = subprocess.Popen(
-    cli("train", *args), env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    [sys.executable, "-c", terminal, "train", *args],
+    env=cli_env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   deadline = time.monotonic() + 120
   metrics = out / "metrics.jsonl"
@@ -169,7 +183,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, cli_env):
   assert process.returncode == 130, err[-3000:]
   assert "interrupted" in err
   steps = checkpoint_steps(out)
-  assert steps and 0 < steps[-1] < 22 * 40
+  assert steps and 0 < steps[-1] < 22 * epochs
 
 
 def test_sweep_writes_tables_and_skips_finished_cells(tmp_path, cli_env):
