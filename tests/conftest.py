@@ -47,3 +47,24 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("dev")
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# The files that take longest, first: the suite runs as `pytest -n 2 --dist loadfile`,
+# which hands out whole files in collection order, so the long ones starting last would
+# leave one worker running alone at the end. Other files keep their order after them.
+_LONGEST_FIRST = (
+  "tests/experiments/test_demo.py",
+  "tests/experiments/test_cli.py",
+  "tests/test_core.py",
+  "tests/test_linen_insert.py",
+  "tests/test_benchmarks.py",
+  "tests/experiments/test_archs.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: the order within a file, and of the rest, is kept
