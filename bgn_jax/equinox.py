@@ -165,11 +165,15 @@ def _subclass(cls: type, marker: tuple[Any, ...], name: str, namespace: dict[str
   )
 
 
-def _base_name(cls: type) -> str:
-  """The user's class name, without the subclasses this module adds."""
+def _user_class(cls: type) -> type:
+  """The user's class, without the subclasses this module adds."""
   while marker_of(cls) is not None:
     cls = cls.__mro__[1]
-  return cls.__name__
+  return cls
+
+
+def _base_name(cls: type) -> str:
+  return _user_class(cls).__name__
 
 
 def _own_arrays(module: eqx.Module) -> set[int]:
@@ -560,10 +564,7 @@ def remove(model: M) -> M:
     del path
     if _node_marker(module) is None:
       return module
-    cls = type(module)
-    while marker_of(cls) is not None:
-      cls = cls.__mro__[1]
-    plain = _with_class(module, cls)
+    plain = _with_class(module, _user_class(type(module)))
     object.__delattr__(plain, "bgn_site")
     return plain
 
