@@ -54,6 +54,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import os
 import re
 import subprocess
@@ -523,8 +524,12 @@ def measure(
     start = time.perf_counter()
     lowered = step.lower(state["state"], *batch)
     lower_s = time.perf_counter() - start
-    cost = lowered.cost_analysis()  # XLA's count on the unoptimized step
-    flops = {"gflop": cost["flops"] / 1e9, "gbytes_accessed": cost["bytes accessed"] / 1e9}
+    # XLA's count on the unoptimized step; the GPU plugin gives none (None), so NaN there.
+    cost = lowered.cost_analysis() or {}
+    flops = {
+      "gflop": cost.get("flops", math.nan) / 1e9,
+      "gbytes_accessed": cost.get("bytes accessed", math.nan) / 1e9,
+    }
     nodes = sum(len(c.paths) for c in counters)  # counted while tracing
     if args.cost_only:
       print(f"  {name}: {flops['gflop']:.1f} GFLOP, {flops['gbytes_accessed']:.1f} GB", flush=True)
