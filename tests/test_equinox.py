@@ -413,6 +413,23 @@ def test_filter_vmap_and_filter_grad_of_the_inserted_model():
   chex.assert_trees_all_equal(got, want)
 
 
+def test_filter_jit_compiles_the_inserted_model_apart_from_the_plain_one():
+  # Why insert cannot keep the plain model's structure (and so an optax state made for
+  # one cannot fit the other): eqx.filter_jit keys its compilations on the structure, so
+  # an equal one would reuse the plain model's compiled step and silently drop the nodes.
+  @eqx.filter_jit
+  def grad(model, x):
+    return leaves(eqx.filter_grad(loss_fn)(model, x))
+
+  def hand(model, x):
+    return loss_of_outputs(per_example(hand_mlp)(model, x))
+
+  plain = grad(MLP, X)  # compiled first, with the plain structure
+  inserted = grad(beqx.insert(MLP, where=eqx.nn.Linear), X)
+  chex.assert_trees_all_close(inserted, leaves(eqx.filter_grad(hand)(MLP, X)), rtol=1e-5)
+  assert not all(np.allclose(a, b) for a, b in zip(plain, inserted, strict=True))
+
+
 # --- nothing to normalize ------------------------------------------------------------------
 
 
