@@ -9,7 +9,7 @@ after which layers the BGN node sits. The Transformer gets its BGN nodes from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -63,17 +63,26 @@ def bgn_flags(depth: int, method: str, bgn_every: int) -> list[bool]:
 
 
 def _maybe_bgn(
-  h: jax.Array, apply_bgn: jax.Array, axes: tuple[int, ...] | None, target_norm: TargetNorm
+  h: jax.Array, apply_bgn: jax.Array | bool, axes: tuple[int, ...] | None, target_norm: TargetNorm
 ) -> jax.Array:
-  """``bgn(h)`` where the (traced) flag is set, else ``h``.
+  """``bgn(h)`` where the flag is set, else ``h``.
 
-  A ``lax.cond``, not a select: the backward pass of a select would run the node
-  on a zero cotangent where the flag is off, and its 0/0 would poison the layer's
-  gradient with NaN.
+  A Python bool decides while tracing. A traced flag (layers of one scanned stack
+  that differ) takes a ``lax.cond``, not a select: the backward pass of a select would
+  run the node on a zero cotangent where the flag is off, and its 0/0 would poison the
+  layer's gradient with NaN. A cond costs a trip to the host per layer on a GPU, so
+  stacks whose layers all agree pass a bool (:func:`stack_flag`).
   """
+  if isinstance(apply_bgn, bool):
+    return bgn(h, axes=axes, target_norm=target_norm) if apply_bgn else h
   return jax.lax.cond(
     apply_bgn, lambda v: bgn(v, axes=axes, target_norm=target_norm), lambda v: v, h
   )
+
+
+def stack_flag(flags: Sequence[bool]) -> bool | None:
+  """The flag of every layer of a scanned stack if they agree (static), else None."""
+  return flags[0] if len(set(flags)) == 1 else None
 
 
 class HiddenLayer(nn.Module):
@@ -96,7 +105,7 @@ class HiddenLayer(nn.Module):
   target_norm: TargetNorm = "sqrt_units"
 
   @nn.compact
-  def __call__(self, h: jax.Array, apply_bgn: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, h: jax.Array, apply_bgn: jax.Array | bool, train: bool) -> jax.Array:
     h = nn.Dense(self.width, kernel_init=INITS[self.init_scheme], dtype=self.dtype, name="dense")(h)
     if self.method == "batchnorm":
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
@@ -118,6 +127,8 @@ class _ScanBody(nn.Module):
   train: bool
   target_norm: TargetNorm
 
+  every_layer: bool | None  # stack_flag of the stack's layers; None: use the scanned flag
+
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
     layer = HiddenLayer(
@@ -129,7 +140,8 @@ class _ScanBody(nn.Module):
       self.target_norm,
       name="layer",
     )
-    return layer(h, apply_bgn, self.train), None
+    flag = apply_bgn if self.every_layer is None else self.every_layer
+    return layer(h, flag, self.train), None
 
 
 class DeepMLP(nn.Module):
@@ -173,7 +185,7 @@ class DeepMLP(nn.Module):
       self.dtype,
       self.target_norm,
       name="input_layer",
-    )(h, jnp.asarray(flags[0]), train)
+    )(h, flags[0], train)
     if self.depth > 1:
       stack = nn.scan(
         _ScanBody,
@@ -192,6 +204,7 @@ class DeepMLP(nn.Module):
         self.dtype,
         train,
         self.target_norm,
+        every_layer=stack_flag(flags[1:]),
         name="stack",
       )(h, jnp.asarray(flags[1:]))
     logits = nn.Dense(
@@ -258,7 +271,7 @@ class ConvLayer(nn.Module):
   target_norm: TargetNorm = "sqrt_units"
 
   @nn.compact
-  def __call__(self, h: jax.Array, apply_bgn: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, h: jax.Array, apply_bgn: jax.Array | bool, train: bool) -> jax.Array:
     y = nn.Conv(
       self.width,
       (3, 3),
@@ -289,6 +302,8 @@ class _ConvScanBody(nn.Module):
   train: bool
   target_norm: TargetNorm
 
+  every_layer: bool | None  # stack_flag of the stack's layers; None: use the scanned flag
+
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
     layer = ConvLayer(
@@ -302,7 +317,8 @@ class _ConvScanBody(nn.Module):
       target_norm=self.target_norm,
       name="layer",
     )
-    return layer(h, apply_bgn, self.train), None
+    flag = apply_bgn if self.every_layer is None else self.every_layer
+    return layer(h, flag, self.train), None
 
 
 class DeepCNN(nn.Module):
@@ -353,7 +369,7 @@ class DeepCNN(nn.Module):
         dtype=self.dtype,
         target_norm=self.target_norm,
         name="input_layer" if stage == 0 else f"stage{stage}_down",
-      )(h, jnp.asarray(flags[layer]), train)
+      )(h, flags[layer], train)
       if size > 1:
         stack = nn.scan(
           _ConvScanBody,
@@ -370,6 +386,7 @@ class DeepCNN(nn.Module):
           self.dtype,
           train,
           self.target_norm,
+          every_layer=stack_flag(flags[layer + 1 : layer + size]),
           name=f"stage{stage}",
         )(h, jnp.asarray(flags[layer + 1 : layer + size]))
       layer += size

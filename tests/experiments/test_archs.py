@@ -233,6 +233,8 @@ def _hand_written_mlp(params, x, node_after):
   h = jax.nn.relu(
     x @ params["input_layer"]["dense"]["kernel"] + params["input_layer"]["dense"]["bias"]
   )
+  if 1 in node_after:
+    h = bgn(h)
   stack = params["stack"]["layer"]["dense"]
   for i in range(stack["kernel"].shape[0]):
     h = jax.nn.relu(h @ stack["kernel"][i] + stack["bias"][i])
@@ -241,17 +243,19 @@ def _hand_written_mlp(params, x, node_after):
   return h @ params["classifier"]["kernel"] + params["classifier"]["bias"]
 
 
-def test_bgn_every_k_matches_hand_placed_nodes():
-  """Nodes after layers 2 and 4 only; the layers without one get no 0/0 from an unused node."""
+@pytest.mark.parametrize("every, node_after", [(1, (1, 2, 3, 4)), (2, (2, 4))])
+def test_bgn_every_k_matches_hand_placed_nodes(every, node_after):
+  """Every layer (a static flag), or layers 2 and 4 only (a traced one): the layers
+  without a node get no 0/0 from an unused node."""
   from bgn_jax.experiments.models import DeepMLP
 
   x = X[:, :64]
-  model = DeepMLP(depth=4, width=8, num_classes=10, method="bgn", bgn_every=2, init_scheme="he")
+  model = DeepMLP(depth=4, width=8, num_classes=10, method="bgn", bgn_every=every, init_scheme="he")
   params = model.init(jax.random.key(1), x, train=False)["params"]
   got = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)))(
     params
   )
-  expected = jax.jit(jax.grad(lambda p: jnp.sum(_hand_written_mlp(p, x, (2, 4)) ** 2)))(params)
+  expected = jax.jit(jax.grad(lambda p: jnp.sum(_hand_written_mlp(p, x, node_after) ** 2)))(params)
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -262,3 +266,22 @@ def test_cnn_bgn_every_k_gradients_are_finite():
     params
   )
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", ["bgn", "bgn-per-example"])
+def test_a_node_after_every_layer_traces_no_cond(arch, method):
+  """On a GPU a conditional in a scanned layer sends its predicate to the host at every
+  layer of every step (the CNN with nodes ran 3-5x slower than plain on an H200). With
+  a node after every layer the flag is the same for the whole stack, so it is static."""
+  from bgn_jax.experiments.models import DeepMLP
+
+  cls, x = (DeepMLP, X[:, :64]) if arch == "mlp" else (DeepCNN, X)
+  model = cls(depth=4, width=8, num_classes=10, method=method, init_scheme="he")
+  params = model.init(jax.random.key(1), x, train=False)["params"]
+
+  # The forward pass holds the model's own control flow (the node's backward is
+  # traced only when differentiated, and its platform choice is not the model's).
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False))(params))
+  assert " cond[" not in jaxpr
+  assert " scan[" in jaxpr  # the layers are still scanned
