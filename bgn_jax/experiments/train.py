@@ -568,7 +568,10 @@ def train(
 
   metrics = _Metrics(out / "metrics.jsonl", start_step, is_main)
   bar = _progress_bar(
-    total_steps, start_step, config.progress and is_main, f"{config.method} d{config.depth}"
+    total_steps,
+    start_step,
+    config.progress and is_main,
+    f"{config.method} {config.init} d{config.depth}",
   )
   last_loss = math.nan
   test_accuracy = test_loss = math.nan
