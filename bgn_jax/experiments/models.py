@@ -71,7 +71,7 @@ def _maybe_bgn(
   that differ) takes a ``lax.cond``, not a select: the backward pass of a select would
   run the node on a zero cotangent where the flag is off, and its 0/0 would poison the
   layer's gradient with NaN. A cond costs a trip to the host per layer on a GPU, so
-  stacks whose layers all agree pass a bool (:func:`stack_flag`).
+  stacks whose layers all agree pass a bool (:func:`_stack_flag`).
   """
   if isinstance(apply_bgn, bool):
     return bgn(h, axes=axes, target_norm=target_norm) if apply_bgn else h
@@ -80,7 +80,7 @@ def _maybe_bgn(
   )
 
 
-def stack_flag(flags: Sequence[bool]) -> bool | None:
+def _stack_flag(flags: Sequence[bool]) -> bool | None:
   """The flag of every layer of a scanned stack if they agree (static), else None."""
   return flags[0] if len(set(flags)) == 1 else None
 
@@ -126,8 +126,7 @@ class _ScanBody(nn.Module):
   dtype: Any
   train: bool
   target_norm: TargetNorm
-
-  every_layer: bool | None  # stack_flag of the stack's layers; None: use the scanned flag
+  every_layer: bool | None  # _stack_flag of the stack's layers; None: use the scanned flag
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
@@ -204,7 +203,7 @@ class DeepMLP(nn.Module):
         self.dtype,
         train,
         self.target_norm,
-        every_layer=stack_flag(flags[1:]),
+        every_layer=_stack_flag(flags[1:]),
         name="stack",
       )(h, jnp.asarray(flags[1:]))
     logits = nn.Dense(
@@ -301,8 +300,7 @@ class _ConvScanBody(nn.Module):
   dtype: Any
   train: bool
   target_norm: TargetNorm
-
-  every_layer: bool | None  # stack_flag of the stack's layers; None: use the scanned flag
+  every_layer: bool | None  # _stack_flag of the stack's layers; None: use the scanned flag
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
@@ -386,7 +384,7 @@ class DeepCNN(nn.Module):
           self.dtype,
           train,
           self.target_norm,
-          every_layer=stack_flag(flags[layer + 1 : layer + size]),
+          every_layer=_stack_flag(flags[layer + 1 : layer + size]),
           name=f"stage{stage}",
         )(h, jnp.asarray(flags[layer + 1 : layer + size]))
       layer += size
