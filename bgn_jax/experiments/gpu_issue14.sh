@@ -10,6 +10,8 @@
 # warm-up 0/200 steps (a sweep each) x plain, bgn, pre-ln x seeds 0, 1 x Adam
 # {1e-3, 3e-4}; width 32, 4 heads, the whole training set, 1 epoch (469 steps).
 # Writes OUT/runs/<part>/ (summaries), OUT/logs/<part>.txt and OUT/issue14.tar.gz.
+# ARCHS="cnn" (or "transformer") runs one grid only. A sweep folder already in OUT/runs
+# (e.g. copied from docs/results/gpu-issue14/) keeps its finished runs: only the rest run.
 set -u
 OUT=${1:?usage: gpu_issue14.sh OUT [LIMIT]}
 LIMIT=${2:-0}
@@ -20,8 +22,10 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
 C=bgn_jax/experiments/configs
 common=(--epochs 1 --train-examples 0 --lrs 1e-3 3e-4 --seeds 0 1 --log-every 100)
+ARCHS=${ARCHS:-cnn transformer}
 pids=()
 for depth in 10 20 50; do
+  [[ " $ARCHS " == *" cnn "* ]] || break
   for init in lecun he; do
     part=cnn-d$depth-$init
     bash bgn_jax/experiments/gpu_sweep.sh $C/cnn_gpu.toml "$OUT/runs/$part" "$LIMIT" \
@@ -30,6 +34,7 @@ for depth in 10 20 50; do
   done
 done
 for depth in 6 12 24; do
+  [[ " $ARCHS " == *" transformer "* ]] || break
   for warmup in 0 200; do
     part=tr-d$depth-wu$warmup
     bash bgn_jax/experiments/gpu_sweep.sh $C/transformer_gpu.toml "$OUT/runs/$part" "$LIMIT" \
