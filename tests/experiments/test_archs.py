@@ -272,8 +272,8 @@ def test_cnn_bgn_every_k_gradients_are_finite():
 @pytest.mark.parametrize("method", ["bgn", "bgn-per-example"])
 def test_a_node_after_every_layer_traces_no_cond(arch, method):
   """On a GPU a conditional in a scanned layer sends its predicate to the host at every
-  layer of every step (the CNN with nodes ran 3-5x slower than plain on an H200). With
-  a node after every layer the flag is the same for the whole stack, so it is static."""
+  layer of every step (docs/RESULTS.md, section 3b). With a node after every layer the
+  flag is the same for the whole stack, so it is static."""
   from bgn_jax.experiments.models import DeepMLP
 
   cls, x = (DeepMLP, X[:, :64]) if arch == "mlp" else (DeepCNN, X)
