@@ -192,6 +192,11 @@ def hand_mlp(model, x, *, before=False):
   return x
 
 
+def hand_mlp_loss(model, x):
+  """loss_fn of MLP with its nodes placed by hand (one per example)."""
+  return loss_of_outputs(per_example(hand_mlp)(model, x))
+
+
 def test_mlp_matches_hand_placed_nodes_eagerly():
   # One small model eagerly (op by op); the compiled comparisons follow.
   model = build(lambda key: eqx.nn.MLP(2, 2, 2, 1, activation=jnp.tanh, key=key))
@@ -402,12 +407,11 @@ def test_filter_vmap_and_filter_grad_of_the_inserted_model():
   def loss(model, x):
     return loss_of_outputs(eqx.filter_vmap(model)(x))
 
-  def hand(model, x):
-    return loss_of_outputs(per_example(hand_mlp)(model, x))
-
   @eqx.filter_jit
   def both(inserted, model, x):
-    return leaves(eqx.filter_grad(loss)(inserted, x)), leaves(eqx.filter_grad(hand)(model, x))
+    return leaves(eqx.filter_grad(loss)(inserted, x)), leaves(
+      eqx.filter_grad(hand_mlp_loss)(model, x)
+    )
 
   got, want = both(inserted, MLP, X)
   chex.assert_trees_all_equal(got, want)
@@ -421,12 +425,9 @@ def test_filter_jit_compiles_the_inserted_model_apart_from_the_plain_one():
   def grad(model, x):
     return leaves(eqx.filter_grad(loss_fn)(model, x))
 
-  def hand(model, x):
-    return loss_of_outputs(per_example(hand_mlp)(model, x))
-
   plain = grad(MLP, X)  # compiled first, with the plain structure
   inserted = grad(beqx.insert(MLP, where=eqx.nn.Linear), X)
-  chex.assert_trees_all_close(inserted, leaves(eqx.filter_grad(hand)(MLP, X)), rtol=1e-5)
+  chex.assert_trees_all_close(inserted, leaves(eqx.filter_grad(hand_mlp_loss)(MLP, X)), rtol=1e-5)
   assert not all(np.allclose(a, b) for a, b in zip(plain, inserted, strict=True))
 
 
