@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Issue 14's CNN and post-LN Transformer grids on one GPU within one device call: twelve
-# sweeps side by side (each a process of its own, sharing the GPU, compiling on its own
-# CPU cores), each stopped after LIMIT seconds with Ctrl-C semantics, then one archive.
+# Issue 14's CNN and post-LN Transformer grids on one GPU within one device call: sweeps
+# side by side (each a process of its own, sharing the GPU, compiling on its own CPU
+# cores), each stopped after LIMIT seconds with Ctrl-C semantics, then one archive.
 #
 #   DATA_DIR=<folder with the 4 Fashion-MNIST .gz> bash bgn_jax/experiments/gpu_issue14.sh OUT [LIMIT]
 #
-# CNN: depth 10/20/50 x LeCun/He (a sweep each) x 5 methods x seeds 0, 1 x Adam
-# {1e-3, 3e-4}; width 16, the whole training set, 1 epoch. Transformer: 6/12/24 blocks x
-# warm-up 0/200 steps (a sweep each) x plain, bgn, pre-ln x seeds 0, 1 x Adam
-# {1e-3, 3e-4}; width 32, 4 heads, the whole training set, 1 epoch (469 steps).
+# CNN: depth 10/20/50 x 5 methods (a sweep each, so that a time limit cuts every method
+# alike) x LeCun/He x seeds 0, 1 x Adam {1e-3, 3e-4}; width 16, the whole training set,
+# 1 epoch. Transformer: 6/12/24 blocks x warm-up 0/200 steps (a sweep each) x plain,
+# bgn, pre-ln x seeds 0, 1 x Adam {1e-3, 3e-4}; width 32, 4 heads, the whole training
+# set, 1 epoch (469 steps).
 # Writes OUT/runs/<part>/ (summaries), OUT/logs/<part>.txt and OUT/issue14.tar.gz.
 # ARCHS="cnn" (or "transformer") runs one grid only. A sweep folder already in OUT/runs
-# (e.g. copied from docs/results/gpu-issue14/) keeps its finished runs: only the rest run.
+# keeps its finished runs: only the rest run. RESUME_FROM=<folder of earlier sweep
+# folders> (e.g. docs/results/gpu-issue14) first copies the finished CNN runs found
+# there into the parts they belong to.
 set -u
 OUT=${1:?usage: gpu_issue14.sh OUT [LIMIT]}
 LIMIT=${2:-0}
@@ -26,10 +29,17 @@ ARCHS=${ARCHS:-cnn transformer}
 pids=()
 for depth in 10 20 50; do
   [[ " $ARCHS " == *" cnn "* ]] || break
-  for init in lecun he; do
-    part=cnn-d$depth-$init
+  for method in plain bgn bgn-per-example batchnorm residual; do
+    part=cnn-d$depth-$method
+    if [ -n "${RESUME_FROM:-}" ]; then
+      mkdir -p "$OUT/runs/$part/runs"
+      for run in "$RESUME_FROM"/cnn-*/runs/*-cnn-d$depth-*-$method-k1-*; do
+        [ -f "$run/results.json" ] && cp -r "$run" "$OUT/runs/$part/runs/"
+      done
+    fi
     bash bgn_jax/experiments/gpu_sweep.sh $C/cnn_gpu.toml "$OUT/runs/$part" "$LIMIT" \
-      --depths "$depth" --inits "$init" --width 16 "${common[@]}" >"$OUT/logs/$part.txt" 2>&1 &
+      --depths "$depth" --methods "$method" --width 16 "${common[@]}" \
+      >"$OUT/logs/$part.txt" 2>&1 &
     pids+=($!)
   done
 done
