@@ -366,11 +366,15 @@ def _scaled_norm(
   def three_sums(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Three sums of one input, no masks, in one reduction that reads g once;
     # memory-bound on the GPU, the extra arithmetic costs nothing there.
-    a = g.astype(acc)
-    # Behind a barrier, the scales are no constants to XLA's simplifier, which
-    # would otherwise rewrite (a * up)**2 as a**2 * up**2 = a**2 * inf where the
-    # reduction vanishes (a group of one entry).
-    up_copy, down_copy = jax.lax.optimization_barrier((jnp.asarray(up), jnp.asarray(down)))
+    # XLA's simplifier rewrites (a * c)**2 as a**2 * c**2 when a or c is a constant,
+    # and up**2 overflows (down**2 flushes to 0): NaN. Behind a barrier the scales
+    # are no constants (else a group of one entry, where the reduction vanishes,
+    # gets NaN), and neither is a + zero, where g itself is one: a cotangent fixed
+    # at compile time (an unused output, a loss term times 0.0).
+    up_copy, down_copy, zero = jax.lax.optimization_barrier(
+      (jnp.asarray(up), jnp.asarray(down), jnp.zeros((), acc))
+    )
+    a = g.astype(acc) + zero
     plain, small, large = _sums_of_squares(
       (a, a * up_copy, a * down_copy), axes, axis_name, formulation
     )

@@ -422,6 +422,45 @@ def test_zero_group_comes_back_zero(axes, eps, formulation):
   np.testing.assert_array_equal(got[0], 0.0)
 
 
+# A cotangent XLA knows while compiling: it folds and rewrites what a runtime array
+# protects (an unused output's zeros; a loss term times a Python constant).
+@pytest.mark.parametrize("axes", [None, (1,)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize("magnitude", [0.0, 1e-37, 1e-25, 1.0, 1e25, 1e38])
+def test_cotangent_known_at_compile_time(magnitude, dtype, axes, formulation):
+  if dtype == jnp.bfloat16 and magnitude == 1e-37:
+    pytest.skip("bfloat16 rounds 1e-37 to a subnormal, which XLA on the CPU flushes")
+  with jax.enable_x64(dtype == jnp.float64):
+    g = jnp.full((3, 4), magnitude, dtype)
+    got = jax.jit(lambda: rule(formulation, axes=axes, target_norm=2.0)(g))()
+    want = reference_backward(np.asarray(g, np.float64), axes=axes, target_norm=2.0)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL.get(dtype, 1e-12))
+    norm = jax.jit(lambda: bgn_jax.l2_norm(g, axes))()
+    want_norm = np.squeeze(reference_norm(np.asarray(g, np.float64), axes))
+    if norm.dtype == jnp.float32:  # a norm above float32's range is inf
+      want_norm = np.where(want_norm > np.finfo(np.float32).max, np.inf, want_norm)
+    np.testing.assert_allclose(norm, want_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_a_node_the_loss_ignores_or_weights_by_zero_changes_nothing(per_example):
+  axes = 1 if per_example else None
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+  losses = {
+    "weighted by 0.0": lambda x: jnp.sum(x**2) + 0.0 * jnp.sum(bgn_jax.bgn(2.0 * x, axes=axes)),
+    "unused": lambda x: jnp.sum((x**2, bgn_jax.bgn(2.0 * x, axes=axes))[0]),
+    "weighted by 1e-25": lambda x: jnp.sum(x**2) + 1e-25 * jnp.sum(bgn_jax.bgn(x, axes=axes)),
+  }
+  for name, loss in losses.items():
+    extra = 0.0 if name != "weighted by 1e-25" else reference_backward(
+      np.full((3, 4), 1e-25), axes=axes
+    )
+    want = 2.0 * np.asarray(x, np.float64) + extra
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), want, rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(jax.grad(loss)(x), want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("power", [1.0, 0.5])
 def test_non_finite_group_comes_back_all_nan(bad, power, formulation):
