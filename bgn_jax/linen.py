@@ -201,7 +201,6 @@ class _Insertion:
     self.options = options
     self.match_index: dict[str, int] = {}
     self.matched: dict[tuple[str, str], str] = {}  # (type name, path) -> what it gave
-    self.placed = False  # some call placed a node
     self.token = object()  # this insert's own jit cache entries
 
   def run(
@@ -229,22 +228,6 @@ class _Insertion:
       )
     return outputs, interceptor
 
-  def check_placed(self) -> None:
-    if self.placed:
-      return
-    what = "output" if self.position == "after" else "positional input"
-    listed = [f"{call} at {path!r} ({gave})" for (call, path), gave in self.matched.items()]
-    more = len(listed) - SEEN_LISTED
-    kept = f" kept by every={self.every}" if self.every > 1 else ""
-    raise ValueError(
-      f"insert: `where` {self.where!r} matched {len(listed)} module call(s), but none"
-      f"{kept} had a floating-point {what} to normalize (model variables passed through "
-      f"are never normalized), so no BGN node was inserted: "
-      f"{', '.join(listed[:SEEN_LISTED])}{f', ... and {more} more' if more > 0 else ''}. "
-      f"Select modules whose {what}s are floating-point activations; "
-      f"bgn_jax.linen.placements(fn, *args) lists every match and why it was skipped."
-    )
-
 
 class _Interceptor:
   """The interceptor of one call of an inserted function; records what it placed."""
@@ -253,10 +236,31 @@ class _Interceptor:
     self._insertion = insertion
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s, in order
     self._records: dict[Placement, None] = {}  # in call order, without repeats
+    self.matched: dict[tuple[str, str], str] = {}  # this call's matches -> what they gave
+    self.kept = False  # a match of this call was not left out by `every`
+    self.placed = False  # this call placed a node
 
   @property
   def records(self) -> Placements:
     return Placements(self._records)
+
+  def check_placed(self) -> None:
+    """Raises where this call had matches that `every` kept and none got a node."""
+    if self.placed or not self.kept:
+      return
+    insertion = self._insertion
+    what = "output" if insertion.position == "after" else "positional input"
+    listed = [f"{call} at {path!r} ({gave})" for (call, path), gave in self.matched.items()]
+    more = len(listed) - SEEN_LISTED
+    kept = f" kept by every={insertion.every}" if insertion.every > 1 else ""
+    raise ValueError(
+      f"insert: `where` {insertion.where!r} matched {len(listed)} module call(s), but none"
+      f"{kept} had a floating-point {what} to normalize (model variables passed through "
+      f"are never normalized), so no BGN node was inserted: "
+      f"{', '.join(listed[:SEEN_LISTED])}{f', ... and {more} more' if more > 0 else ''}. "
+      f"Select modules whose {what}s are floating-point activations; "
+      f"bgn_jax.linen.placements(fn, *args) lists every match and why it was skipped."
+    )
 
   def __call__(
     self,
@@ -292,16 +296,25 @@ class _Interceptor:
           f"select the modules the body calls (e.g. its cell); to leave it out, narrow "
           f"`where` (a path regex or a predicate)."
         )
+    # The variables as the call begins: a value the call stores in one (`sow`, an
+    # assigned variable) is an output it computed, not a variable passed through.
+    before = _variable_names(module) if skip is None else {}
     if insertion.position == "before":
-      return next_fun(*self._place(module, path, args, skip), **kwargs)
+      return next_fun(*self._place(module, path, args, skip, before), **kwargs)
     outputs = next_fun(*args, **kwargs)
     probe = _PROBE.get()
     if probe is not None and skip is None:
       outputs = probe.before_node(module, outputs)
-    return self._place(module, path, outputs, skip)
+    return self._place(module, path, outputs, skip, before)
 
-  def _place(self, module: nn.Module, path: str, tree: Any, skip: str | None) -> Any:
-    """``tree`` with a node on each floating-point leaf that is not a model variable."""
+  def _place(
+    self, module: nn.Module, path: str, tree: Any, skip: str | None, before: dict[int, str]
+  ) -> Any:
+    """``tree`` with a node on each floating-point leaf that is not a model variable.
+
+    A model variable is one of ``before`` (the variables as the call began) or a
+    parameter (one that ``init`` creates in the call and returns).
+    """
     insertion = self._insertion
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     variables = None
@@ -311,12 +324,14 @@ class _Interceptor:
       if reason is None and not is_float_array(leaf):
         reason = "not a floating-point jax.Array"
       if reason is None:
-        variables = _variable_names(module) if variables is None else variables
+        if variables is None:
+          now = _variable_names(module).items()
+          variables = before | {i: name for i, name in now if name.startswith("params/")}
         name = variables.get(id(leaf))
         reason = None if name is None else f"the model variable {name!r} passed through"
       shape, dtype = _describe(leaf)
       if reason is None:
-        insertion.placed = True
+        self.placed = True
         leaf = bgn(leaf, **insertion.options)
       self._records[
         Placement(
@@ -331,7 +346,9 @@ class _Interceptor:
       ] = None
       gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
       leaves.append(leaf)
-    insertion.matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
+    self.kept = self.kept or skip is None
+    for matched in (insertion.matched, self.matched):
+      matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -396,8 +413,9 @@ def insert(
       or an option name is unknown.
     ValueError: an argument is out of range, or ``where`` is not a valid regular
       expression. The returned function raises ValueError when ``where``
-      matches no module call; when the matches have no floating-point leaf to
-      normalize (integer or boolean outputs, parameters passed through); and
+      matches no module call (checked at the first call); when a call's matches
+      have no floating-point leaf to normalize (integer or boolean outputs,
+      parameters passed through; checked at every traced call); and
       when it matches a module whose ``__call__`` is the body of an ``nn.scan``
       (or ``nn.while_loop``), where a node would land on every step's carry
       instead of on the values the loop returns.
@@ -412,8 +430,8 @@ def insert(
 
   @functools.wraps(apply_fn)
   def apply_with_bgn(*args: P.args, **kwargs: P.kwargs) -> R:
-    outputs, _ = insertion.run(apply_fn, args, kwargs, insertion.token)
-    insertion.check_placed()
+    outputs, interceptor = insertion.run(apply_fn, args, kwargs, insertion.token)
+    interceptor.check_placed()
     return outputs
 
   apply_with_bgn._bgn_insert = (insertion, apply_fn)  # type: ignore[attr-defined]

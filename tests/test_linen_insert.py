@@ -809,6 +809,82 @@ def test_only_parameters_matched_is_an_error():
   assert "the model variable 'params/cell/lstm/ii/kernel' passed through" in str(error.value)
 
 
+class Storing(nn.Module):
+  """A block that keeps its output in a variable: sown, or assigned to one."""
+
+  how: str
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    y = jnp.tanh(nn.Dense(6)(x))
+    if self.how == "sow":
+      self.sow("intermediates", "features", y)
+    else:
+      self.variable("cache", "last", jnp.zeros, y.shape).value = y
+    return bgn(y) if self.hand else y
+
+
+class StoringNet(nn.Module):
+  how: str
+  hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(2):
+      x = Storing(self.how, self.hand)(x)
+    return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize("how", ["sow", "assign"])
+def test_an_output_the_module_also_stores_gets_its_node(how):
+  # The stored value is the output itself: a variable written by the call, not one
+  # passed through (those exist when the call begins).
+  x = inputs((4, 5))
+  model, reference = StoringNet(how), StoringNet(how, hand=True)
+  variables = model.init(jax.random.key(0), x)
+  mutable = ["intermediates"] if how == "sow" else ["cache"]
+  with_bgn = bgn_jax.insert(model.apply, where=Storing)
+
+  def grads(apply_fn):
+    def loss(params):
+      y, _ = apply_fn({**variables, "params": params}, x, mutable=mutable)
+      return jnp.sum(jnp.sin(3.0 * y) * jnp.cos(y))
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  chex.assert_trees_all_equal(grads(with_bgn), grads(reference.apply))
+  assert_trees_differ(grads(with_bgn), grads(model.apply))
+  report = bgn_jax.linen.placements(with_bgn, variables, x, mutable=mutable)
+  assert [p.path for p in report.nodes] == ["Storing_0", "Storing_1"] and not report.skipped
+  stored = with_bgn(variables, x, mutable=mutable)[1]
+  chex.assert_trees_all_equal(stored, model.apply(variables, x, mutable=mutable)[1])
+
+
+class Either(nn.Module):
+  """Returns an activation, or with ``weights=True`` its own kernel."""
+
+  @nn.compact
+  def __call__(self, x, weights=False):
+    dense = nn.Dense(3)
+    y = dense(x)
+    return dense.variables["params"]["kernel"] if weights else y
+
+
+def test_every_call_that_matches_and_places_no_node_is_an_error():
+  # The first call places a node; a later one whose matches give only a parameter
+  # would otherwise run without BGN.
+  x = inputs((4, 5))
+  model = Either()
+  variables = model.init(jax.random.key(0), x)
+  with_bgn = bgn_jax.insert(model.apply, where=Either)
+  with_bgn(variables, x)
+  with pytest.raises(ValueError, match=r"matched 1 module call\(s\), but none had") as error:
+    with_bgn(variables, x, weights=True)
+  assert "the model variable 'params/Dense_0/kernel' passed through" in str(error.value)
+  with_bgn(variables, x)  # a call with a node is still fine
+
+
 # ---------------------------------------------------------------- nn.scan'd modules
 
 
