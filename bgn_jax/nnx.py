@@ -158,18 +158,22 @@ _RECORDER: contextvars.ContextVar[list[Placement] | None] = contextvars.ContextV
 
 
 def _variable_values(module: nnx.Module) -> set[int]:
-  """ids of the values of the module's Variables (a returned parameter is one of them)."""
+  """ids of the values of the module's Variables (a returned parameter is one of them).
+
+  Taken as the call begins: a value the call stores in a Variable is an output it
+  computed, not a variable passed through.
+  """
   return {
     id(node.get_value()) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)
   }
 
 
-def _classify(module: nnx.Module, tree: Any) -> tuple[list[Any], list[str | None], Any, list[Any]]:
-  """The leaves of ``tree`` (Variables kept whole) with the reason each gets no node."""
+def _classify(tree: Any, owned: set[int]) -> tuple[list[Any], list[str | None], Any, list[Any]]:
+  """The leaves of ``tree`` (Variables kept whole) with the reason each gets no node;
+  ``owned``: the module's :func:`_variable_values`."""
   keyed, treedef = jax.tree_util.tree_flatten_with_path(
     tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
   )
-  owned = _variable_values(module)
   reasons: list[str | None] = []
   for _, leaf in keyed:
     if isinstance(leaf, nnx.Variable) or id(leaf) in owned:
@@ -183,11 +187,11 @@ def _classify(module: nnx.Module, tree: Any) -> tuple[list[Any], list[str | None
   return [leaf for _, leaf in keyed], reasons, treedef, [key for key, _ in keyed]
 
 
-def _with_nodes(module: nnx.Module, tree: Any, options: dict[str, Any]) -> Any:
+def _with_nodes(module: nnx.Module, tree: Any, options: dict[str, Any], owned: set[int]) -> Any:
   """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
   site: _Site = getattr(module, _SITE)
   insertion = site.insertion
-  leaves, reasons, treedef, keys = _classify(module, tree)
+  leaves, reasons, treedef, keys = _classify(tree, owned)
   recorder = _RECORDER.get()
   if recorder is not None:
     name = _original(type(module)).__name__
@@ -227,11 +231,12 @@ def _with_bgn(cls: type, position: Position, options: Options) -> type:
   bgn_options = dict(options)
 
   def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    owned = _variable_values(self)
     if position == "before":
-      args = _with_nodes(self, args, bgn_options)
+      args = _with_nodes(self, args, bgn_options, owned)
     outputs = cls.__call__(self, *args, **kwargs)
     if position == "after":
-      outputs = _with_nodes(self, outputs, bgn_options)
+      outputs = _with_nodes(self, outputs, bgn_options, owned)
     return outputs
 
   doc = f"{cls.__name__} with a BGN node {position} its __call__ ({bgn_options})."
@@ -510,10 +515,12 @@ def _param_leaves(module: nnx.Module) -> list[jax.Array]:
   return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
-def _perturbed(current: _Pass, owner: nnx.Module, tree: Any, name: str) -> tuple[Any, list[int]]:
+def _perturbed(
+  current: _Pass, owner: nnx.Module, tree: Any, name: str, owned: set[int]
+) -> tuple[Any, list[int]]:
   """``tree`` plus the GradProbe Variables ``{name}_{n}`` of ``owner`` on its
   floating-point leaves (made in the shape pass), and the ranks of those leaves."""
-  leaves, reasons, treedef, _ = _classify(owner, tree)
+  leaves, reasons, treedef, _ = _classify(tree, owned)
   chosen = [i for i, reason in enumerate(reasons) if reason is None]
   for n, i in enumerate(chosen):
     attribute = f"{name}_{n}"
@@ -525,14 +532,16 @@ def _perturbed(current: _Pass, owner: nnx.Module, tree: Any, name: str) -> tuple
   return jax.tree.unflatten(treedef, leaves), [leaves[i].ndim for i in chosen]
 
 
-def _probe_output(current: _Pass, module: nnx.Module, outputs: Any) -> tuple[Any, _CallKey]:
+def _probe_output(
+  current: _Pass, module: nnx.Module, outputs: Any, owned: set[int]
+) -> tuple[Any, _CallKey]:
   """The module's output with its "output" probes; the key of this call."""
   path = getattr(module, _PROBE_PATH)
   index = current.counts.get(path, 0)
   current.counts[path] = index + 1
   name = f"grad_norms_{index}"
   params_ndims = tuple(jnp.ndim(p) for p in _param_leaves(module))
-  outputs, ndims = _perturbed(current, module, outputs, name)
+  outputs, ndims = _perturbed(current, module, outputs, name, owned)
   key = (path, name)
   if current.discover:
     current.calls.append(_ProbedCall(path, name, tuple(ndims), params_ndims))
@@ -542,10 +551,12 @@ def _probe_output(current: _Pass, module: nnx.Module, outputs: Any) -> tuple[Any
   return outputs, key
 
 
-def _probe_at_bgn(current: _Pass, owner: nnx.Module, key: _CallKey, normalized: Any) -> Any:
+def _probe_at_bgn(
+  current: _Pass, owner: nnx.Module, key: _CallKey, normalized: Any, owned: set[int]
+) -> Any:
   """A BGN node's output with the "at_bgn" probes of the call ``key`` (on ``owner``)."""
   current.at_bgn.add(key)
-  normalized, ndims = _perturbed(current, owner, normalized, f"{key[1]}_at_bgn")
+  normalized, ndims = _perturbed(current, owner, normalized, f"{key[1]}_at_bgn", owned)
   if current.discover and ndims:
     current.found[key].at_bgn_ndims = tuple(ndims)
   return normalized
@@ -557,7 +568,7 @@ def _probe_bgn_layer(current: _Pass, x: Any, y: Any) -> Any:
   if tagged is None or tagged[0] is not x or tagged[2] in current.at_bgn:
     return y
   _, owner, key = tagged
-  return _probe_at_bgn(current, owner, key, y)
+  return _probe_at_bgn(current, owner, key, y, _variable_values(owner))
 
 
 def _with_probe(cls: type) -> type:
@@ -571,15 +582,19 @@ def _with_probe(cls: type) -> type:
       current = _PASS.get()
       if current is None:  # called outside grad_norms (not possible through the public API)
         return cls.__call__(self, *args, **kwargs)
-      outputs, key = _probe_output(current, self, base.__call__(self, *args, **kwargs))
-      return _probe_at_bgn(current, self, key, _with_nodes(self, outputs, options))
+      owned = _variable_values(self)
+      outputs = base.__call__(self, *args, **kwargs)
+      outputs, key = _probe_output(current, self, outputs, owned)
+      normalized = _with_nodes(self, outputs, options, owned)
+      return _probe_at_bgn(current, self, key, normalized, owned)
 
   else:
 
     def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+      owned = _variable_values(self)
       outputs = cls.__call__(self, *args, **kwargs)
       current = _PASS.get()
-      return outputs if current is None else _probe_output(current, self, outputs)[0]
+      return outputs if current is None else _probe_output(current, self, outputs, owned)[0]
 
   return _subclass(cls, ("probe",), __call__, f"{cls.__name__} with grad_norms's probes.")
 

@@ -465,6 +465,56 @@ def test_vae_variable_assigned_in_call_lands_on_the_trained_model():
   assert_trees_differ(nnx.state(model, nnx.Param), nnx.state(VAE(rngs=nnx.Rngs(0)), nnx.Param))
 
 
+class Keeping(nnx.Module):
+  """A Linear and tanh that keeps its output in a Variable (or, with ``keep=False``, not)."""
+
+  def __init__(self, *, keep=True, hand=False, rngs):
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+    self.last = nnx.Variable(jnp.zeros(())) if keep else None
+    self.hand = hand
+
+  def __call__(self, x):
+    y = jnp.tanh(self.linear(x))
+    if self.last is not None:
+      self.last.set_value(y)
+    return bgn(y) if self.hand else y
+
+
+class KeepingNet(nnx.Module):
+  def __init__(self, *, keep=True, hand=False, rngs):
+    self.blocks = nnx.List([Keeping(keep=keep, hand=hand, rngs=rngs) for _ in range(2)])
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+def test_an_output_the_module_also_stores_in_a_variable_gets_its_node():
+  # The stored value is the output: a Variable written by the call, not one passed
+  # through (those hold their values when the call begins).
+  model, reference = KeepingNet(rngs=nnx.Rngs(0)), KeepingNet(hand=True, rngs=nnx.Rngs(0))
+  x = inputs((5, WIDTH))
+  check_against_hand(model, reference, x, where=Keeping)
+  report = bgn_jax.nnx.placements(model, x)
+  assert [p.path for p in report.nodes] == ["blocks/0", "blocks/1"] and not report.skipped
+  chex.assert_trees_all_equal(
+    model.blocks[1].last.get_value(), reference.blocks[1].last.get_value()
+  )
+  # grad_norms measures the stored output as it measures one that is not stored.
+  plain = KeepingNet(keep=False, rngs=nnx.Rngs(0))
+  bgn_jax.nnx.insert(plain, where=Keeping)
+
+  def loss(model, x):
+    y = model(x)
+    return jnp.sum(jnp.sin(3.0 * y) * jnp.cos(y))
+
+  got = bgn_jax.nnx.grad_norms(loss, model, x, where=Keeping)
+  want = bgn_jax.nnx.grad_norms(loss, plain, x, where=Keeping)
+  assert set(got["blocks/0"]) == {"output", "at_bgn", "params"}
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
 class ScaleAndWeight(nnx.Module):
   """Returns an activation, its own parameter's value and the parameter Variable."""
 
