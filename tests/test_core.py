@@ -453,8 +453,8 @@ def test_a_node_the_loss_ignores_or_weights_by_zero_changes_nothing(per_example)
     "weighted by 1e-25": lambda x: jnp.sum(x**2) + 1e-25 * jnp.sum(bgn_jax.bgn(x, axes=axes)),
   }
   for name, loss in losses.items():
-    extra = 0.0 if name != "weighted by 1e-25" else reference_backward(
-      np.full((3, 4), 1e-25), axes=axes
+    extra = (
+      0.0 if name != "weighted by 1e-25" else reference_backward(np.full((3, 4), 1e-25), axes=axes)
     )
     want = 2.0 * np.asarray(x, np.float64) + extra
     np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), want, rtol=1e-6, atol=1e-6, err_msg=name)

@@ -713,6 +713,46 @@ def test_grad_norms_in_a_residual_block_with_a_bgn_layer():
   assert not np.isclose(want["output"], want["at_bgn"], rtol=1e-2)
 
 
+class TwoOutputs(eqx.Module):
+  """Returns (main, aux); the loss below uses main only."""
+
+  main: eqx.nn.Linear
+  aux: eqx.nn.Linear
+
+  def __call__(self, x, p=None):  # p: a perturbation of main, placed by hand
+    main = self.main(x) if p is None else self.main(x) + p
+    return main, self.aux(x)
+
+
+def test_grad_norms_of_a_module_with_an_output_the_loss_ignores():
+  # The ignored output's cotangent is zero and fixed at compile time: its node must
+  # give zeros, not NaN, and the used output is measured as without it.
+  keys = jax.random.split(jax.random.key(0))
+  model = build(
+    lambda key: TwoOutputs(eqx.nn.Linear(4, 4, key=keys[0]), eqx.nn.Linear(4, 4, key=keys[1]))
+  )
+
+  def loss(model, x):
+    return loss_of_outputs(jax.vmap(model)(x)[0])
+
+  plain = beqx.grad_norms(loss, model, X, where=TwoOutputs)
+  inserted = beqx.grad_norms(loss, beqx.insert(model, where=TwoOutputs), X, where=TwoOutputs)
+
+  @jax.jit
+  def hand(p):
+    g_model, g_p = jax.grad(lambda m, p: loss_of_outputs(jax.vmap(m)(X, p)[0]), argnums=(0, 1))(
+      model, p
+    )
+    return {"output": l2_norm(g_p), "params": norm_of(g_model)}
+
+  want = hand(zeros(BATCH, 4))
+  chex.assert_trees_all_close(dict(plain), {"": want}, rtol=1e-6)
+  got = inserted[""]
+  np.testing.assert_allclose(got["at_bgn"], want["output"], rtol=1e-6)
+  np.testing.assert_allclose(got["output"], math.sqrt(BATCH * 4), rtol=1e-6)
+  assert np.isfinite(got["params"])
+
+
 class StackThenAct(Stack):
   """The stack, then its layers' Lambda once more, outside the scan."""
 
