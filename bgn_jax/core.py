@@ -141,13 +141,33 @@ def _is_real_number(value: Any) -> bool:
   )
 
 
+def _option_type_error(name: str, value: Any, allowed: str) -> TypeError:
+  """The TypeError for an option that is not a Python number, saying what it got."""
+  if isinstance(value, jax.core.Tracer):
+    got = (
+      f"a traced value ({value.aval.str_short()}). Options configure the node when JAX "
+      "traces it: pass a Python number, or make the argument static (jax.jit(..., "
+      "static_argnames=...))"
+    )
+  elif isinstance(value, (np.ndarray, jax.Array)):
+    got = f"an array, {value!r}; pass a Python number (float(value))"
+  else:
+    got = repr(value)
+  return TypeError(f"bgn: `{name}` must be {allowed}; got {got}.")
+
+
 def _check_x(x: ArrayLike, fn_name: str) -> jax.Array:
   if isinstance(x, (bool, int, np.bool_, np.integer)):
     raise TypeError(f"{fn_name}: `x` must be a floating-point array; got the integer {x!r}.")
   if isinstance(x, complex):
     raise TypeError(f"{fn_name}: `x` must be a floating-point array; got the complex {x!r}.")
   if not isinstance(x, jax.Array):
-    x = jnp.asarray(x)
+    try:
+      x = jnp.asarray(x)
+    except (TypeError, ValueError):
+      raise TypeError(
+        f"{fn_name}: `x` must be a floating-point array; got {type(x).__name__} {x!r:.80}."
+      ) from None
   if not jnp.issubdtype(x.dtype, jnp.floating):
     hint = " Complex values are not supported: normalize x.real and x.imag, or abs(x)." * (
       jnp.issubdtype(x.dtype, jnp.complexfloating)
@@ -211,9 +231,8 @@ def _check_target_norm(
       )
     return target_norm, t
   if not _is_real_number(target_norm):
-    raise TypeError(
-      "bgn: `target_norm` must be a positive float, 'sqrt_units' or 'sqrt_size'; "
-      f"got {target_norm!r}."
+    raise _option_type_error(
+      "target_norm", target_norm, "a positive float, 'sqrt_units' or 'sqrt_size'"
     )
   t = float(target_norm)
   if not (math.isfinite(t) and t > 0):
@@ -227,9 +246,31 @@ def _check_target_norm(
   return t, t
 
 
+def _check_target_fits(target_norm: TargetNorm, t: float | None, dtype: DTypeLike) -> None:
+  """Refuses a target outside the input dtype's normal range (float16, float8, float4).
+
+  The result is cast back to that dtype: entries of a group of norm t reach t, so a
+  larger t overflows (inf, or NaN where the format has no inf), and below its smallest
+  normal number every entry is subnormal or zero.
+  """
+  if t is None:
+    return
+  info = jnp.finfo(dtype)
+  low, high = float(info.tiny), float(info.max)
+  if low <= t <= high:
+    return
+  given = f"{target_norm!r} (= {t:.6g} here)" if isinstance(target_norm, str) else repr(target_norm)
+  raise ValueError(
+    f"bgn: `target_norm` {given} is outside [{low:.6g}, {high:.6g}], the normal range of the "
+    f"input's dtype {np.dtype(dtype).name}: a group rescaled to that norm would overflow "
+    "(inf or NaN) or flush to zero in it. Pass a float target_norm in that range, or "
+    "apply the node in a wider dtype (x.astype(jnp.float32))."
+  )
+
+
 def _check_power(power: float) -> float:
   if not _is_real_number(power):
-    raise TypeError(f"bgn: `power` must be a float in [0, 1]; got {power!r}.")
+    raise _option_type_error("power", power, "a float in [0, 1]")
   if not 0.0 <= float(power) <= 1.0:
     raise ValueError(f"bgn: `power` must lie in [0, 1]; got {power!r}.")
   return float(power)
@@ -237,7 +278,7 @@ def _check_power(power: float) -> float:
 
 def _check_eps(eps: float, t: float | None, scales: _Scales) -> float:
   if not _is_real_number(eps):
-    raise TypeError(f"bgn: `eps` must be a float >= 0; got {eps!r}.")
+    raise _option_type_error("eps", eps, "a float >= 0")
   if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
     raise ValueError(f"bgn: `eps` must be finite and >= 0; got {eps!r}.")
   eps = float(eps)
@@ -304,10 +345,13 @@ def make_config(
   scales = _SCALES[_accumulator_dtype(dtype)]
   checked_axes = _check_axes(axes, len(shape))
   target, t = _check_target_norm(target_norm, checked_axes, shape, scales)
+  checked_power = _check_power(power)
+  if checked_power > 0:  # with power 0 the target does not enter
+    _check_target_fits(target_norm, t, dtype)
   return BGNConfig(
     axes=checked_axes,
     target_norm=target,
-    power=_check_power(power),
+    power=checked_power,
     eps=_check_eps(eps, t, scales),
     axis_name=_check_axis_name(axis_name),
   )

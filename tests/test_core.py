@@ -791,6 +791,8 @@ def test_bad_configuration_is_rejected_at_call_time(options, error, message, tra
     jnp.ones(2, bool),
     jnp.ones(2, jnp.complex64),
     1j,
+    None,
+    "text",
   ],
   ids=str,
 )
@@ -798,6 +800,36 @@ def test_bad_configuration_is_rejected_at_call_time(options, error, message, tra
 def test_non_floating_input_is_rejected(fn, x):
   with pytest.raises(TypeError, match=f"{fn.__name__}: `x` must be a floating-point array"):
     fn(x)
+
+
+@pytest.mark.parametrize("name", ["target_norm", "power", "eps"])
+def test_an_option_given_as_a_traced_value_or_an_array_says_so(name):
+  x = jnp.ones((2, 3))
+  with pytest.raises(TypeError, match=rf"`{name}` must be .* got a traced value \(float32\[\]\)"):
+    jax.jit(lambda x, v: bgn_jax.bgn(x, **{name: v}))(x, 0.5)
+  with pytest.raises(TypeError, match=rf"`{name}` must be .* got an array, .*float\(value\)"):
+    bgn_jax.bgn(x, **{name: np.array(0.5)})
+
+
+# A float16, float8 or float4 result holds a group of norm t only where t is inside
+# the dtype's normal range (its accumulator holds far more).
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float8_e4m3fn, jnp.float4_e2m1fn])
+def test_a_target_outside_the_dtype_range_is_refused(dtype):
+  info = jnp.finfo(dtype)
+  low, high = float(info.tiny), float(info.max)
+  g = jnp.full((4,), 0.5, jnp.float32).astype(dtype)
+  for t in (low, high):  # accepted, and every entry t / 2 comes back exactly
+    got = backward(g, g, target_norm=t)
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.full(4, t / 2))
+  for t in (low / 2, high * 2):
+    with pytest.raises(ValueError, match=re.escape(f"`target_norm` {t!r} is outside")):
+      bgn_jax.bgn(jax.jit(lambda: g)(), target_norm=t)  # checked eagerly too
+    with pytest.raises(ValueError, match=f"normal range of the input's dtype {info.dtype}"):
+      jax.grad(lambda x, t=t: jnp.sum(bgn_jax.bgn(x, target_norm=t).astype(jnp.float32)))(g)
+  big = jax.ShapeDtypeStruct((2, int(high) ** 2 + 1), dtype)  # sqrt_units: sqrt(width) > high
+  with pytest.raises(ValueError, match=r"`target_norm` 'sqrt_units' \(= .* here\) is outside"):
+    jax.eval_shape(bgn_jax.bgn, big)
+  jax.jit(functools.partial(bgn_jax.bgn, power=0.0, target_norm=high * 2))(g)  # t unused
 
 
 def test_bad_configuration_is_rejected_by_modules():
