@@ -91,11 +91,25 @@ MUTANTS = [
     ("tests/test_core.py::test_per_group_norm_is_target",),
   ),
   Mutant(
+    "a cotangent known at compile time reaches the scaled sums as a constant",
+    "bgn_jax/core.py",
+    "    a = g.astype(acc) + zero\n",
+    "    a = g.astype(acc)\n",
+    ("tests/test_core.py::test_a_node_the_loss_ignores_or_weights_by_zero_changes_nothing",),
+  ),
+  Mutant(
+    "an output the module stores counts as a variable passed through (linen insert)",
+    "bgn_jax/linen.py",
+    'variables = before | {i: name for i, name in now if name.startswith("params/")}',
+    "variables = dict(now)",
+    ("tests/test_linen_insert.py", "-k", "stores_gets_its_node"),
+  ),
+  Mutant(
     "position='before' normalizes keyword arguments too (linen insert)",
     "bgn_jax/linen.py",
-    "return next_fun(*self._place(module, path, args, skip), **kwargs)",
-    "return next_fun(*self._place(module, path, args, skip), "
-    "**self._place(module, path, kwargs, skip))",
+    "return next_fun(*self._place(module, path, args, skip, before), **kwargs)",
+    "return next_fun(*self._place(module, path, args, skip, before), "
+    "**self._place(module, path, kwargs, skip, before))",
     ("tests/test_linen_insert.py", "-k", "keyword_arguments"),
   ),
 ]
