@@ -199,8 +199,7 @@ class _Insertion:
     self.position = position
     self.every = every
     self.options = options
-    self.match_index: dict[str, int] = {}
-    self.matched: dict[tuple[str, str], str] = {}  # (type name, path) -> what it gave
+    self.match_index: dict[str, int] = {}  # path -> match number, over all calls
     self.token = object()  # this insert's own jit cache entries
 
   def run(
@@ -209,7 +208,7 @@ class _Insertion:
     interceptor = _Interceptor(self)
     with _own_traces(token), nn.intercept_methods(interceptor):
       outputs = apply_fn(*args, **kwargs)
-    if not self.matched:
+    if not self.match_index:
       hint = (
         ""
         if interceptor.seen
@@ -347,8 +346,7 @@ class _Interceptor:
       gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
       leaves.append(leaf)
     self.kept = self.kept or skip is None
-    for matched in (insertion.matched, self.matched):
-      matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
+    self.matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
