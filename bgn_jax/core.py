@@ -17,6 +17,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 Axes = int | Sequence[int] | None
@@ -45,6 +46,9 @@ class BGNConfig:
     power: the exponent c of the rescale ``(t / ||g||) ** c``.
     eps: the floor on the norm.
     axis_name: mapped axis names over which the squared norm is summed.
+    units_scale: the factor by which the units of a target rule exceed those of the
+      block the node sees: the product of the sizes of the ``shard_map`` mesh axes
+      that split the counted dimensions (1 outside ``shard_map``).
   """
 
   axes: tuple[int, ...] | None
@@ -52,6 +56,7 @@ class BGNConfig:
   power: float
   eps: float
   axis_name: AxisName
+  units_scale: int = 1
 
 
 # Blue's scaled sum of squares (ACM TOMS 4(1), 1978) without masks or a max-abs
@@ -201,13 +206,18 @@ def _check_axes(axes: Axes, ndim: int, fn_name: str = "bgn") -> tuple[int, ...] 
   return tuple(sorted(normalized))
 
 
+def _counted_dims(
+  target_norm: TargetRule, axes: tuple[int, ...] | None, ndim: int
+) -> tuple[int, ...]:
+  """The dimensions whose sizes multiply into a target rule's units."""
+  if target_norm == "sqrt_size" or (axes is None and ndim <= 1):
+    return tuple(range(ndim))
+  return tuple(range(1, ndim)) if axes is None else axes
+
+
 def _target_units(target_norm: TargetRule, axes: tuple[int, ...] | None, shape: Sequence[Any]):
   """The number whose square root is the target: an int, or symbolic under jax.export."""
-  if target_norm == "sqrt_size":
-    return math.prod(shape)
-  if axes is None:
-    return math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
-  return math.prod(shape[a] for a in axes)
+  return math.prod(shape[d] for d in _counted_dims(target_norm, axes, len(shape)))
 
 
 def _check_target_norm(
@@ -318,6 +328,84 @@ def _check_axis_name_is_bound(axis_name: AxisName) -> None:
       ) from None
 
 
+def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
+  if axis_name is None:
+    return ()
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _manual_mesh() -> tuple[dict[Hashable, int], bool]:
+  """The sizes of the ``shard_map`` (and ``pmap``) mesh axes manual here, and whether
+  JAX tracks which of them each value varies over (``check_vma``)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = {name: mesh.shape[name] for name in mesh.manual_axes}
+  # JAX keeps no public reader of the flag; without it, nothing varies visibly.
+  check_vma = getattr(getattr(jax._src.config, "_check_vma", None), "value", False)  # type: ignore[attr-defined]
+  return manual, bool(check_vma) and bool(manual)
+
+
+def _spec_names(
+  spec: Any, ndim: int, manual: dict[Hashable, int]
+) -> tuple[tuple[Hashable, ...], ...]:
+  """The mesh axes that split each dimension of x, from its PartitionSpec."""
+  if not isinstance(spec, PartitionSpec):
+    raise TypeError(
+      f"bgn: `spec` must be a jax.sharding.PartitionSpec (x's entry of shard_map's "
+      f"in_specs); got {spec!r}."
+    )
+  if not manual:
+    raise ValueError(
+      f"bgn: `spec` {spec} describes how shard_map splits x, but no mesh axis is manual "
+      "here. Outside shard_map (under jit with NamedSharding, every reduction is already "
+      "global) pass spec=None."
+    )
+  if len(spec) > ndim:
+    raise ValueError(f"bgn: `spec` {spec} has {len(spec)} entries, more than x's rank {ndim}.")
+  per_dim = tuple(_names(entry) for entry in (*spec, *(None,) * (ndim - len(spec))))
+  flat = [name for names in per_dim for name in names]
+  for name in flat:
+    if name not in manual:
+      raise ValueError(
+        f"bgn: `spec` {spec} names {name!r}, which is not a manual mesh axis here; the "
+        f"manual axes are {tuple(manual)}."
+      )
+  if len(set(flat)) != len(flat):
+    raise ValueError(f"bgn: `spec` {spec} names a mesh axis twice.")
+  return per_dim
+
+
+def _check_varying(x: jax.Array, axis_name: AxisName, spec: PartitionSpec | None) -> None:
+  """Under shard_map with check_vma, the mesh axes x varies over must be the ones ``spec``
+  names: an axis left out (a forgotten spec) leaves a group on one device, one named
+  over which x is the same counts x several times."""
+  manual, check_vma = _manual_mesh()
+  if not check_vma:
+    return
+  misplaced = [name for name in _names(axis_name) if name in manual]
+  if misplaced:
+    raise ValueError(
+      f"bgn: `axis_name` names the shard_map mesh axes {tuple(misplaced)}. Inside shard_map "
+      "say how x is split with `spec` instead (x's entry of in_specs, e.g. "
+      "spec=PartitionSpec('data', None, 'model')): the node then sums over the axes that "
+      "split its group and counts the split dimensions in its target."
+    )
+  varying = set(jax.typeof(x).manual_axis_type.varying)
+  named = set() if spec is None else {name for entry in spec for name in _names(entry)}
+  if varying - named:
+    raise ValueError(
+      f"bgn: x varies over the shard_map mesh axes {tuple(sorted(map(str, varying - named)))}, "
+      f"which `spec` ({spec}) does not name, so the node cannot tell which of x's "
+      "dimensions they split. Pass spec=PartitionSpec(...), x's layout over the mesh (its "
+      "in_specs entry, e.g. PartitionSpec('data') for a batch split)."
+    )
+  if named - varying:
+    raise ValueError(
+      f"bgn: `spec` {spec} names the mesh axes {tuple(sorted(map(str, named - varying)))}, "
+      "but x is the same on every device along them (replicated): summing over them "
+      "would count x once per device. Leave them out of spec."
+    )
+
+
 def make_config(
   shape: Sequence[Any],
   *,
@@ -327,14 +415,16 @@ def make_config(
   power: float = 1.0,
   eps: float = 0.0,
   axis_name: AxisName = None,
+  spec: PartitionSpec | None = None,
 ) -> BGNConfig:
   """Validates BGN options for an input of the given shape and dtype.
 
   Args:
-    shape: the shape of the array BGN is applied to (symbolic dimensions allowed).
+    shape: the shape of the array BGN is applied to (symbolic dimensions allowed);
+      under ``shard_map`` with ``spec``, the shape of this device's block.
     dtype: its dtype; the ranges of ``target_norm`` and ``eps`` are those of its
       accumulator (float64 for float64, float32 for every other dtype).
-    axes, target_norm, power, eps, axis_name: as in :func:`bgn`.
+    axes, target_norm, power, eps, axis_name, spec: as in :func:`bgn`.
 
   Returns:
     A hashable :class:`BGNConfig`.
@@ -344,6 +434,19 @@ def make_config(
   """
   scales = _SCALES[_accumulator_dtype(dtype)]
   checked_axes = _check_axes(axes, len(shape))
+  checked_axis_name = _check_axis_name(axis_name)
+  units_scale = 1
+  if spec is not None:
+    # The node's group and target are those of the global array that shard_map split.
+    manual, _ = _manual_mesh()
+    per_dim = _spec_names(spec, len(shape), manual)
+    shape = tuple(n * math.prod(manual[a] for a in names) for n, names in zip(shape, per_dim))
+    grouped = range(len(shape)) if checked_axes is None else checked_axes
+    summed = tuple(name for d in grouped for name in per_dim[d])
+    checked_axis_name = _joined(checked_axis_name, summed)
+    if isinstance(target_norm, str) and target_norm in _TARGET_RULES:
+      counted = _counted_dims(target_norm, checked_axes, len(shape))  # type: ignore[arg-type]
+      units_scale = math.prod(manual[a] for d in counted for a in per_dim[d])
   target, t = _check_target_norm(target_norm, checked_axes, shape, scales)
   checked_power = _check_power(power)
   if checked_power > 0:  # with power 0 the target does not enter
@@ -353,8 +456,16 @@ def make_config(
     target_norm=target,
     power=checked_power,
     eps=_check_eps(eps, t, scales),
-    axis_name=_check_axis_name(axis_name),
+    axis_name=checked_axis_name,
+    units_scale=units_scale,
   )
+
+
+def _joined(axis_name: AxisName, more: tuple[Hashable, ...]) -> AxisName:
+  names = (*_names(axis_name), *(name for name in more if name not in _names(axis_name)))
+  if not names:
+    return None
+  return names[0] if len(names) == 1 and not isinstance(axis_name, tuple) else names
 
 
 def _sums_of_squares(
@@ -509,7 +620,7 @@ def _normalize(g: jax.Array, config: BGNConfig, formulation: _Formulation) -> ja
   if isinstance(config.target_norm, str):
     # From the cotangent's shape: a Python number, or under jax.export with
     # symbolic dimensions a jnp one.
-    units = _target_units(config.target_norm, config.axes, g.shape)
+    units = _target_units(config.target_norm, config.axes, g.shape) * config.units_scale
     t_value = math.sqrt(units) if isinstance(units, int) else None
     t = jnp.sqrt(jnp.asarray(units, acc)) if t_value is None else acc.type(t_value)
   else:
@@ -602,6 +713,7 @@ def bgn(
   power: float = 1.0,
   eps: float = 0.0,
   axis_name: AxisName = None,
+  spec: PartitionSpec | None = None,
 ) -> jax.Array:
   """Backward Gradient Normalization node: identity forward, normalized gradient backward.
 
@@ -632,6 +744,13 @@ def bgn(
   ``axis_name`` over the vmapped batch, ``"sqrt_size"`` is the paper's whole-batch
   reading. Mapped axes never count in t.
 
+  Under ``shard_map`` each device holds a block of a global array: pass ``spec``,
+  the ``PartitionSpec`` of that split (x's ``in_specs`` entry), and the node
+  behaves as on the global array: it sums over the mesh axes that split its group
+  and counts the split dimensions in t. With ``check_vma=True`` (the default) a
+  node on a value that varies over a mesh axis that ``spec`` does not name, or
+  that names an axis the value is replicated over, is a ``ValueError``.
+
   A call on a concrete array outside any transform validates the options and
   returns ``x``: nothing can differentiate through it there. Reverse mode
   (``grad``, ``vjp``, ``jacrev``) and forward mode over it (``jax.hessian``,
@@ -660,7 +779,12 @@ def bgn(
     axis_name: a mapped axis name or tuple of names (``pmap``, ``shard_map``,
       ``vmap(axis_name=...)``) over which the squared norm is summed, so a
       batch split across devices is normalized as the whole batch. It must be
-      bound where ``bgn`` is called.
+      bound where ``bgn`` is called. A mapped axis lies outside the array the
+      node sees; inside ``shard_map`` (``check_vma=True``) use ``spec``.
+    spec: under ``shard_map``, the ``jax.sharding.PartitionSpec`` that split the
+      global array into x (``PartitionSpec('data')`` for a batch split,
+      ``PartitionSpec('data', None, 'model')`` for batch and features); None
+      elsewhere, and for a value replicated over every mesh axis.
 
   Returns:
     ``x``, unchanged.
@@ -668,7 +792,8 @@ def bgn(
   Raises:
     TypeError: ``x`` is not a real floating-point array (integer, boolean and
       complex arrays are refused), or an option has the wrong type.
-    ValueError: an option is out of range, or ``axis_name`` is not bound.
+    ValueError: an option is out of range, ``axis_name`` is not bound, or under
+      ``shard_map`` ``spec`` is missing or does not match how x varies.
   """
   x = _check_x(x, "bgn")
   config = make_config(
@@ -679,11 +804,13 @@ def bgn(
     power=power,
     eps=eps,
     axis_name=axis_name,
+    spec=spec,
   )
   if not isinstance(x, jax.core.Tracer):
     # A concrete array outside any trace: nothing differentiates through it, and
     # JAX's eager custom_vjp call would cost 40x an identity.
     return x
+  _check_varying(x, axis_name, spec)
   if config.axis_name is not None:
     _check_axis_name_is_bound(config.axis_name)
   return _bgn(config, x)

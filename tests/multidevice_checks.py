@@ -44,6 +44,10 @@ def joined(options):
   return options if "axes" in options else {"axis_name": "batch", **options}
 
 
+def with_batch_spec(options):
+  return {"spec": PartitionSpec("batch"), **options}
+
+
 def with_pmap(w, options):
   x = jnp.zeros_like(w).reshape(DEVICES, -1, w.shape[1])
   grad = jax.pmap(jax.grad(functools.partial(loss, **joined(options))), axis_name="batch")
@@ -54,7 +58,7 @@ def with_shard_map(w, options):
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   spec = PartitionSpec("batch")
   grad = jax.shard_map(
-    jax.grad(functools.partial(loss, **joined(options))),
+    jax.grad(functools.partial(loss, **with_batch_spec(options))),
     mesh=mesh,
     in_specs=(spec, spec),
     out_specs=spec,
@@ -79,7 +83,7 @@ def grad_of_grad_error():
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   spec = PartitionSpec("batch")
   cotangent = jax.shard_map(
-    jax.grad(functools.partial(loss, axis_name="batch")),
+    jax.grad(functools.partial(loss, spec=spec)),
     mesh=mesh,
     in_specs=(spec, spec),
     out_specs=spec,
@@ -89,6 +93,81 @@ def grad_of_grad_error():
   norm, t = np.linalg.norm(w64), np.sqrt(w.shape[1])
   want = t * (v64 / norm - w64 * np.sum(w64 * v64) / norm**3)
   return float(np.max(np.abs(np.asarray(got, np.float64) - want) / np.abs(want).max()))
+
+
+# The global (B, T, F) array's splits over a ("data": 2, "model": 4) mesh, by name.
+SPLITS = {
+  "batch": PartitionSpec("data"),
+  "features": PartitionSpec(None, None, "model"),
+  "batch_features": PartitionSpec("data", None, "model"),
+  "batch_sequence": PartitionSpec("data", "model"),
+  "batch_over_both": PartitionSpec(("data", "model")),
+  "replicated": PartitionSpec(),
+}
+SHARDED_OPTIONS = {
+  "whole_units": {},
+  "whole_size": {"target_norm": "sqrt_size"},
+  "whole_float": {"target_norm": 2.0},
+  "whole_power": {"power": 0.5, "eps": 1e-3},
+  "example_units": {"axes": (1, 2)},
+  "example_size": {"axes": (1, 2), "target_norm": "sqrt_size"},
+  "token_units": {"axes": -1},
+}
+
+
+def mesh_2x4():
+  return Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+
+
+def with_spec(g, split, options, *, check_vma=True, node_spec="same"):
+  """The gradient below a node on x, a block of the global array split by ``split``."""
+  spec = SPLITS[split]
+  given = spec if node_spec == "same" else node_spec
+
+  def local_grad(x, w):
+    return jax.grad(lambda x: jnp.sum(bgn_jax.bgn(x, spec=given, **options) * w))(x)
+
+  grad = jax.shard_map(
+    local_grad, mesh=mesh_2x4(), in_specs=(spec, spec), out_specs=spec, check_vma=check_vma
+  )
+  return np.asarray(jax.jit(grad)(jnp.zeros_like(g), g), np.float64)
+
+
+def error_of(got, want):
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def sharded_errors():
+  """Relative errors against one device for every split and option set, and the
+  message (or "no error") of each call the node must refuse."""
+  g = jnp.asarray(np.random.default_rng(2).standard_normal((8, 4, 8)), jnp.float32)
+  results = {}
+  for split in SPLITS:
+    for name, options in SHARDED_OPTIONS.items():
+      want = reference_backward(np.asarray(g), **options)
+      results[f"spec-{split}-{name}"] = error_of(with_spec(g, split, options), want)
+  # Without check_vma JAX tracks nothing, and spec is trusted as given.
+  for split in ("replicated", "batch_features"):
+    want = reference_backward(np.asarray(g))
+    got = with_spec(g, split, {}, check_vma=False)
+    results[f"spec-{split}-unchecked"] = error_of(got, want)
+
+  def refusal(split, options, node_spec):
+    try:
+      with_spec(g, split, options, node_spec=node_spec)
+    except ValueError as error:
+      return str(error)
+    return "no error"
+
+  results["refused"] = {
+    "forgotten_spec_batch": refusal("batch", {}, None),
+    "forgotten_spec_per_example_features": refusal("features", {"axes": (1, 2)}, None),
+    "axis_name_for_mesh_axis": refusal("features", {"axis_name": "model"}, None),
+    "axis_name_batch_per_example": refusal("batch", {"axes": (1, 2), "axis_name": "data"}, None),
+    "spec_names_replicated_axis": refusal("batch", {}, PartitionSpec("data", None, "model")),
+    "spec_not_a_mesh_axis": refusal("batch", {}, PartitionSpec("pipe")),
+  }
+  return results
 
 
 def main():
@@ -106,6 +185,7 @@ def main():
       error = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-37)))
       results[f"{name}-{options}"] = error
   results["shard_map-grad_of_grad"] = grad_of_grad_error()
+  results["sharded"] = sharded_errors()
   print(json.dumps(results))
 
 

@@ -782,6 +782,21 @@ def test_bad_configuration_is_rejected_at_call_time(options, error, message, tra
 
 
 @pytest.mark.parametrize(
+  ("spec", "error", "message"),
+  [
+    (("data",), TypeError, "bgn: `spec` must be a jax.sharding.PartitionSpec"),
+    (jax.sharding.PartitionSpec("data"), ValueError, "no mesh axis is manual here"),
+  ],
+  ids=str,
+)
+@pytest.mark.parametrize("traced", [False, True])
+def test_spec_outside_shard_map_is_refused(spec, error, message, traced):
+  call = functools.partial(bgn_jax.bgn, spec=spec)
+  with pytest.raises(error, match=re.escape(message)):
+    (jax.jit(call) if traced else call)(jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize(
   "x",
   [
     jnp.ones((2,), jnp.int32),

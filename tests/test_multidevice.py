@@ -41,3 +41,44 @@ def test_split_batch_is_normalized_as_the_whole_batch(errors, transform, options
 
 def test_grad_of_grad_sums_the_norms_derivative_over_devices(errors):
   assert errors["shard_map-grad_of_grad"] <= 1e-5
+
+
+SPLITS = ["batch", "features", "batch_features", "batch_sequence", "batch_over_both", "replicated"]
+SHARDED_OPTIONS = [
+  "whole_units",
+  "whole_size",
+  "whole_float",
+  "whole_power",
+  "example_units",
+  "example_size",
+  "token_units",
+]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("options", SHARDED_OPTIONS)
+def test_a_node_with_spec_under_shard_map_equals_one_device(errors, split, options):
+  # Every target rule counts the dimensions that the mesh split: the global array's.
+  assert errors["sharded"][f"spec-{split}-{options}"] <= 1e-6
+
+
+@pytest.mark.parametrize("split", ["replicated", "batch_features"])
+def test_spec_is_trusted_without_check_vma(errors, split):
+  assert errors["sharded"][f"spec-{split}-unchecked"] <= 1e-6
+
+
+@pytest.mark.parametrize(
+  ("case", "names"),
+  [
+    ("forgotten_spec_batch", ["varies over", "'data'", "spec=PartitionSpec"]),
+    ("forgotten_spec_per_example_features", ["varies over", "'model'", "spec="]),
+    ("axis_name_for_mesh_axis", ["`axis_name`", "'model'", "`spec`"]),
+    ("axis_name_batch_per_example", ["`axis_name`", "'data'", "`spec`"]),
+    ("spec_names_replicated_axis", ["`spec`", "model", "replicated"]),
+    ("spec_not_a_mesh_axis", ["`spec`", "'pipe'", "manual"]),
+  ],
+)
+def test_a_node_that_cannot_know_the_global_group_refuses(errors, case, names):
+  message = errors["sharded"]["refused"][case]
+  for name in names:
+    assert name in message, message
