@@ -1,4 +1,4 @@
-"""The ``bgn-jax`` command line: ``demo``, ``train`` and ``sweep``.
+"""The ``bgn-jax`` command line: ``demo``, ``train``, ``sweep`` and ``depth-limit``.
 
 Exit status: 0 on success; 2 for a bad flag or a missing or corrupt data file;
 3 when training stopped on a non-finite loss; 130 after Ctrl-C (a checkpoint of
@@ -82,6 +82,19 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, lists: bool) -> None:
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
     parser.add_argument("--lrs", type=float, nargs="+", help="the LR grid (each method its best)")
     parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument(
+      "--search-seeds",
+      type=int,
+      nargs="+",
+      help="the seeds that search the (init, LR) grid; the other seeds run only at each "
+      "cell's best setting",
+    )
+    parser.add_argument(
+      "--split-inits",
+      action="store_const",
+      const=True,
+      help="each (method, init) is a cell with its own best LR",
+    )
   else:
     parser.add_argument(
       "--depth", type=int, default=10, help="hidden layers (cnn: convolutions; transformer: blocks)"
@@ -129,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
   # Scalar flags default to None, so that a TOML value is not overridden by a
   # default the user never typed.
   sweep.set_defaults(**{name: None for name in SCALAR_KEYS})
+
+  limit = commands.add_parser(
+    "depth-limit",
+    help="the depth at which each method stops training, as a figure and a table, from a "
+    "sweep's runs",
+  )
+  limit.add_argument("--config", required=True, help="the sweep's TOML file")
+  limit.add_argument("--out", help="the sweep folder (default: the file's or bgn-sweep)")
+  limit.add_argument("--png", help="the figure (default OUT/depth_limit.png)")
+  limit.add_argument("--title", help="the figure's title (default: the grid's size)")
   return parser
 
 
@@ -210,6 +233,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
   return 0
 
 
+def _run_depth_limit(args: argparse.Namespace) -> int:
+  from bgn_jax.experiments.depth_limit import run_depth_limit
+  from bgn_jax.experiments.sweep import SweepConfig
+
+  config = SweepConfig.from_args(argparse.Namespace(config=args.config, out=args.out))
+  print(run_depth_limit(config, png=args.png, title=args.title), end="")
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``bgn-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
   args = build_parser().parse_args(argv)
@@ -220,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _run_demo(args)
     if args.command == "train":
       return _run_train(args)
+    if args.command == "depth-limit":
+      return _run_depth_limit(args)
     return _run_sweep(args)
   except NonFiniteLossError as e:
     print(f"bgn-jax: error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from bgn_jax.linen import GRAD_NORMS_COLLECTION, insert
 __all__ = [
   "ACTIVATIONS",
   "ARCHS",
+  "BGN_METHODS",
   "INITS",
   "METHODS",
   "METHODS_BY_ARCH",
@@ -49,16 +50,18 @@ INITS: dict[str, Callable[..., Any]] = {
 }
 ARCHS = ("mlp", "cnn", "transformer")
 METHODS_BY_ARCH: dict[str, tuple[str, ...]] = {
-  "mlp": ("plain", "bgn", "bgn-per-example", "batchnorm", "layernorm"),
+  "mlp": ("plain", "bgn", "bgn-per-example", "batchnorm", "layernorm", "residual", "bgn-residual"),
   "cnn": ("plain", "bgn", "bgn-per-example", "batchnorm", "residual"),
   "transformer": ("plain", "bgn", "pre-ln"),
 }
 METHODS = tuple(dict.fromkeys(m for methods in METHODS_BY_ARCH.values() for m in methods))
+# The methods that place BGN nodes (after every bgn_every-th layer).
+BGN_METHODS = ("bgn", "bgn-per-example", "bgn-residual")
 
 
 def bgn_flags(depth: int, method: str, bgn_every: int) -> list[bool]:
   """Whether hidden layer i (0-based) is followed by a BGN node."""
-  uses_bgn = method in ("bgn", "bgn-per-example")
+  uses_bgn = method in BGN_METHODS
   return [uses_bgn and (i + 1) % bgn_every == 0 for i in range(depth)]
 
 
@@ -88,6 +91,10 @@ def _stack_flag(flags: Sequence[bool]) -> bool | None:
 class HiddenLayer(nn.Module):
   """Dense, then the method's normalization, then the activation, then maybe BGN.
 
+  With ``residual`` the layer returns ``h + gain * f(h)`` with a scalar ``gain``
+  initialized to zero (SkipInit; De & Smith, 2020), and the method
+  ``bgn-residual`` places its node on that sum (the residual stream).
+
   Attributes:
     width: output units.
     activation: a key of ACTIVATIONS.
@@ -95,6 +102,8 @@ class HiddenLayer(nn.Module):
     method: one of METHODS.
     dtype: the computation dtype (parameters stay float32).
     target_norm: the BGN node's ``target_norm``.
+    residual: add the identity skip (the hidden layers after the first, whose
+      input and output widths agree).
   """
 
   width: int
@@ -103,19 +112,23 @@ class HiddenLayer(nn.Module):
   method: str
   dtype: Any = jnp.float32
   target_norm: TargetNorm = "sqrt_units"
+  residual: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array | bool, train: bool) -> jax.Array:
-    h = nn.Dense(self.width, kernel_init=INITS[self.init_scheme], dtype=self.dtype, name="dense")(h)
+    y = nn.Dense(self.width, kernel_init=INITS[self.init_scheme], dtype=self.dtype, name="dense")(h)
     if self.method == "batchnorm":
-      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(y)
     elif self.method == "layernorm":
-      h = nn.LayerNorm(dtype=self.dtype)(h)
-    h = ACTIVATIONS[self.activation](h)
-    if self.method in ("bgn", "bgn-per-example"):
+      y = nn.LayerNorm(dtype=self.dtype)(y)
+    y = ACTIVATIONS[self.activation](y)
+    if self.residual:
+      gain = self.param("gain", nn.initializers.zeros, ())
+      y = h + gain.astype(y.dtype) * y
+    if self.method in BGN_METHODS:
       axes = (1,) if self.method == "bgn-per-example" else None
-      h = _maybe_bgn(h, apply_bgn, axes, self.target_norm)
-    return h
+      y = _maybe_bgn(y, apply_bgn, axes, self.target_norm)
+    return y
 
 
 class _ScanBody(nn.Module):
@@ -137,6 +150,7 @@ class _ScanBody(nn.Module):
       self.method,
       self.dtype,
       self.target_norm,
+      residual=self.method in ("residual", "bgn-residual"),
       name="layer",
     )
     flag = apply_bgn if self.every_layer is None else self.every_layer
@@ -148,7 +162,9 @@ class DeepMLP(nn.Module):
 
   Hidden layer 0 maps the input to ``width`` units; layers 1..depth-1 run in one
   ``nn.scan`` whose parameters have a leading axis of length ``depth - 1``
-  (module path ``stack/layer``).
+  (module path ``stack/layer``). ``residual`` and ``bgn-residual`` put an
+  identity skip (SkipInit) around each of layers 1..depth-1; ``bgn-residual``
+  adds a BGN node on the residual stream after every ``bgn_every``-th layer.
 
   Attributes:
     depth: hidden layers, >= 1.
@@ -286,7 +302,7 @@ class ConvLayer(nn.Module):
     if self.residual:
       gain = self.param("gain", nn.initializers.zeros, ())
       y = h + gain.astype(y.dtype) * y
-    if self.method in ("bgn", "bgn-per-example"):
+    if self.method in BGN_METHODS:
       axes = (1, 2, 3) if self.method == "bgn-per-example" else None
       y = _maybe_bgn(y, apply_bgn, axes, self.target_norm)
     return y

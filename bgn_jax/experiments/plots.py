@@ -99,7 +99,8 @@ def plot_accuracy_vs_depth(
   fig, ax = plt.subplots(figsize=(6, 4))
   groups: dict[str, list[Mapping[str, Any]]] = {}
   for row in rows:
-    groups.setdefault(f"{row['method']} {row['activation']} {row['optimizer']}", []).append(row)
+    label = row.get("_label", row["method"])
+    groups.setdefault(f"{label} {row['activation']} {row['optimizer']}", []).append(row)
   for label, group in sorted(groups.items()):
     group = sorted(group, key=lambda r: r["depth"])
     ax.errorbar(

@@ -6,11 +6,15 @@ checkpoints. After every run the summary is rewritten (``summary.md``,
 ``summary.csv``, ``accuracy_vs_depth.png``, ``grad_norms.png``), so whatever has
 finished is usable while the sweep goes on.
 
-A cell is (dataset, depth, activation, optimizer, method). Its reported accuracy
-is the one of its best setting: the (init, LR) pair with the highest mean test
-accuracy over seeds, chosen per cell, so each method gets its own best init and
-LR. The summary names the winning init and LR, and how many of that setting's
-seeds ended within 5 points of its best seed (the stability column).
+A cell is (dataset, depth, activation, optimizer, method), and with
+``split_inits`` also the init. Its reported accuracy is the one of its best
+setting: the (init, LR) pair with the highest mean test accuracy over seeds,
+chosen per cell, so each method gets its own best init and LR. The summary names
+the winning init and LR, how many of that setting's seeds ended within 5 points
+of its best seed (the stability column) and how many trained (above 20%).
+
+With ``search_seeds`` the LR grid is searched with those seeds only, and the
+other seeds run at each cell's best setting once its search has finished.
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, train
 
 __all__ = ["SweepConfig", "run_name", "run_sweep", "stable_seeds", "summarize"]
 
-_LIST_KEYS = ("depths", "methods", "activations", "inits", "optimizers", "lrs", "seeds")
+_LIST_KEYS = (
+  "depths",
+  "methods",
+  "activations",
+  "inits",
+  "optimizers",
+  "lrs",
+  "seeds",
+  "search_seeds",
+)
 SCALAR_KEYS = (
   "out",
   "dataset",
@@ -51,10 +64,13 @@ SCALAR_KEYS = (
   "data_dir",
   "log_every",
   "checkpoint_every",
+  "split_inits",
 )
 # A seed counts as stable when it ended within this much test accuracy of the
 # best seed of its setting.
 STABLE_WITHIN = 0.05
+# A seed counts as trained when its test accuracy is above this (chance is 10%).
+TRAINED_ABOVE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +82,14 @@ class SweepConfig:
     depths, methods, activations, optimizers, seeds: the grid axes.
     inits: the initializations, crossed with the LRs: each method gets its
       best (init, LR) pair. A TOML ``init = "he"`` is read as ``inits = ["he"]``.
+    method_inits: ``{method: [init, ...]}``, the inits of the methods it names
+      (the others take ``inits``).
+    split_inits: each (method, init) is a cell of its own (its best LR), instead
+      of each method taking its best init.
     lrs: the LR grid: one list for every optimizer, or ``{optimizer: [lr, ...]}``.
+    search_seeds: the seeds that search the LR grid (and the inits); the other
+      seeds run only at each cell's best setting, once every search run of the
+      cell has finished. Empty: every seed runs at every setting.
     dataset, arch, width, bgn_every, bgn_target, heads, momentum, weight_decay,
       warmup_steps, schedule, batch_size, epochs, train_examples, dtype,
       data_dir, log_every, checkpoint_every: as in :class:`TrainConfig`.
@@ -77,9 +100,12 @@ class SweepConfig:
   methods: tuple[str, ...] = ("plain", "bgn")
   activations: tuple[str, ...] = ("relu",)
   inits: tuple[str, ...] = ("lecun",)
+  method_inits: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  split_inits: bool = False
   optimizers: tuple[str, ...] = ("adam",)
   lrs: tuple[float, ...] | Mapping[str, tuple[float, ...]] = (1e-3,)
   seeds: tuple[int, ...] = (0,)
+  search_seeds: tuple[int, ...] = ()
   dataset: str = "digits"
   arch: str = "mlp"
   width: int = 128
@@ -109,7 +135,11 @@ class SweepConfig:
         name, value = "inits", [value]
       if name not in known:
         raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}.")
-      if name == "lrs" and isinstance(value, Mapping):
+      if name == "method_inits":
+        if not isinstance(value, Mapping):
+          raise ValueError(f"{source}: {key!r} must be a table {{method = [init, ...]}}.")
+        value = {method: tuple(inits) for method, inits in value.items()}
+      elif name == "lrs" and isinstance(value, Mapping):
         value = {opt: tuple(float(v) for v in lrs) for opt, lrs in value.items()}
       elif name == "lrs":
         value = tuple(float(v) for v in value)
@@ -151,13 +181,61 @@ class SweepConfig:
       return tuple(self.lrs[optimizer])
     return tuple(self.lrs)
 
+  def inits_for(self, method: str) -> tuple[str, ...]:
+    return tuple(self.method_inits.get(method, self.inits))
+
+  def cell_key(self, run: TrainConfig) -> tuple:
+    """The summary cell of a run: (dataset, depth, activation, optimizer, method[, init])."""
+    key = (run.dataset, run.depth, run.activation, run.optimizer, run.method)
+    return key + (run.init,) if self.split_inits else key
+
+  def search_seeds_used(self) -> tuple[int, ...]:
+    """The seeds that run at every setting (all seeds without ``search_seeds``)."""
+    return tuple(s for s in self.seeds if s in self.search_seeds) or tuple(self.seeds)
+
   def runs(self) -> list[TrainConfig]:
-    """Every run of the grid, in order (deeper and slower cells last)."""
+    """Every run of the grid known so far, in order (deeper and slower cells last).
+
+    With ``search_seeds``, a depth's search runs come first, then the other seeds
+    at the best setting of each cell whose search has finished (read from the
+    results on disk, so the list grows as the search finishes).
+    """
+    search = self.search_seeds_used()
+    follow_up = [s for s in self.seeds if s not in search]
     configs = []
-    for depth, activation, optimizer, method, seed, init in itertools.product(
-      sorted(self.depths), self.activations, self.optimizers, self.methods, self.seeds, self.inits
+    for depth in sorted(self.depths):
+      grid = self._grid(depth, search)
+      configs += grid
+      if not follow_up:
+        continue
+      by_cell: dict[tuple, list[TrainConfig]] = {}
+      for run in grid:
+        by_cell.setdefault(self.cell_key(run), []).append(run)
+      for runs in by_cell.values():
+        best = _best_setting(runs)
+        if best is None:
+          continue
+        init, lr = best
+        template = next(r for r in runs if r.init == init and r.lr == lr)
+        for seed in follow_up:
+          run = dataclasses.replace(template, seed=seed, out="")
+          configs.append(dataclasses.replace(run, out=str(Path(self.out) / "runs" / run_name(run))))
+    return configs
+
+  def runs_planned(self, cell: tuple) -> int:
+    """How many runs a cell has once its search has finished."""
+    search = self.search_seeds_used()
+    follow_up = len(self.seeds) - len(search)
+    method = cell[4]
+    inits = 1 if self.split_inits else len(self.inits_for(method))
+    return inits * len(self.lrs_for(cell[3])) * len(search) + follow_up
+
+  def _grid(self, depth: int, seeds: Sequence[int]) -> list[TrainConfig]:
+    configs = []
+    for activation, optimizer, method, seed in itertools.product(
+      self.activations, self.optimizers, self.methods, seeds
     ):
-      for lr in self.lrs_for(optimizer):
+      for init, lr in itertools.product(self.inits_for(method), self.lrs_for(optimizer)):
         config = TrainConfig(
           out="",
           dataset=self.dataset,
@@ -196,8 +274,13 @@ class SweepConfig:
   def validate(self) -> None:
     """Raises ValueError naming the key that is empty or out of range."""
     for key in _LIST_KEYS:
-      if key != "lrs" and not getattr(self, key):
+      if key not in ("lrs", "search_seeds") and not getattr(self, key):
         raise ValueError(f"--{key}: the grid axis is empty.")
+    for method, inits in self.method_inits.items():
+      if method not in self.methods:
+        raise ValueError(f"method_inits: {method!r} is not one of the methods {self.methods}.")
+      if not inits:
+        raise ValueError(f"method_inits: the inits of {method!r} are empty.")
     for optimizer in self.optimizers:
       if not self.lrs_for(optimizer):
         raise ValueError(f"--lrs: the LR grid of {optimizer!r} is empty.")
@@ -238,6 +321,27 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _best_setting(runs: Sequence[TrainConfig]) -> tuple[str, float] | None:
+  """The (init, LR) of a cell's search runs with the best mean accuracy; None until all finished.
+
+  A setting where any seed diverged ranks below every other.
+  """
+  scores: dict[tuple[str, float], list[float | None]] = {}
+  for run in runs:
+    result = _read_result(Path(run.out) / "results.json")
+    if result is None:
+      return None
+    accuracy = None if result.get("diverged") else result["test_accuracy"]
+    scores.setdefault((run.init, run.lr), []).append(accuracy)
+  best, best_score = None, -math.inf
+  # Sorted, as summarize ranks them, so that a tie picks the same setting there.
+  for setting, accuracies in sorted(scores.items()):
+    score = -math.inf if None in accuracies else statistics.fmean(a or 0.0 for a in accuracies)
+    if best is None or score > best_score:
+      best, best_score = setting, score
+  return best
+
+
 def stable_seeds(accuracies: Sequence[float | None]) -> int:
   """How many seeds ended within ``STABLE_WITHIN`` of the best seed (a diverged seed never)."""
   finished = [a for a in accuracies if a is not None]
@@ -254,14 +358,17 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
     One row per cell with any finished run: dataset, depth, activation,
     optimizer, method, best_init, best_lr, mean, std (sample, over seeds), min,
     max, seeds, stable (seeds of the best setting within 5 points of its best
-    seed), accuracies, runs_done, runs_total and diverged (runs at any setting).
+    seed), trained (seeds of the best setting above 20%), accuracies,
+    runs_done, runs_total and diverged (runs at any setting). With
+    ``search_seeds`` the best setting is chosen on the search seeds alone.
   """
   out = Path(config.out)
   cells: dict[tuple, dict[tuple[str, float], list[dict[str, Any]]]] = {}
   totals: dict[tuple, int] = {}
+  search = set(config.search_seeds_used())
   for run in config.runs():
-    key = (run.dataset, run.depth, run.activation, run.optimizer, run.method)
-    totals[key] = totals.get(key, 0) + 1
+    key = config.cell_key(run)
+    totals[key] = config.runs_planned(key)
     result = _read_result(Path(run.out) / "results.json")
     if result is not None:
       setting = (run.init, run.lr)
@@ -273,9 +380,15 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
       accuracies = [r["test_accuracy"] for r in results if not r.get("diverged")]
       diverged = len(results) - len(accuracies)
       mean = statistics.fmean(accuracies) if accuracies else math.nan
-      per_setting.append((key, init, lr, mean, len(results), diverged))
+      per_setting.append((key[:5], init, lr, mean, len(results), diverged))
+      searched = [r for r in results if r["seed"] in search]
+      searched_ok = [r["test_accuracy"] for r in searched if not r.get("diverged")]
       # A setting where any seed diverged is unusable; it ranks below every other.
-      score = mean if accuracies and not diverged else -math.inf
+      score = (
+        statistics.fmean(searched_ok)
+        if searched_ok and len(searched_ok) == len(searched)
+        else -math.inf
+      )
       if best is None or score > best[0]:
         best = (score, init, lr, accuracies, results)
     assert best is not None  # by_setting is never empty.
@@ -297,6 +410,7 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
         "stable": stable_seeds(
           [None if r.get("diverged") else r["test_accuracy"] for r in results]
         ),
+        "trained": sum(1 for a in accuracies if a > TRAINED_ABOVE),
         "accuracies": " ".join(f"{a:.4f}" for a in accuracies),
         "runs_done": sum(len(r) for r in by_setting.values()),
         "runs_total": totals[key],
@@ -304,13 +418,23 @@ def summarize(config: SweepConfig) -> list[dict[str, Any]]:
         # True when a seed diverged at every setting: mean and std are then over
         # the seeds that did not, and the cell has no stable setting in the grid.
         "no_stable_lr": score == -math.inf,
+        "_label": f"{key[4]} ({init})" if config.split_inits else key[4],
         "_grad_norms": {
           "init": results[0].get("grad_norms_init"),
           "final": results[0].get("grad_norms_final"),
         },
       }
     )
-  rows.sort(key=lambda r: (r["dataset"], r["activation"], r["optimizer"], r["depth"], r["method"]))
+  rows.sort(
+    key=lambda r: (
+      r["dataset"],
+      r["activation"],
+      r["optimizer"],
+      r["depth"],
+      r["method"],
+      r["best_init"],
+    )
+  )
   _write_tables(out, rows, per_setting)
   if rows:
     _write_plots(out, rows)
@@ -326,8 +450,8 @@ def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_setting: Sequen
   lines = [
     "| dataset | activation | optimizer | depth | method | best init | best LR "
     "| test accuracy, mean ± std (min–max) | seeds | stable seeds (within 5 points of the best) "
-    "| runs done | diverged runs |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| trained seeds (above 20%) | runs done | diverged runs |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     accuracy = (
@@ -340,7 +464,8 @@ def _write_tables(out: Path, rows: Sequence[dict[str, Any]], per_setting: Sequen
     lines.append(
       f"| {r['dataset']} | {r['activation']} | {r['optimizer']} | {r['depth']} | {r['method']} "
       f"| {r['best_init']} | {r['best_lr']:g} | {accuracy} | {r['seeds']} "
-      f"| {r['stable']}/{r['seeds']} | {r['runs_done']}/{r['runs_total']} | {r['diverged']} |"
+      f"| {r['stable']}/{r['seeds']} | {r['trained']}/{r['seeds']} "
+      f"| {r['runs_done']}/{r['runs_total']} | {r['diverged']} |"
     )
   lines += [
     "",
@@ -393,15 +518,25 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict[str, Any]
     # optimizer state), so a persistent cache saves most compile time.
     jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  runs = config.runs()
   is_main = jax.process_index() == 0
   datasets: dict[str, Any] = {}
-  skipped = 0
-  for number, run in enumerate(runs, 1):
+  skipped = sum(1 for run in config.runs() if (Path(run.out) / "results.json").exists())
+  done = 0
+  attempted: set[str] = set()
+  while True:
+    # The list grows as LR searches finish (search_seeds), so it is re-read after each run.
+    runs = config.runs()
+    pending = [
+      (number, run)
+      for number, run in enumerate(runs, 1)
+      if run.out not in attempted and not (Path(run.out) / "results.json").exists()
+    ]
+    if not pending:
+      break
+    number, run = pending[0]
+    attempted.add(run.out)
     results_path = Path(run.out) / "results.json"
-    if results_path.exists():
-      skipped += 1
-      continue
+    done += 1
     if is_main:
       print(f"bgn-jax sweep: run {number}/{len(runs)}: {run_name(run)}", file=sys.stderr)
     if run.dataset not in datasets:
@@ -431,7 +566,7 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict[str, Any]
       summarize(config)
   if is_main:
     print(
-      f"bgn-jax sweep: {len(runs) - skipped} runs done, {skipped} already finished; "
+      f"bgn-jax sweep: {done} runs done, {skipped} already finished; "
       f"summary in {out / 'summary.md'} and {out / 'summary.csv'}",
       file=sys.stderr,
     )

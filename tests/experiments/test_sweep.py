@@ -50,8 +50,8 @@ def test_each_method_gets_its_best_lr_mean_and_spread_over_seeds(tmp_path):
   md = (tmp_path / "summary.md").read_text()
   # 80% is more than 5 points below the best seed's 90%: 1 of 2 seeds is stable.
   assert (
-    "| digits | relu | adam | 10 | bgn | lecun | 0.001 | 85.0% ± 7.1 (80.0–90.0) | 2 | 1/2 | 4/4 "
-    "| 1 |" in md
+    "| digits | relu | adam | 10 | bgn | lecun | 0.001 | 85.0% ± 7.1 (80.0–90.0) | 2 | 1/2 | 2/2 "
+    "| 4/4 | 1 |" in md
   )
   assert (tmp_path / "summary.csv").read_text().count("\n") == 3
   assert (tmp_path / "accuracy_vs_depth.png").exists()
