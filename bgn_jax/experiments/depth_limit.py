@@ -93,6 +93,7 @@ def plot_depth_limit(
   path: str | Path,
   title: str = "",
   grad_labels: Sequence[str] | None = None,
+  seeds: int = 0,
 ) -> Path:
   """The two-panel figure: accuracy against depth, and the first layer's gradient at init.
 
@@ -102,6 +103,7 @@ def plot_depth_limit(
     title: the figure's title.
     grad_labels: the methods drawn in the gradient panel (default: every label
       that starts with ``plain`` or is ``bgn``/``bgn (...)``).
+    seeds: the seeds a depth should have; a point with fewer is drawn hollow.
   """
   from bgn_jax.experiments.plots import _pyplot
 
@@ -111,20 +113,39 @@ def plot_depth_limit(
   for row in rows:
     if row["seeds"]:
       by_label.setdefault(_label(row), []).append(row)
-  colors = {label: f"C{i}" for i, label in enumerate(sorted(by_label))}
+  # One color per method; LeCun init dashed.
+  methods = sorted({label.split(" ")[0] for label in by_label})
+  colors = {label: f"C{methods.index(label.split(' ')[0])}" for label in by_label}
+  styles = {label: "--" if "lecun" in label else "-" for label in by_label}
+  partial = False
   for label, group in sorted(by_label.items()):
     group = sorted(group, key=lambda r: r["depth"])
     depths = [r["depth"] for r in group]
-    seeds = "/".join(sorted({str(r["seeds"]) for r in group}))
     left.plot(
-      depths,
-      [r["mean"] for r in group],
-      marker="o",
-      color=colors[label],
-      label=f"{label} ({seeds} seeds)",
+      depths, [r["mean"] for r in group], linestyle=styles[label], color=colors[label], label=label
     )
+    for r in group:
+      full = r["seeds"] >= seeds
+      partial |= not full
+      left.plot(
+        r["depth"],
+        r["mean"],
+        marker="o",
+        color=colors[label],
+        markerfacecolor=colors[label] if full else "white",
+      )
     left.fill_between(
-      depths, [r["min"] for r in group], [r["max"] for r in group], color=colors[label], alpha=0.15
+      depths, [r["min"] for r in group], [r["max"] for r in group], color=colors[label], alpha=0.12
+    )
+  if partial:
+    left.text(
+      0.99,
+      0.99,
+      "hollow: not all seeds finished",
+      transform=left.transAxes,
+      ha="right",
+      va="top",
+      fontsize=8,
     )
   left.axhline(TRAINED_ABOVE, color="grey", linestyle=":", linewidth=1)
   left.set_xscale("log")
@@ -132,7 +153,7 @@ def plot_depth_limit(
   left.set_ylabel("test accuracy at the best LR: mean, band = min–max over seeds")
   left.set_ylim(0, 1)
   left.grid(alpha=0.3, which="both")
-  left.legend(fontsize=8)
+  left.legend(fontsize=8, loc="lower left")
   left.set_title("test accuracy against depth")
 
   if grad_labels is None:
@@ -151,6 +172,7 @@ def plot_depth_limit(
         [d for d, _ in points],
         [max(v, 1e-45) for _, v in points],
         marker="o",
+        linestyle=styles[label],
         color=colors[label],
         label=label,
       )
@@ -158,7 +180,7 @@ def plot_depth_limit(
   right.set_ylabel("norm of the first layer's parameter gradient at init")
   right.grid(alpha=0.3, which="both")
   right.legend(fontsize=8)
-  right.set_title("first layer's gradient at initialization")
+  right.set_title("first hidden layer's gradient at initialization (one batch)")
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -198,5 +220,7 @@ def run_depth_limit(
       f"{config.dataset}, {activations} {config.arch.upper()} of width {config.width}, "
       f"{examples}, {config.epochs} epochs, batch {config.batch_size}"
     )
-  plot_depth_limit(rows, png if png is not None else out / "depth_limit.png", title=title)
+  plot_depth_limit(
+    rows, png if png is not None else out / "depth_limit.png", title=title, seeds=len(config.seeds)
+  )
   return table
