@@ -7,10 +7,13 @@ Private to the package: the adapters (:mod:`bgn_jax.linen`, :mod:`bgn_jax.nnx`,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
+import sys
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -67,6 +70,7 @@ def check_options(
   # bgn. Here: the types, and repeats, with a rank large enough that a negative and
   # a non-negative entry never name the same axis.
   axes = options.get("axes")
+  check_axes_not_empty(fn_name, axes)
   entries = axes if isinstance(axes, tuple) else (axes,)
   largest = max((abs(int(a)) for a in entries if isinstance(a, (int, np.integer))), default=0)
   if largest > _MAX_RANK:
@@ -76,6 +80,23 @@ def check_options(
     )
   make_config((1,) * (2 * largest + 2), **options)
   return options
+
+
+def check_axes_not_empty(fn_name: str, axes: Any) -> None:
+  """Refuses ``axes=()``: every entry its own group, so the node would return the sign."""
+  if isinstance(axes, (tuple, list)) and not axes:
+    raise ValueError(
+      f"{fn_name}: `axes` {axes!r} makes every entry its own group, so the node would "
+      "return only the gradient's sign; pass None for one group over the whole array, or "
+      "the axes of each group (e.g. -1)."
+    )
+
+
+def describe(leaf: Any) -> tuple[tuple[Any, ...], str]:
+  """The shape (symbolic dimensions kept, as under ``jax.export``) and dtype name of a leaf
+  (the type name for a non-array)."""
+  dtype = getattr(leaf, "dtype", None)
+  return tuple(getattr(leaf, "shape", ())), type(leaf).__name__ if dtype is None else str(dtype)
 
 
 def is_float_array(leaf: Any, kind: Any = jnp.floating) -> bool:
@@ -235,15 +256,18 @@ class Placement:
     shape: the leaf's shape (inside any lifted transform, as one call sees it).
     dtype: the leaf's dtype name.
     reason: None for a leaf that got a node; otherwise why it was skipped.
+    count: how many times the call ran in the traced call of the whole model: once
+      per call of a module called several times, once per step of a scan.
   """
 
   path: str
   module: str
   position: str
   leaf: str
-  shape: tuple[int, ...]
+  shape: tuple[Any, ...]
   dtype: str
   reason: str | None = None
+  count: int = dataclasses.field(default=1, compare=False)
 
 
 class Placements(list):
@@ -259,8 +283,13 @@ class Placements(list):
     """The matched leaves that did not get a node, with the reason."""
     return [p for p in self if p.reason is not None]
 
+  @property
+  def applications(self) -> int:
+    """How many times a node is applied in one call of the whole model."""
+    return sum(p.count for p in self.nodes)
+
   def __str__(self) -> str:
-    header = ("path", "module", "position", "leaf", "shape", "dtype", "node")
+    header = ("path", "module", "position", "leaf", "shape", "dtype", "calls", "node")
     rows = [
       (
         repr(p.path),
@@ -269,6 +298,7 @@ class Placements(list):
         p.leaf or "-",
         str(p.shape),
         p.dtype,
+        str(p.count),
         "yes" if p.reason is None else f"skipped: {p.reason}",
       )
       for p in self
@@ -279,8 +309,188 @@ class Placements(list):
       for r in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{len(self.nodes)} nodes, {len(self.skipped)} skipped")
+    lines.append(
+      f"{len(self.nodes)} nodes applied {self.applications} times, {len(self.skipped)} skipped"
+    )
     return "\n".join(lines)
+
+
+class Recorder:
+  """Counts the :class:`Placement` rows that the nodes report while a call is traced."""
+
+  def __init__(self) -> None:
+    self._counts: dict[Placement, int] = {}
+
+  def add(self, placement: Placement) -> None:
+    self._counts[placement] = self._counts.get(placement, 0) + 1
+
+  def placements(self) -> Placements:
+    return Placements(dataclasses.replace(p, count=n) for p, n in self._counts.items())
+
+
+_RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+  "bgn_jax_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recorder]:
+  """Records, in this context (thread, task), the leaves the nodes test.
+
+  A scan runs its body once per step here (``jax.disable_jit``), so that each row
+  counts the applications of its node; the traces stay abstract.
+  """
+  recorder = Recorder()
+  token = _RECORDER.set(recorder)
+  try:
+    with jax.disable_jit():
+      yield recorder
+  finally:
+    _RECORDER.reset(token)
+
+
+def classify(
+  tree: Any, owned: Callable[[Any], str | None], skip: str | None = None, is_leaf: Any = None
+) -> tuple[list[Any], list[Any], list[str | None], Any]:
+  """The leaves of ``tree`` and why each gets no node (None: it gets one).
+
+  Args:
+    tree: a module's output, or its positional arguments.
+    owned: ``leaf -> reason or None``: the reason for a leaf that is one of the
+      module's own arrays (a parameter passed through), None for an activation.
+    skip: a reason that holds for every leaf (left out by ``every``), or None.
+    is_leaf: as for ``jax.tree_util``.
+
+  Returns:
+    ``(keys, leaves, reasons, treedef)``.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  reasons: list[str | None] = []
+  for _, leaf in flat:
+    if skip is not None:
+      reasons.append(skip)
+    elif not isinstance(leaf, jax.Array):  # a framework's variable object, kept whole
+      reasons.append(owned(leaf) or f"not a jax.Array ({type(leaf).__name__})")
+    elif not is_float_array(leaf):
+      reasons.append(f"not floating-point ({leaf.dtype})")
+    else:
+      reasons.append(owned(leaf))
+  return [k for k, _ in flat], [leaf for _, leaf in flat], reasons, treedef
+
+
+class CallCheck:
+  """What the matched calls of one call of the whole model gave; raises when none placed.
+
+  Attributes:
+    kept: a matched call was not left out by ``every``.
+    placed: a node was placed.
+    matched: ``(class name, path) -> what its leaves were``, in call order.
+  """
+
+  def __init__(self, fn_name: str, where: Any, position: str, every: int, report: str):
+    self.fn_name, self.where, self.position = fn_name, where, position
+    self.every, self.report = every, report
+    self.kept = False
+    self.placed = False
+    self.matched: dict[tuple[str, str], str] = {}
+
+  def note(self, name: str, path: str, leaves: Sequence[Any], reasons: Sequence[str | None]):
+    """Records one matched call's leaves and reasons."""
+    gave = []
+    for leaf, reason in zip(leaves, reasons, strict=True):
+      shape, dtype = describe(leaf)
+      gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
+    self.kept = self.kept or not any(r and r.startswith("every=") for r in reasons)
+    self.placed = self.placed or any(r is None for r in reasons)
+    self.matched.setdefault((name, path), ", ".join(gave) or "no leaves")
+
+  def check(self) -> None:
+    """Raises where this call's kept matches placed no node."""
+    if self.placed or not self.kept:
+      return
+    what = "output" if self.position == "after" else "positional input"
+    listed = [f"{call} at {path!r} ({gave})" for (call, path), gave in self.matched.items()]
+    more = len(listed) - SEEN_LISTED
+    kept = f" kept by every={self.every}" if self.every > 1 else ""
+    raise ValueError(
+      f"{self.fn_name}: `where` {self.where!r} matched {len(listed)} module call(s), but "
+      f"none{kept} had a floating-point {what} to normalize (the module's own variables "
+      f"passed through are never normalized), so no BGN node was placed: "
+      f"{', '.join(listed[:SEEN_LISTED])}{f', ... and {more} more' if more > 0 else ''}. "
+      f"Select modules whose {what}s are floating-point activations; {self.report} lists "
+      f"every match and why it was skipped."
+    )
+
+
+def place(
+  check: CallCheck,
+  path: str,
+  name: str,
+  position: str,
+  tree: Any,
+  options: dict[str, Any],
+  owned: Callable[[Any], str | None],
+  skip: str | None = None,
+  is_leaf: Any = None,
+  module: Any = None,
+  record: bool = True,
+) -> Any:
+  """``tree`` with a node on each leaf that :func:`classify` keeps; recorded and checked.
+
+  Each leaf is reported to the :func:`recording` in progress (unless ``record`` is
+  False: a trace that only finds shapes), and the node to the :func:`listening`
+  hook (grad_norms reads the gradient a node receives there).
+  """
+  keys, leaves, reasons, treedef = classify(tree, owned, skip, is_leaf)
+  recorder = _RECORDER.get() if record else None
+  if recorder is not None:
+    for key, leaf, reason in zip(keys, leaves, reasons, strict=True):
+      shape, dtype = describe(leaf)
+      leaf_name = jax.tree_util.keystr(key)
+      recorder.add(Placement(path, name, position, leaf_name, shape, dtype, reason))
+  check.note(name, path, leaves, reasons)
+  chosen = [i for i, reason in enumerate(reasons) if reason is None]
+  if not chosen:
+    return tree
+  noded = list(leaves)
+  for i in chosen:
+    noded[i] = bgn(leaves[i], **options)
+  result = jax.tree_util.tree_unflatten(treedef, noded)
+  hook = _HOOK.get()
+  return result if hook is None else hook.node_applied(tree, result, module, position)
+
+
+class Hook:
+  """What a diagnostic hears of the nodes while it traces (see :func:`listening`)."""
+
+  def node_applied(
+    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
+  ) -> Any:
+    """A node took ``inputs`` to ``outputs``: a layer's (``module`` None), or one that
+    :func:`place` put ``position`` the call of ``module``. Returns the outputs to use."""
+    del inputs, module, position
+    return outputs
+
+
+_HOOK: contextvars.ContextVar[Hook | None] = contextvars.ContextVar("bgn_jax_hook", default=None)
+
+
+@contextlib.contextmanager
+def listening(hook: Hook) -> Iterator[Hook]:
+  """Installs ``hook`` for this context (thread, task) only."""
+  token = _HOOK.set(hook)
+  try:
+    yield hook
+  finally:
+    _HOOK.reset(token)
+
+
+def is_recording() -> bool:
+  return _RECORDER.get() is not None
+
+
+def current_hook() -> Hook | None:
+  return _HOOK.get()
 
 
 def has_call(cls: type) -> bool:
@@ -327,3 +537,45 @@ def marked_subclass(
     body[_MARKER] = marker_value
 
   return types.new_class(name, (cls,), keywords or {}, fill)
+
+
+_MODULE_BASES = (("nnx", "flax.nnx", "Module"), ("equinox", "equinox", "Module"))
+
+
+def framework_of(obj: Any) -> str | None:
+  """``"linen"``, ``"nnx"`` or ``"equinox"`` for a model (or a bound linen method) of that
+  framework, None for anything else; imports no framework."""
+  for name, module_name, base in _MODULE_BASES:
+    module = sys.modules.get(module_name)
+    if module is not None and isinstance(obj, getattr(module, base)):
+      return name
+  linen = sys.modules.get("flax.linen")
+  if linen is not None and (
+    isinstance(obj, linen.Module) or isinstance(getattr(obj, "__self__", None), linen.Module)
+  ):
+    return "linen"
+  return None
+
+
+def check_framework(fn_name: str, argument: str, value: Any, expected: str) -> None:
+  """Raises TypeError where ``value`` is a model of a framework other than ``expected``."""
+  found = framework_of(value)
+  if found is None or found == expected:
+    return
+  verb = fn_name.rsplit(".", 1)[-1]
+  raise TypeError(
+    f"{fn_name}: `{argument}` is a {found} model ({type(value).__name__}), not a "
+    f"{expected} one; use bgn_jax.{found}.{verb} (or bgn_jax.{verb}, which picks the "
+    f"framework)."
+  )
+
+
+def call_keys(paths: Sequence[str]) -> list[str]:
+  """Report keys for calls at ``paths``, in order: ``"a"``, then ``"a#1"``, ``"a#2"``."""
+  counts: dict[str, int] = {}
+  keys = []
+  for path in paths:
+    index = counts.get(path, 0)
+    counts[path] = index + 1
+    keys.append(path if index == 0 else f"{path}#{index}")
+  return keys

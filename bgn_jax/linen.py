@@ -22,9 +22,10 @@ import dataclasses
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
+import flax.core.axes_scan
 import flax.core.lift
 import flax.linen as nn
 import jax
@@ -33,25 +34,32 @@ import numpy as np
 from flax.core import unfreeze
 
 from bgn_jax._common import (
-  SEEN_LISTED,
+  CallCheck,
   Path,
-  Placement,
   Placements,
   Position,
   Where,
+  call_keys,
+  check_axes_not_empty,
+  check_framework,
   check_options,
   flatten_leaves,
   get_path,
   group_norms,
   is_float_array,
+  is_recording,
   matcher,
   no_match_message,
+  options_text,
+  place,
+  recording,
 )
-from bgn_jax.core import Axes, AxisName, TargetNorm, bgn
+from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
-__all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert", "placements"]
+__all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert", "placements", "remove"]
 
 P = ParamSpec("P")
+ScanBody = Literal["error", "per_step"]
 R = TypeVar("R")
 
 
@@ -65,7 +73,8 @@ class BGN(nn.Module):
 
   Attributes:
     axes: None for one group over the whole array, or the axes of each group.
-    target_norm: a positive float, or ``"sqrt_units"``.
+    target_norm: a positive float, ``"sqrt_units"`` (the default) or
+      ``"sqrt_size"`` (see :func:`bgn_jax.bgn`).
     power: c in [0, 1].
     eps: floor on the norm, >= 0.
     axis_name: mapped axis name(s) over which the squared norm is summed.
@@ -76,6 +85,15 @@ class BGN(nn.Module):
   power: float = 1.0
   eps: float = 0.0
   axis_name: AxisName = None
+
+  def __post_init__(self) -> None:
+    # Options that do not depend on the input shape are checked at construction, as
+    # in the nnx and equinox layers; axes and the shape-dependent target at the call.
+    check_axes_not_empty("bgn_jax.linen.BGN", self.axes)
+    make_config(
+      (), target_norm=self.target_norm, power=self.power, eps=self.eps, axis_name=self.axis_name
+    )
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -154,6 +172,22 @@ def _per_step_body(module: nn.Module, method: Callable[..., Any]) -> str | None:
   return None
 
 
+_AXES_SCAN_FILE = inspect.getsourcefile(flax.core.axes_scan)
+
+
+def _in_shape_trace() -> bool:
+  """Whether this runs in the trace that ``nn.scan`` makes of its body, before the loop,
+  to find which outputs are broadcast (``body_fn(..., init_mode=True)`` in flax's
+  ``axes_scan``): not a step, so :func:`placements` does not count it."""
+  frame = sys._getframe(1)
+  while frame is not None:
+    code = frame.f_code
+    if code.co_filename == _AXES_SCAN_FILE and code.co_name == "body_fn":
+      return bool(frame.f_locals.get("init_mode"))
+    frame = frame.f_back
+  return False
+
+
 def _variable_names(module: nn.Module) -> dict[int, str]:
   """The variables of the module's root scope, by ``id``, as "collection/module path/name".
 
@@ -171,11 +205,33 @@ def _variable_names(module: nn.Module) -> dict[int, str]:
   return names
 
 
-def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
-  """The shape and dtype name of a leaf (the type name for a non-array)."""
-  dtype = getattr(leaf, "dtype", None)
-  name = type(leaf).__name__ if dtype is None else str(dtype)
-  return tuple(int(n) for n in np.shape(leaf)), name
+def _owned(module: nn.Module, before: dict[int, str]) -> Callable[[Any], str | None]:
+  """The reason a leaf is one of the model's variables: one of ``before`` (the variables
+  as the call began) or a parameter (one that ``init`` creates in the call and returns)."""
+  variables: dict[int, str] | None = None
+
+  def owned(leaf: Any) -> str | None:
+    nonlocal variables
+    if variables is None:
+      now = _variable_names(module).items()
+      variables = before | {i: name for i, name in now if name.startswith("params/")}
+    name = variables.get(id(leaf))
+    return None if name is None else f"the model variable {name!r} passed through"
+
+  return owned
+
+
+# Match numbers by insertion description (apply_fn, where, position, every, options,
+# scan_body), shared by equal inserts: they share jit traces, so they must choose the
+# same modules. (Held for the process's life, as jit holds its traces.)
+_NUMBERS: dict[Any, dict[str, int]] = {}
+# The descriptions whose calls placed a node: a later call that sees no module call
+# at all reused a trace (jax.jit), and is not a call that matched nothing.
+_PLACED: set[Any] = set()
+# The module objects whose current call an insert has claimed: (its node's options, where).
+_CLAIMS: contextvars.ContextVar[dict[int, tuple[Any, Any]] | None] = contextvars.ContextVar(
+  "bgn_jax_linen_claims", default=None
+)
 
 
 class _Insertion:
@@ -193,22 +249,39 @@ class _Insertion:
     position: Position,
     every: int,
     options: dict[str, Any],
+    scan_body: str,
+    apply_fn: Callable[..., Any],
   ):
     self.where = where
     self.is_match = is_match
     self.position = position
     self.every = every
     self.options = options
-    self.match_index: dict[str, int] = {}  # path -> match number, over all calls
-    self.token = object()  # this insert's own jit cache entries
+    self.scan_body = scan_body
+    self.marker = (position, tuple(sorted(options.items())))
+    key = ("insert", apply_fn, where, position, every, self.marker[1], scan_body)
+    try:
+      hash(key)
+    except TypeError:  # an unhashable predicate: traces of its own
+      key = object()
+    self.token = key  # this insert's jit cache entries, shared by equal inserts
+    self.match_index = _NUMBERS.setdefault(key, {})  # path -> match number, over all calls
 
   def run(
-    self, apply_fn: Callable[..., Any], args: Any, kwargs: Any, token: object
-  ) -> tuple[Any, _Interceptor]:
+    self, apply_fn: Callable[..., Any], args: Any, kwargs: Any, token: object, check: bool = True
+  ) -> Any:
     interceptor = _Interceptor(self)
-    with _own_traces(token), nn.intercept_methods(interceptor):
-      outputs = apply_fn(*args, **kwargs)
-    if not self.match_index:
+    claims = _CLAIMS.get()
+    reset = _CLAIMS.set({}) if claims is None else None
+    try:
+      with _own_traces(token), nn.intercept_methods(interceptor):
+        outputs = apply_fn(*args, **kwargs)
+    finally:
+      if reset is not None:
+        _CLAIMS.reset(reset)
+    # A call that matched nothing is fine once an equal insert placed nodes: its
+    # matches ran in traces that jax.jit (or nn.jit) reuses now.
+    if not interceptor.matched and self.token not in _PLACED:
       hint = (
         ""
         if interceptor.seen
@@ -217,7 +290,7 @@ class _Insertion:
       )
       raise ValueError(
         no_match_message(
-          "insert",
+          "bgn_jax.linen.insert",
           self.where,
           interceptor.seen,
           "module __call__",
@@ -225,40 +298,26 @@ class _Insertion:
         )
         + hint
       )
-    return outputs, interceptor
+    if check:
+      interceptor.check.check()
+    if interceptor.check.placed:
+      _PLACED.add(self.token)
+    return outputs
 
 
 class _Interceptor:
-  """The interceptor of one call of an inserted function; records what it placed."""
+  """The interceptor of one call of an inserted function; checks what it placed."""
 
   def __init__(self, insertion: _Insertion):
     self._insertion = insertion
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s, in order
-    self._records: dict[Placement, None] = {}  # in call order, without repeats
-    self.matched: dict[tuple[str, str], str] = {}  # this call's matches -> what they gave
-    self.kept = False  # a match of this call was not left out by `every`
-    self.placed = False  # this call placed a node
-
-  @property
-  def records(self) -> Placements:
-    return Placements(self._records)
-
-  def check_placed(self) -> None:
-    """Raises where this call had matches that `every` kept and none got a node."""
-    if self.placed or not self.kept:
-      return
-    insertion = self._insertion
-    what = "output" if insertion.position == "after" else "positional input"
-    listed = [f"{call} at {path!r} ({gave})" for (call, path), gave in self.matched.items()]
-    more = len(listed) - SEEN_LISTED
-    kept = f" kept by every={insertion.every}" if insertion.every > 1 else ""
-    raise ValueError(
-      f"insert: `where` {insertion.where!r} matched {len(listed)} module call(s), but none"
-      f"{kept} had a floating-point {what} to normalize (model variables passed through "
-      f"are never normalized), so no BGN node was inserted: "
-      f"{', '.join(listed[:SEEN_LISTED])}{f', ... and {more} more' if more > 0 else ''}. "
-      f"Select modules whose {what}s are floating-point activations; "
-      f"bgn_jax.linen.placements(fn, *args) lists every match and why it was skipped."
+    self.matched = False
+    self.check = CallCheck(
+      "bgn_jax.linen.insert",
+      insertion.where,
+      insertion.position,
+      insertion.every,
+      "bgn_jax.linen.placements(fn, *args)",
     )
 
   def __call__(
@@ -276,78 +335,91 @@ class _Interceptor:
     self.seen[(type(module).__name__, path)] = None
     if not insertion.is_match(module, path):
       return next_fun(*args, **kwargs)
+    self.matched = True
     # Matches are counted by path, not by call: a lifted transform may trace its
     # body more than once (nn.scan does, by default), and a retrace cannot be told
     # apart from a second call. So a module called twice is one match, and all of
     # its calls share the decision.
     index = insertion.match_index.setdefault(path, len(insertion.match_index))
     skip = None if index % insertion.every == 0 else f"every={insertion.every} (match {index})"
-    if skip is None:
-      transform = _per_step_body(module, context.orig_method.func)
-      if transform is not None:
+    if skip is not None:
+      return self._call(module, path, next_fun, args, kwargs, skip)
+    transform = _per_step_body(module, context.orig_method.func)
+    if transform is not None and insertion.scan_body != "per_step":
+      raise ValueError(
+        f"bgn_jax.linen.insert: `where` {insertion.where!r} matched "
+        f"{type(module).__name__} at {path!r}, whose __call__ is the body of an "
+        f"nn.{transform}: flax calls it once per step, inside the loop. For a node on "
+        f"each step's output (a node after every layer of a scanned stack), pass "
+        f"scan_body='per_step'. For nodes on the values the loop returns, apply "
+        f"bgn_jax.bgn (or bgn_jax.linen.BGN) to them in the calling module; for nodes "
+        f"inside each step, select the modules the body calls (e.g. its cell); to leave "
+        f"it out, narrow `where` (a path regex or a predicate)."
+      )
+    claims = _CLAIMS.get()
+    claimed = None if claims is None else claims.get(id(module))
+    if claimed is not None:
+      if claimed[0] != insertion.marker:
         raise ValueError(
-          f"insert: `where` {insertion.where!r} matched {type(module).__name__} at "
-          f"{path!r}, whose __call__ is the body of an nn.{transform}: flax calls it once "
-          f"per step, inside the loop, so a node there would normalize the carry at every "
-          f"step and never the values the loop returns (the final carry and the stacked "
-          f"outputs). For nodes on the returned values, apply bgn_jax.bgn (or "
-          f"bgn_jax.linen.BGN) to them in the calling module; for nodes at every step, "
-          f"select the modules the body calls (e.g. its cell); to leave it out, narrow "
-          f"`where` (a path regex or a predicate)."
+          f"bgn_jax.linen.insert: the module call at {path!r} ({type(module).__name__}) "
+          f"already gets a BGN node from the insert with `where` {claimed[1]!r} and "
+          f"{_options_text(claimed[0])}; this insert (`where` {insertion.where!r}) asks "
+          f"for {_options_text(insertion.marker)}. Insert once, with the options you mean."
         )
+      return next_fun(*args, **kwargs)  # the same node: the outer insert places it
+    if claims is not None:
+      claims[id(module)] = (insertion.marker, insertion.where)
+    try:
+      return self._call(module, path, next_fun, args, kwargs, None)
+    finally:
+      if claims is not None:
+        claims.pop(id(module), None)
+
+  def _call(
+    self,
+    module: nn.Module,
+    path: str,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    skip: str | None,
+  ) -> Any:
+    insertion = self._insertion
     # The variables as the call begins: a value the call stores in one (`sow`, an
     # assigned variable) is an output it computed, not a variable passed through.
-    before = _variable_names(module) if skip is None else {}
+    owned = _owned(module, _variable_names(module) if skip is None else {})
+    name = type(module).__name__
+
+    record = not (is_recording() and _in_shape_trace())
+
+    def noded(tree: Any) -> Any:
+      return place(
+        self.check,
+        path,
+        name,
+        insertion.position,
+        tree,
+        insertion.options,
+        owned,
+        skip,
+        module=module,
+        record=record,
+      )
+
+    probe = _PROBE.get() if skip is None else None
     if insertion.position == "before":
-      return next_fun(*self._place(module, path, args, skip, before), **kwargs)
+      args = noded(args)
+      if probe is not None:
+        args = probe.after_input_node(module, args)
+      return next_fun(*args, **kwargs)
     outputs = next_fun(*args, **kwargs)
-    probe = _PROBE.get()
-    if probe is not None and skip is None:
+    if probe is not None:
       outputs = probe.before_node(module, outputs)
-    return self._place(module, path, outputs, skip, before)
+    return noded(outputs)
 
-  def _place(
-    self, module: nn.Module, path: str, tree: Any, skip: str | None, before: dict[int, str]
-  ) -> Any:
-    """``tree`` with a node on each floating-point leaf that is not a model variable.
 
-    A model variable is one of ``before`` (the variables as the call began) or a
-    parameter (one that ``init`` creates in the call and returns).
-    """
-    insertion = self._insertion
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    variables = None
-    leaves, gave = [], []
-    for key, leaf in flat:
-      reason = skip
-      if reason is None and not is_float_array(leaf):
-        reason = "not a floating-point jax.Array"
-      if reason is None:
-        if variables is None:
-          now = _variable_names(module).items()
-          variables = before | {i: name for i, name in now if name.startswith("params/")}
-        name = variables.get(id(leaf))
-        reason = None if name is None else f"the model variable {name!r} passed through"
-      shape, dtype = _describe(leaf)
-      if reason is None:
-        self.placed = True
-        leaf = bgn(leaf, **insertion.options)
-      self._records[
-        Placement(
-          path=path,
-          module=type(module).__name__,
-          position=insertion.position,
-          leaf=jax.tree_util.keystr(key),
-          shape=shape,
-          dtype=dtype,
-          reason=reason,
-        )
-      ] = None
-      gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
-      leaves.append(leaf)
-    self.kept = self.kept or skip is None
-    self.matched.setdefault((type(module).__name__, path), ", ".join(gave) or "no leaves")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+def _options_text(marker: tuple[Any, ...]) -> str:
+  return options_text((None, *marker))
 
 
 def insert(
@@ -356,6 +428,7 @@ def insert(
   where: Where,
   position: Position = "after",
   every: int = 1,
+  scan_body: ScanBody = "error",
   **bgn_options: Any,
 ) -> Callable[P, R]:
   """Returns ``apply_fn`` with BGN nodes after (or before) the selected module calls.
@@ -398,6 +471,12 @@ def insert(
       returned function, so the same layers are chosen at every step. All calls
       of a module share its decision: a module called twice, a scanned stack,
       and a body that a lifted transform traces twice each count once.
+    scan_body: what a match whose ``__call__`` is the body of an ``nn.scan``
+      (``nn.scan(Block, ...)``, ``nn.remat_scan``) gets: ``"error"`` (the
+      default) raises, since a node there normalizes every step's carry, not
+      the values the loop returns; ``"per_step"`` puts a node on each step's
+      output, as a node placed by hand at the end of the body would (a node
+      after every layer of a scanned stack).
     **bgn_options: ``axes``, ``target_norm``, ``power``, ``eps``, ``axis_name``,
       passed to :func:`bgn_jax.bgn` for every node.
 
@@ -418,22 +497,64 @@ def insert(
       (or ``nn.while_loop``), where a node would land on every step's carry
       instead of on the values the loop returns.
   """
+  check_framework("bgn_jax.linen.insert", "apply_fn", apply_fn, "linen")
+  if isinstance(apply_fn, nn.Module):
+    raise TypeError(
+      f"bgn_jax.linen.insert: `apply_fn` is the module {type(apply_fn).__name__}; pass "
+      f"its apply function, insert(model.apply, where=...)."
+    )
   if not callable(apply_fn):
     raise TypeError(
-      f"insert: `apply_fn` must be callable, e.g. model.apply; got {type(apply_fn).__name__}."
+      f"bgn_jax.linen.insert: `apply_fn` must be callable, e.g. model.apply; got "
+      f"{type(apply_fn).__name__}."
     )
-  is_match = matcher(where, fn_name="insert", module_type=nn.Module)
-  options = check_options("insert", position, every, bgn_options)
-  insertion = _Insertion(where, is_match, position, int(every), options)
+  if scan_body not in ("error", "per_step"):
+    raise ValueError(
+      f"bgn_jax.linen.insert: `scan_body` must be 'error' or 'per_step'; got {scan_body!r}."
+    )
+  is_match = matcher(where, fn_name="bgn_jax.linen.insert", module_type=nn.Module)
+  options = check_options("bgn_jax.linen.insert", position, every, bgn_options)
+  insertion = _Insertion(where, is_match, position, int(every), options, scan_body, apply_fn)
 
   @functools.wraps(apply_fn)
   def apply_with_bgn(*args: P.args, **kwargs: P.kwargs) -> R:
-    outputs, interceptor = insertion.run(apply_fn, args, kwargs, insertion.token)
-    interceptor.check_placed()
-    return outputs
+    return insertion.run(apply_fn, args, kwargs, insertion.token)
 
   apply_with_bgn._bgn_insert = (insertion, apply_fn)  # type: ignore[attr-defined]
   return apply_with_bgn
+
+
+def _inserted(fn: Any, fn_name: str) -> tuple[_Insertion, Callable[..., Any]]:
+  check_framework(fn_name, "fn", fn, "linen")
+  if not callable(fn):
+    raise TypeError(f"{fn_name}: `fn` must be a function; got {type(fn).__name__}.")
+  inserted = getattr(fn, "_bgn_insert", None)
+  if not isinstance(inserted, tuple) or not isinstance(inserted[0], _Insertion):
+    raise ValueError(
+      f"{fn_name}: `fn` {getattr(fn, '__qualname__', type(fn).__name__)!r} has no BGN "
+      f"node; pass the function bgn_jax.linen.insert(model.apply, where=...) returns."
+    )
+  return inserted
+
+
+def remove(fn: Callable[P, R]) -> Callable[P, R]:
+  """The function that :func:`insert` was given: ``fn`` without its BGN nodes.
+
+  Args:
+    fn: a function returned by :func:`insert` (nested inserts are all taken off).
+
+  Returns:
+    The original ``apply_fn``; ``fn`` itself where it has no node.
+
+  Raises:
+    TypeError: ``fn`` is not callable, or is an nnx or equinox model.
+  """
+  check_framework("bgn_jax.linen.remove", "fn", fn, "linen")
+  if not callable(fn):
+    raise TypeError(f"bgn_jax.linen.remove: `fn` must be a function; got {type(fn).__name__}.")
+  while isinstance(inserted := getattr(fn, "_bgn_insert", None), tuple):
+    fn = inserted[1]
+  return fn
 
 
 def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
@@ -443,9 +564,9 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
   arithmetic) and lists, in call order, one record per leaf of each matched
   module call: a node, or a skipped leaf with the reason (not floating-point, a
   model variable passed through, left out by ``every``). The calls of a module
-  called several times, and the traces of a body that a lifted transform traces
-  twice, share their records; inside a lifted transform a shape is the one one
-  step (or one mapped instance) sees.
+  called several times share their records, and ``count`` says how many times
+  the row's node is applied (a scan's body runs once per step here); inside a
+  lifted transform a shape is the one one step (or one mapped instance) sees.
 
   Args:
     fn: a function returned by :func:`insert`.
@@ -454,27 +575,20 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
     **kwargs: its keyword arguments.
 
   Returns:
-    A :class:`bgn_jax._common.Placements`, a list of ``Placement(path, module,
-    position, leaf, shape, dtype, reason)``, ``reason`` None for a node, that
-    prints as a table.
+    A :class:`bgn_jax.Placements`, a list of ``Placement(path, module, position,
+    leaf, shape, dtype, reason, count)``, ``reason`` None for a node, that prints
+    as a table.
 
   Raises:
-    TypeError: ``fn`` was not returned by :func:`insert`.
-    ValueError: ``where`` matches no module call in this call.
+    TypeError: ``fn`` is not callable, or is an nnx or equinox model.
+    ValueError: ``fn`` has no BGN node (it was not returned by :func:`insert`),
+      or ``where`` matches no module call in this call.
   """
-  inserted = getattr(fn, "_bgn_insert", None)
-  if not isinstance(inserted, tuple) or not isinstance(inserted[0], _Insertion):
-    raise TypeError(
-      f"placements: `fn` must be a function returned by bgn_jax.linen.insert; got "
-      f"{getattr(fn, '__qualname__', type(fn).__name__)!r}. Pass insert(model.apply, "
-      f"where=...), not model.apply."
-    )
-  insertion, apply_fn = inserted
+  insertion, apply_fn = _inserted(fn, "bgn_jax.linen.placements")
   # Arrays (and jax.ShapeDtypeStructs) go in abstractly; flags such as `mutable` or
   # `train` stay the Python values the function expects.
   leaves, treedef = jax.tree.flatten((args, kwargs))
   is_array = [isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for leaf in leaves]
-  found: list[Placements] = []
 
   def trace(*arrays: Any) -> Any:
     given = iter(arrays)
@@ -482,12 +596,11 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
       treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
     )
     # A token of its own: cached traces would skip the module calls it records.
-    outputs, interceptor = insertion.run(apply_fn, call_args, call_kwargs, object())
-    found.append(interceptor.records)
-    return outputs
+    return insertion.run(apply_fn, call_args, call_kwargs, object(), check=False)
 
-  jax.eval_shape(trace, *[leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
-  return found[0]
+  with recording() as recorder:
+    jax.eval_shape(trace, *[leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
+  return recorder.placements()
 
 
 GRAD_NORMS_COLLECTION = "grad_norms"
@@ -542,6 +655,7 @@ class _Probe:
     self._tagged: dict[int, tuple[Any, _Call]] = {}
     self._active: set[str] = set()  # paths of the calls this probe is wrapping now
     self._pending: dict[str, _Call] = {}  # calls whose output insert's node normalizes
+    self._inputs_at_bgn: dict[str, Path] = {}  # calls whose inputs insert's node normalized
     self.calls: list[_Call] = []  # in call order
     self.grafts: list[tuple[Path, Any]] = []  # (prefix, perturbation shapes) per apply
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
@@ -586,8 +700,24 @@ class _Probe:
         name = self._next_name("output")
         call = self._record(module, path + (name,), outputs)
         outputs = self._perturb(module, joined, outputs, name)
+      at_inputs = self._inputs_at_bgn.pop(joined, None)
+      if at_inputs is not None:
+        call.at_bgn = at_inputs
       self._tagged[id(outputs)] = (outputs, call)
     return outputs
+
+  def after_input_node(self, module: nn.Module, args: Any) -> Any:
+    """Perturbs the inputs of a selected call after insert's node (``position="before"``).
+
+    The gradient there is the one the node receives: the call's "at_bgn".
+    """
+    path = self._prefix + tuple(str(p) for p in module.path)
+    joined = "/".join(path)
+    if joined not in self._active or not self._is_match(module, joined):
+      return args
+    name = self._next_name("at_bgn")
+    self._inputs_at_bgn[joined] = path + (name,)
+    return self._perturb(module, joined, args, name)
 
   def before_node(self, module: nn.Module, outputs: Any) -> Any:
     """Perturbs a selected output that insert's node is about to normalize.
@@ -770,10 +900,11 @@ def _report_norms(
     output_leaves = jax.tree.leaves(get_path(grad_perturbations, location))
     param_leaves = jax.tree.leaves(get_path(grad_params, path) or {})
     at_bgn_leaves = jax.tree.leaves(get_path(grad_perturbations, at_bgn)) if at_bgn else []
+    lead = output_lead[0] if output_lead else 0  # inputs have the output's leading axes
     flats += [
       flatten_leaves(output_leaves, output_lead),
       flatten_leaves(param_leaves, params_lead),
-      flatten_leaves(at_bgn_leaves, output_lead),
+      flatten_leaves(at_bgn_leaves, [lead] * len(at_bgn_leaves)),
     ]
     lead_shapes += [lead_shape] * 3
   norms = group_norms(flats, lead_shapes)
@@ -790,24 +921,7 @@ def _probing(probe: _Probe, token: object) -> Iterator[None]:
     _PROBE.reset(reset)
 
 
-def _keys(calls: Iterable[_Call]) -> list[str]:
-  counts: dict[Path, int] = {}
-  keys = []
-  for call in calls:
-    index = counts.get(call.path, 0)
-    counts[call.path] = index + 1
-    joined = "/".join(call.path)
-    keys.append(joined if index == 0 else f"{joined}#{index}")
-  return keys
-
-
-def grad_norms(
-  loss_fn: Callable[..., jax.Array],
-  variables: Mapping[str, Any],
-  *args: Any,
-  where: Where,
-  **kwargs: Any,
-) -> Report:
+def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
   A zero perturbation is added to the output of every ``__call__`` of a bound
@@ -815,8 +929,9 @@ def grad_norms(
   collection ``GRAD_NORMS_COLLECTION``); one ``jax.grad`` with respect to the
   parameters and the perturbations gives both kinds of gradient. The shapes of
   the perturbations come from an abstract pass (``jax.eval_shape``), so the
-  arithmetic is one forward and one backward pass. Works under ``jax.jit`` with
-  ``loss_fn`` and ``where`` static (``functools.partial`` or ``static_argnames``).
+  arithmetic is one forward and one backward pass. ``grad_norms(loss_fn,
+  where=...)`` returns a function of the loss's arguments, as ``jax.grad`` does:
+  ``jax.jit(grad_norms(loss_fn, where=nn.Dense))(variables, x, y)``.
 
   Two gradients are reported at an output. ``"output"`` is always the gradient of
   the loss with respect to the module's output, summed over all its consumers
@@ -824,10 +939,12 @@ def grad_norms(
   Where a BGN node sits directly on that output (a node of :func:`insert` inside
   ``loss_fn``, or a :class:`BGN` layer fed the output), ``"at_bgn"`` is the raw
   gradient arriving at the node, before it normalizes it (the gradient at the
-  node's output). With the node as the only consumer, ``"output"`` is then the
-  normalized gradient and ``"at_bgn"`` the one the layers above sent. A bare
-  :func:`bgn_jax.bgn` call, or an ``insert`` that wraps the call of
-  ``grad_norms`` itself, is not seen as a node: no ``"at_bgn"`` there.
+  node's output). A node that :func:`insert` puts ``position="before"`` a
+  selected module sits on its inputs: its ``"at_bgn"`` is the gradient arriving
+  at that node (at the inputs the module sees). With the node as the only
+  consumer, ``"output"`` is then the normalized gradient and ``"at_bgn"`` the
+  one the layers above sent. A bare :func:`bgn_jax.bgn` call, or an ``insert``
+  that wraps the call of ``grad_norms`` itself, is not seen as a node: no ``"at_bgn"`` there.
 
   Keys are module paths joined with "/" (``"Dense_3"``,
   ``"encoder/layer_1/Dense_0"``), in the order the calls return (input side
@@ -860,55 +977,81 @@ def grad_norms(
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
-    loss_fn: ``loss_fn(variables, *args, **kwargs) -> scalar``; it must pass
+    loss_fn: ``loss_fn(variables, *args, **kwargs) -> scalar``, ``variables``
+      the model variables with a ``"params"`` collection; it must pass
       ``variables`` (or a dict that keeps their ``"grad_norms"`` entry) to
       ``model.apply``.
-    variables: the model variables, with a ``"params"`` collection.
-    *args: positional arguments for ``loss_fn``.
     where: a Module class or tuple of classes (``isinstance``); a predicate
       ``module -> bool``; or a regular expression (``str`` or compiled)
       searched in the "/"-joined module path.
-    **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    A function of ``loss_fn``'s arguments, as ``jax.grad`` returns one, that
+    returns the report ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
     a BGN node sits on the output; each norm a 0-d array, or one with a leading
     axis per enclosing ``nn.scan``. Modules without parameters have ``"params"``
     zero. Only floating-point leaves of a module's output are perturbed;
     "output" is their global norm.
 
   Raises:
-    TypeError: ``loss_fn`` is not callable, ``variables`` not a mapping, or
-      ``where`` of none of the accepted forms.
-    ValueError: ``where`` matches no module call, ``variables`` already holds a
+    TypeError: ``loss_fn`` is not callable, or ``where`` of none of the accepted
+      forms; from the returned function: ``variables`` is not a mapping.
+    ValueError: from the returned function: ``where`` matches no module call,
+      ``variables`` already holds a
       ``"grad_norms"`` collection, ``loss_fn`` drops the perturbations, or an
       ``nn.scan`` that holds a selected module does not carry them.
   """
   if not callable(loss_fn):
-    raise TypeError(f"grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
-  if not isinstance(variables, Mapping):
     raise TypeError(
-      f"grad_norms: `variables` must be a mapping of collections, e.g. model.init(...); "
-      f"got {type(variables).__name__}."
+      f"bgn_jax.linen.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
     )
-  if GRAD_NORMS_COLLECTION in variables:
-    raise ValueError(
-      f"grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} collection; "
-      f"that name is reserved for the perturbations grad_norms adds."
-    )
-  is_match = matcher(where, fn_name="grad_norms", module_type=nn.Module)
+  is_match = matcher(where, fn_name="bgn_jax.linen.grad_norms", module_type=nn.Module)
+  key = ("grad_norms", where)
+  try:
+    hash(key)
+  except TypeError:
+    key = object()
 
+  @functools.wraps(loss_fn)
+  def measure(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Report:
+    check_framework("bgn_jax.linen.grad_norms", "variables", variables, "linen")
+    if not isinstance(variables, Mapping):
+      raise TypeError(
+        f"bgn_jax.linen.grad_norms: `variables` (the first argument) must be a mapping of "
+        f"collections, e.g. model.init(...); got {type(variables).__name__}."
+      )
+    if GRAD_NORMS_COLLECTION in variables:
+      raise ValueError(
+        f"bgn_jax.linen.grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} "
+        f"collection; that name is reserved for the perturbations grad_norms adds."
+      )
+    return _measure(loss_fn, where, is_match, key, variables, args, kwargs)
+
+  return measure
+
+
+def _measure(
+  loss_fn: Callable[..., jax.Array],
+  where: Where,
+  is_match: Callable[[Any, str], bool],
+  key: Any,
+  variables: Mapping[str, Any],
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> Report:
   discovery = _Probe(is_match, discover=True)
 
-  token = object()  # cached traces would skip the module calls the probes must see
-
+  # Traces of their own (cached traces would skip the module calls the probes must
+  # see), shared by the calls with the same `where`.
   def shape_pass() -> jax.Array:
-    with _probing(discovery, token):
+    with _probing(discovery, (key, "discover")):
       return loss_fn(variables, *args, **kwargs)
 
   jax.eval_shape(shape_pass)
   if not discovery.calls:
-    raise ValueError(no_match_message("grad_norms", where, discovery.seen, "module __call__"))
+    raise ValueError(
+      no_match_message("bgn_jax.linen.grad_norms", where, discovery.seen, "module __call__")
+    )
   shapes: dict[str, Any] = {}
   for prefix, tree in discovery.grafts:
     _graft(shapes, prefix, tree)
@@ -921,7 +1064,7 @@ def grad_norms(
     measured = dict(variables)
     measured["params"] = params
     measured[GRAD_NORMS_COLLECTION] = perturbations
-    with _probing(_Probe(is_match, discover=False), token):
+    with _probing(_Probe(is_match, discover=False), (key, "measure")):
       return loss_fn(measured, *args, **kwargs)
 
   params = variables.get("params", {})
@@ -931,8 +1074,9 @@ def grad_norms(
   norms = _report_norms(unfreeze(grad_params), grad_perturbations, plan)
   # An OrderedDict keeps the call order through jit (pytree dicts sort their keys).
   report: Report = collections.OrderedDict()
-  for key, entry, (output, params, at_bgn) in zip(_keys(calls), plan, norms, strict=True):
-    report[key] = {"output": output, "params": params}
+  keys = call_keys(["/".join(call.path) for call in calls])
+  for key_, entry, (output, params, at_bgn) in zip(keys, plan, norms, strict=True):
+    report[key_] = {"output": output, "params": params}
     if entry[-1] is not None:
-      report[key]["at_bgn"] = at_bgn
+      report[key_]["at_bgn"] = at_bgn
   return report

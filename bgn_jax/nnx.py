@@ -29,23 +29,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import filterlib
+from jax.core import Tracer
 
 from bgn_jax._common import (
   SEEN_LISTED,
-  Placement,
+  CallCheck,
+  Hook,
   Placements,
   Position,
   Where,
+  check_framework,
   check_options,
+  classify,
+  current_hook,
   flatten_leaves,
   group_norms,
   has_call,
-  is_float_array,
+  listening,
   marked_subclass,
   marker_of,
   matcher,
   no_match_message,
   options_text,
+  place,
+  recording,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
@@ -93,28 +100,25 @@ class BGN(nnx.Module):
       eps=self.eps,
       axis_name=self.axis_name,
     )
-    current = _PASS.get()
-    return y if current is None else _probe_bgn_layer(current, x, y)
+    hook = current_hook()
+    return y if hook is None else hook.node_applied(x, y)
 
 
 M = TypeVar("M", bound=nnx.Module)
 Options = tuple[tuple[str, Any], ...]
 
-# The class attribute that marks a subclass made here: (kind, position, options).
-# Subclasses are found again through cls.__subclasses__(), which holds them weakly,
-# so bgn_jax holds no reference to any class (flax's own registries keep every nnx
-# Module class alive) and makes one subclass per (class, marker): equal graph
-# definitions for repeated inserts, so nnx.jit reuses its compilation.
-# The instance attribute (static, part of the graph definition) of a module with a
-# node: its _Site. Copies made inside nnx transforms carry it along.
-_SITE = "_bgn_jax_site"
-# The instance attribute of a module that grad_norms probes: its "/"-joined path.
-_PROBE_PATH = "_bgn_jax_probe_path"
+# A subclass made here is marked with a class attribute: ("bgn", position, options,
+# site) for a module with a node, ("root", insertion) for the model insert was given,
+# ("probe", path) for a module grad_norms measures. Everything a node needs is in its
+# class, so nothing is added to the instance, whose attributes some modules read
+# (bridge.ToNNX makes each one a linen variable). Subclasses are found again through
+# cls.__subclasses__(), which holds them weakly, and made once per (class, marker):
+# equal inserts give equal graph definitions, so nnx.jit reuses its compilation.
 
 
 def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc: str) -> type:
   """The subclass of ``cls`` with ``marker`` and ``__call__``, made once."""
-  suffix = "WithBGN" if marker[0] == "bgn" else "WithGradProbe"
+  suffix = {"bgn": "WithBGN", "root": "WithBGNCheck", "probe": "WithGradProbe"}[marker[0]]
   namespace = {
     "__call__": call,
     "__module__": __name__,
@@ -125,35 +129,50 @@ def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc:
   return marked_subclass(cls, marker, f"{cls.__name__}{suffix}", namespace, keywords)
 
 
-@dataclasses.dataclass(eq=False)
+def _marker(cls: type, kind: str) -> tuple[Any, ...] | None:
+  """The first marker of ``kind`` among the subclasses made here that ``cls`` is."""
+  while (marker := marker_of(cls)) is not None:
+    if marker[0] == kind:
+      return marker
+    cls = cls.__mro__[1]
+  return None
+
+
 class _Insertion:
-  """What one :func:`insert` call placed; shared by the sites it made."""
+  """What one :func:`insert` selected, and whether some call placed a node.
 
-  where: Any
-  position: Position
-  paths: list[str]  # of the modules that got a node
-  modules: list[str]  # their class names
-  empty: dict[str, None] = dataclasses.field(default_factory=dict)  # called, nothing to normalize
-  has_node: bool = False  # some call had a floating-point leaf
-
-
-@dataclasses.dataclass(frozen=True)
-class _Site:
-  """One module with a node: its path, its node's options and the insertion it belongs to.
-
-  A static attribute, so part of the graph definition: sites compare by path and
-  options only, so that two models with the same nodes have equal graph
-  definitions and ``nnx.jit`` compiles once for both.
+  Compares by its description, so that equal inserts share their subclasses.
   """
 
-  path: str
-  marker: tuple[Any, ...]
-  insertion: _Insertion = dataclasses.field(compare=False)
+  def __init__(self, where: Any, position: Position, every: int, options: Options):
+    self.where, self.position, self.every, self.options = where, position, every, options
+    key = (where, position, every, options)
+    try:
+      hash(key)
+    except TypeError:
+      key = (id(self),)
+    self.key = key
+    self.placed = False  # some call of the whole model placed a node
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Insertion) and self.key == other.key
+
+  def __hash__(self) -> int:
+    return hash(self.key)
+
+  def new_check(self) -> CallCheck:
+    return CallCheck(
+      "bgn_jax.nnx.insert",
+      self.where,
+      self.position,
+      self.every,
+      "bgn_jax.nnx.placements(model, *args)",
+    )
 
 
-# The list that placements() fills while it traces, None otherwise.
-_RECORDER: contextvars.ContextVar[list[Placement] | None] = contextvars.ContextVar(
-  "bgn_jax_nnx_recorder", default=None
+# The checks of the whole-model calls in progress, by insertion.
+_CHECKS: contextvars.ContextVar[dict[_Insertion, CallCheck] | None] = contextvars.ContextVar(
+  "bgn_jax_nnx_checks", default=None
 )
 
 
@@ -168,79 +187,85 @@ def _variable_values(module: nnx.Module) -> set[int]:
   }
 
 
-def _classify(tree: Any, owned: set[int]) -> tuple[list[Any], list[str | None], Any, list[Any]]:
-  """The leaves of ``tree`` (Variables kept whole) with the reason each gets no node;
-  ``owned``: the module's :func:`_variable_values`."""
-  keyed, treedef = jax.tree_util.tree_flatten_with_path(
-    tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )
-  reasons: list[str | None] = []
-  for _, leaf in keyed:
-    if isinstance(leaf, nnx.Variable) or id(leaf) in owned:
-      reasons.append("a variable of the module, passed through")
-    elif not isinstance(leaf, jax.Array):
-      reasons.append(f"not a jax.Array ({type(leaf).__name__})")
-    elif not is_float_array(leaf):
-      reasons.append(f"not floating-point ({leaf.dtype})")
-    else:
-      reasons.append(None)
-  return [leaf for _, leaf in keyed], reasons, treedef, [key for key, _ in keyed]
+def _owned(values: set[int]) -> Callable[[Any], str | None]:
+  return lambda leaf: "a variable of the module, passed through" if id(leaf) in values else None
 
 
-def _with_nodes(module: nnx.Module, tree: Any, options: dict[str, Any], owned: set[int]) -> Any:
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _with_nodes(module: nnx.Module, tree: Any, owned: set[int]) -> Any:
   """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
-  site: _Site = getattr(module, _SITE)
-  insertion = site.insertion
-  leaves, reasons, treedef, keys = _classify(tree, owned)
-  recorder = _RECORDER.get()
-  if recorder is not None:
-    name = _original(type(module)).__name__
-    for key, leaf, reason in zip(keys, leaves, reasons, strict=True):
-      recorder.append(
-        Placement(
-          path=site.path,
-          module=name,
-          position=insertion.position,
-          leaf=jax.tree_util.keystr(key),
-          shape=tuple(getattr(leaf, "shape", ())),
-          dtype=str(getattr(leaf, "dtype", type(leaf).__name__)),
-          reason=reason,
-        )
-      )
-  if any(reason is None for reason in reasons):
-    insertion.has_node = True
-  elif not insertion.has_node:
-    insertion.empty[site.path] = None
-    if len(insertion.empty) == len(insertion.paths):
-      listed = ", ".join(
-        f"{name} at {path!r}" for name, path in zip(insertion.modules, insertion.paths)
-      )
-      what = "output" if insertion.position == "after" else "positional input"
-      raise ValueError(
-        f"nnx.insert: `where` {insertion.where!r} matched {len(insertion.paths)} module(s) "
-        f"and none had a floating-point jax.Array in its {what} to normalize, so no BGN "
-        f"node was placed: {listed}. Select the modules whose {what} is a floating-point "
-        f"activation (bgn_jax.nnx.placements shows the leaves of each match)."
-      )
-  leaves = [bgn(leaf, **options) if r is None else leaf for leaf, r in zip(leaves, reasons)]
-  return jax.tree.unflatten(treedef, leaves)
+  _, position, options, (path, insertion) = cast(tuple, _marker(type(module), "bgn"))
+  checks = _CHECKS.get() or {}
+  check = checks.get(insertion) or insertion.new_check()  # a call outside the model's
+  name = _original(type(module)).__name__
+  owned_fn = _owned(owned)
+
+  def reason(leaf: Any) -> str | None:  # Variables are kept whole
+    return "a variable of the module, passed through" if _is_variable(leaf) else owned_fn(leaf)
+
+  return place(
+    check, path, name, position, tree, dict(options), reason, is_leaf=_is_variable, module=module
+  )
 
 
-def _with_bgn(cls: type, position: Position, options: Options) -> type:
+def _with_bgn(cls: type, marker: tuple[Any, ...]) -> type:
   """The subclass of ``cls`` whose ``__call__`` adds the BGN node."""
-  bgn_options = dict(options)
+  position = marker[1]
 
   def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     owned = _variable_values(self)
     if position == "before":
-      args = _with_nodes(self, args, bgn_options, owned)
+      args = _with_nodes(self, args, owned)
     outputs = cls.__call__(self, *args, **kwargs)
     if position == "after":
-      outputs = _with_nodes(self, outputs, bgn_options, owned)
+      outputs = _with_nodes(self, outputs, owned)
     return outputs
 
-  doc = f"{cls.__name__} with a BGN node {position} its __call__ ({bgn_options})."
-  return _subclass(cls, ("bgn", position, options), __call__, doc)
+  doc = f"{cls.__name__} with a BGN node {position} its __call__ ({dict(marker[2])})."
+  return _subclass(cls, marker, __call__, doc)
+
+
+def _with_check(cls: type, insertion: _Insertion) -> type:
+  """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
+
+  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    checks = _CHECKS.get()
+    reset = None
+    if checks is None:
+      checks = {}
+      reset = _CHECKS.set(checks)
+    outer = checks.get(insertion)
+    check = checks[insertion] = insertion.new_check() if outer is None else outer
+    try:
+      outputs = cls.__call__(self, *args, **kwargs)
+    finally:
+      if outer is None:
+        del checks[insertion]
+      if reset is not None:
+        _CHECKS.reset(reset)
+    if outer is None:
+      _check_call(insertion, check)
+    return outputs
+
+  doc = f"{cls.__name__}, checking that its call placed a BGN node."
+  return _subclass(cls, ("root", insertion), __call__, doc)
+
+
+def _check_call(insertion: _Insertion, check: CallCheck) -> None:
+  """Raises where a whole-model call placed no node (and none ever did)."""
+  check.check()
+  if check.placed:
+    insertion.placed = True
+  elif not check.matched and not insertion.placed:
+    raise ValueError(
+      f"bgn_jax.nnx.insert: the model was called, but none of the modules `where` "
+      f"{insertion.where!r} selected ran in the call (an unused head, a branch not "
+      f"taken), so no BGN node was placed. Select modules that the call runs; "
+      f"bgn_jax.nnx.placements(model, *args) lists the nodes a call places."
+    )
 
 
 def _is_nnx_filter(where: Any) -> bool:
@@ -322,15 +347,18 @@ def insert(
   checks still hold. :func:`remove` undoes it.
 
   A leaf that is one of the module's own Variables, or a value of one (a
-  parameter passed through unchanged), never gets a node. If, at the first
-  call, none of the selected modules had a floating-point leaf to normalize,
-  that call raises ValueError listing them. :func:`placements` shows where the
-  nodes went.
+  parameter passed through unchanged), never gets a node. A call of the model
+  whose selected modules had no floating-point leaf to normalize raises
+  ValueError listing them, as does one in which none of them ran while no
+  earlier call placed a node. :func:`placements` shows where the nodes went.
 
   Inserting again with the same ``position`` and options leaves the modules
   that already have a node as they are (a second call is a no-op); other
   options on a module that has a node are a ValueError. A module referenced at
-  two paths is one module and gets one node, applied at each call.
+  two paths is one module and gets one node, applied at each call; and since
+  the edit is in place, every model that shares a selected submodule gets its
+  node. The model's class is swapped too (``<Class>WithBGNCheck``): each call
+  of the whole model checks that it placed a node.
 
   References:
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
@@ -361,44 +389,75 @@ def insert(
     TypeError: ``model`` is not an ``nnx.Module``, ``where``, ``position``,
       ``every`` or a BGN option has the wrong type, or an option name is unknown.
     ValueError: an argument is out of range, ``where`` is not a valid regular
-      expression, ``where`` matches no module, or a selected module already has
-      a node with other options.
+      expression, ``where`` matches no module, a selected module already has a
+      node with other options, or ``model`` is traced by an nnx transform (insert
+      before ``nnx.jit``). Later, from a call of the model: the call placed no
+      node (its matches had nothing to normalize, or none of them ran and no
+      earlier call placed one).
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"nnx.insert: `model` must be an nnx.Module; got {type(model).__name__}.")
-  options = tuple(sorted(check_options("nnx.insert", position, every, bgn_options).items()))
-  chosen, seen = _selected(model, where, "nnx.insert")
+  _check_model(model, "bgn_jax.nnx.insert")
+  _check_outside_transforms(model, "bgn_jax.nnx.insert")
+  options = tuple(sorted(check_options("bgn_jax.nnx.insert", position, every, bgn_options).items()))
+  chosen, seen = _selected(model, where, "bgn_jax.nnx.insert")
   if not chosen:
-    raise ValueError(no_match_message("nnx.insert", where, seen, "module"))
+    raise ValueError(no_match_message("bgn_jax.nnx.insert", where, seen, "module"))
   chosen = chosen[::every]
-  marker = ("bgn", position, options)
+  insertion = _Insertion(where, position, int(every), options)
+  asked = ("bgn", position, options)
   for path, module in chosen:
-    existing = marker_of(type(module))
-    if existing is not None and existing != marker:
+    existing = _marker(type(module), "bgn")
+    if existing is not None and existing[:3] != asked:
       raise ValueError(
-        f"nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) already "
-        f"has a BGN node with {options_text(existing)}; asked now: {options_text(marker)}. "
-        f"Call bgn_jax.nnx.remove(model) first to replace the nodes."
+        f"bgn_jax.nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) "
+        f"already has a BGN node with {options_text(existing[:3])}; asked now: "
+        f"{options_text(asked)}. Call bgn_jax.nnx.remove(model) first to replace the nodes."
       )
-  new = [(path, module) for path, module in chosen if marker_of(type(module)) is None]
-  insertion = _Insertion(
-    where=where,
-    position=position,
-    paths=[path for path, _ in new],
-    modules=[type(module).__name__ for _, module in new],
-  )
-  for path, module in new:
-    setattr(module, _SITE, _Site(path, marker, insertion))
-    _set_class(module, _with_bgn(type(module), position, options))
+  for path, module in chosen:
+    if _marker(type(module), "bgn") is None:
+      _set_class(module, _with_bgn(type(module), (*asked, (path, insertion))))
+  if ("root", insertion) not in _markers(type(model)):
+    _set_class(model, _with_check(type(model), insertion))
   return model
+
+
+def _markers(cls: type) -> list[tuple[Any, ...]]:
+  found = []
+  while (marker := marker_of(cls)) is not None:
+    found.append(marker)
+    cls = cls.__mro__[1]
+  return found
+
+
+def _check_model(model: Any, fn_name: str) -> None:
+  check_framework(fn_name, "model", model, "nnx")
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn_name}: `model` must be an nnx.Module; got {type(model).__name__}.")
+
+
+def _check_outside_transforms(model: nnx.Module, fn_name: str) -> None:
+  """Refuses a model traced by an nnx transform: its class swaps would not reach the
+  model outside (the transform rebuilds it from its graph definition)."""
+  if _PASS.get() is not None:
+    return  # grad_norms's own copy: its passes see the swapped classes
+  traced = any(
+    isinstance(node, nnx.Variable) and isinstance(node.get_value(), Tracer)
+    for _, node in nnx.iter_graph(model)
+  )
+  if traced:
+    raise ValueError(
+      f"{fn_name}: `model` is traced by a transform (nnx.jit, nnx.grad, ...): a node "
+      f"added to the copy the transform made would not reach the model outside it. Call "
+      f"{fn_name.rsplit('.', 1)[-1]} on the model before the transform (once, outside "
+      f"the train step)."
+    )
 
 
 def remove(model: M) -> M:
   """Removes the BGN nodes that :func:`insert` added to an nnx model, in place.
 
-  The selected modules get their original classes back; the model, its state
-  and its Variables are left as they are. A model without nodes is returned
-  unchanged.
+  The selected modules, and the model, get their original classes back; the
+  model, its state and its Variables are left as they are. A model without
+  nodes is returned unchanged.
 
   Args:
     model: an ``nnx.Module``.
@@ -408,31 +467,41 @@ def remove(model: M) -> M:
 
   Raises:
     TypeError: ``model`` is not an ``nnx.Module``.
+    ValueError: ``model`` is traced by an nnx transform.
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"nnx.remove: `model` must be an nnx.Module; got {type(model).__name__}.")
+  _check_model(model, "bgn_jax.nnx.remove")
+  _check_outside_transforms(model, "bgn_jax.nnx.remove")
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and marker_of(type(node)) is not None:
       _set_class(node, _original(type(node)))
-      if hasattr(node, _SITE):
-        delattr(node, _SITE)
   return model
 
 
 def _inserted(model: nnx.Module) -> bool:
   return any(
-    isinstance(node, nnx.Module) and hasattr(node, _SITE) for _, node in nnx.iter_graph(model)
+    isinstance(node, nnx.Module) and _marker(type(node), "bgn") is not None
+    for _, node in nnx.iter_graph(model)
   )
 
 
-@contextlib.contextmanager
-def _recording() -> Iterator[list[Placement]]:
-  records: list[Placement] = []
-  token = _RECORDER.set(records)
-  try:
-    yield records
-  finally:
-    _RECORDER.reset(token)
+def _is_graph_node(x: Any) -> bool:
+  return isinstance(x, (nnx.Pytree, nnx.Variable))
+
+
+def _split_arguments(args: Any, kwargs: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+  """The arrays and nnx objects (an ``nnx.Rngs``) of ``(args, kwargs)``, which an nnx
+  transform must be given as arguments, and how to put them back among the other
+  leaves (Python flags stay static)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
+  dynamic = [_is_graph_node(leaf) or isinstance(leaf, jax.Array) for leaf in leaves]
+
+  def rebuild(given: list[Any]) -> Any:
+    it = iter(given)
+    return jax.tree.unflatten(
+      treedef, [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+    )
+
+  return [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 
 def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
@@ -442,33 +511,39 @@ def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
   is not changed) and lists one record per leaf of each call of a module with a
   node, in call order: the leaves that get a node, and those skipped with the
   reason (not floating-point, not an array, a variable of the module passed
-  through). Inside ``nnx.scan``/``nnx.vmap`` the shapes are those one call
-  sees. ``str()`` of the result is a table.
+  through). ``count`` says how many times a row's node is applied in the call
+  (a scan's body runs once per step here); inside ``nnx.scan``/``nnx.vmap`` the
+  shapes are those one call sees. ``str()`` of the result is a table.
 
   Args:
     model: a model returned by :func:`insert`.
-    *args: positional arguments of the model's ``__call__`` (closed over, so
-      Python values such as flags stay static).
+    *args: positional arguments of the model's ``__call__``: arrays and nnx
+      objects (an ``nnx.Rngs``) are traced, other values (flags) stay static.
     **kwargs: keyword arguments of the model's ``__call__``.
 
   Returns:
-    A :class:`bgn_jax._common.Placements` list of ``Placement`` records.
+    A :class:`bgn_jax.Placements` list of ``Placement`` records.
 
   Raises:
     TypeError: ``model`` is not an ``nnx.Module``.
-    ValueError: ``model`` has no BGN node, or none of its selected modules has a
-      floating-point leaf to normalize.
+    ValueError: ``model`` has no BGN node, or the call placed none (none of its
+      selected modules ran, or had a floating-point leaf to normalize).
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"nnx.placements: `model` must be an nnx.Module; got {type(model).__name__}.")
+  _check_model(model, "bgn_jax.nnx.placements")
   if not _inserted(model):
     raise ValueError(
-      "nnx.placements: `model` has no BGN node; add them with bgn_jax.nnx.insert(model, "
-      "where=...) first."
+      "bgn_jax.nnx.placements: `model` has no BGN node; add them with "
+      "bgn_jax.nnx.insert(model, where=...) first."
     )
-  with _recording() as records:
-    nnx.eval_shape(lambda m: m(*args, **kwargs), model)
-  return Placements(records)
+  dynamic, rebuild = _split_arguments(args, kwargs)
+
+  def call(m: nnx.Module, *given: Any) -> Any:
+    call_args, call_kwargs = rebuild(list(given))
+    return m(*call_args, **call_kwargs)
+
+  with recording() as recorder:
+    nnx.eval_shape(call, model, *dynamic)
+  return recorder.placements()
 
 
 # grad_norms ----------------------------------------------------------------------------
@@ -495,7 +570,7 @@ _CallKey = tuple[str, str]  # (path, probe name) of one call
 
 
 @dataclasses.dataclass
-class _Pass:
+class _Pass(Hook):
   discover: bool
   calls: list[_ProbedCall] = dataclasses.field(default_factory=list)
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -504,6 +579,23 @@ class _Pass:
   tagged: dict[int, tuple[Any, nnx.Module, _CallKey]] = dataclasses.field(default_factory=dict)
   at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
   found: dict[_CallKey, _ProbedCall] = dataclasses.field(default_factory=dict)
+  # The ranks of the at_bgn probes on the inputs of a call not yet returned.
+  inputs_at_bgn: dict[_CallKey, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+  def node_applied(
+    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
+  ) -> Any:
+    if position == "before" and module is not None and _marker(type(module), "probe"):
+      # A node on the inputs of a probed call: the gradient it receives is the
+      # call's "at_bgn"; the call's key is the one its output will take.
+      path = _probe_path(module)
+      key = (path, f"grad_norms_{self.counts.get(path, 0)}")
+      self.at_bgn.add(key)
+      name = f"{key[1]}_at_bgn"
+      outputs, ndims = _perturbed(self, module, outputs, name, _variable_values(module))
+      self.inputs_at_bgn[key] = tuple(ndims)
+      return outputs
+    return _probe_bgn_layer(self, inputs, outputs)
 
 
 _PASS: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
@@ -520,7 +612,7 @@ def _perturbed(
 ) -> tuple[Any, list[int]]:
   """``tree`` plus the GradProbe Variables ``{name}_{n}`` of ``owner`` on its
   floating-point leaves (made in the shape pass), and the ranks of those leaves."""
-  leaves, reasons, treedef, _ = _classify(tree, owned)
+  _, leaves, reasons, treedef = classify(tree, _owned(owned), is_leaf=_is_variable)
   chosen = [i for i, reason in enumerate(reasons) if reason is None]
   for n, i in enumerate(chosen):
     attribute = f"{name}_{n}"
@@ -536,7 +628,7 @@ def _probe_output(
   current: _Pass, module: nnx.Module, outputs: Any, owned: set[int]
 ) -> tuple[Any, _CallKey]:
   """The module's output with its "output" probes; the key of this call."""
-  path = getattr(module, _PROBE_PATH)
+  path = _probe_path(module)
   index = current.counts.get(path, 0)
   current.counts[path] = index + 1
   name = f"grad_norms_{index}"
@@ -546,6 +638,7 @@ def _probe_output(
   if current.discover:
     current.calls.append(_ProbedCall(path, name, tuple(ndims), params_ndims))
     current.found[key] = current.calls[-1]
+    current.found[key].at_bgn_ndims = current.inputs_at_bgn.pop(key, None)
   if ndims:
     current.tagged[id(outputs)] = (outputs, module, key)
   return outputs, key
@@ -571,39 +664,41 @@ def _probe_bgn_layer(current: _Pass, x: Any, y: Any) -> Any:
   return _probe_at_bgn(current, owner, key, y, _variable_values(owner))
 
 
-def _with_probe(cls: type) -> type:
-  """The subclass of ``cls`` whose ``__call__`` adds grad_norms's perturbations."""
-  marker = marker_of(cls)
-  if marker is not None and marker[:2] == ("bgn", "after"):
-    # insert's node sits on the output: "output" before it, "at_bgn" after it.
-    base, options = cls.__mro__[1], dict(marker[2])
+def _probe_path(module: nnx.Module) -> str:
+  marker = _marker(type(module), "probe")
+  return "" if marker is None else marker[1]
 
-    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-      current = _PASS.get()
-      if current is None:  # called outside grad_norms (not possible through the public API)
-        return cls.__call__(self, *args, **kwargs)
-      owned = _variable_values(self)
-      outputs = base.__call__(self, *args, **kwargs)
-      outputs, key = _probe_output(current, self, outputs, owned)
-      normalized = _with_nodes(self, outputs, options, owned)
-      return _probe_at_bgn(current, self, key, normalized, owned)
 
-  else:
+def _with_probe(cls: type, path: str) -> type:
+  """``cls`` with grad_norms's perturbations on the output, under any node of insert.
 
-    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-      owned = _variable_values(self)
-      outputs = cls.__call__(self, *args, **kwargs)
-      current = _PASS.get()
-      return outputs if current is None else _probe_output(current, self, outputs, owned)[0]
+  The probe sits below the classes insert made (rebuilt on top of it), so that
+  "output" is taken before the node and "at_bgn" after it, through the hook.
+  """
+  markers = _markers(cls)
+  original = _original(cls)
 
-  return _subclass(cls, ("probe",), __call__, f"{cls.__name__} with grad_norms's probes.")
+  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    owned = _variable_values(self)
+    outputs = original.__call__(self, *args, **kwargs)
+    current = _PASS.get()
+    return outputs if current is None else _probe_output(current, self, outputs, owned)[0]
+
+  rebuilt = _subclass(original, ("probe", path), __call__, f"{original.__name__}, probed.")
+  for marker in reversed(markers):
+    if marker[0] == "bgn":
+      rebuilt = _with_bgn(rebuilt, marker)
+    elif marker[0] == "root":
+      rebuilt = _with_check(rebuilt, marker[1])
+  return rebuilt
 
 
 @contextlib.contextmanager
 def _in_pass(current: _Pass) -> Iterator[_Pass]:
   token = _PASS.set(current)
   try:
-    yield current
+    with listening(current):
+      yield current
   finally:
     _PASS.reset(token)
 
@@ -652,13 +747,7 @@ def _report_norms(grad_params: Any, grad_probes: Any, plan: tuple[Any, ...]) -> 
   return list(zip(norms[::3], norms[1::3], norms[2::3], strict=True))
 
 
-def grad_norms(
-  loss_fn: Callable[..., jax.Array],
-  model: nnx.Module,
-  *args: Any,
-  where: Where,
-  **kwargs: Any,
-) -> Report:
+def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
   The nnx version of :func:`bgn_jax.linen.grad_norms`. On a copy of the model
@@ -682,7 +771,9 @@ def grad_norms(
   only consumer, "output" is then the normalized gradient and "at_bgn" the one
   the layers above sent, as in the linen version. A bare :func:`bgn_jax.bgn`
   call, a node placed ``position="before"`` the next module, or a BGN layer fed
-  a value computed from the output is not seen as a node: no "at_bgn" there.
+  a value computed from the output is not seen as a node: no "at_bgn" there. A
+  node that :func:`insert` puts ``position="before"`` a selected module reports,
+  as that module's "at_bgn", the gradient it receives (at the module's inputs).
   "params" is the norm of the gradient of the module's ``nnx.Param`` Variables
   (its submodules' included), summed over its calls.
 
@@ -698,49 +789,74 @@ def grad_norms(
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
-    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``.
-    model: an ``nnx.Module``, with or without BGN nodes.
-    *args: positional arguments for ``loss_fn``.
+    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``, ``model`` an
+      ``nnx.Module`` with or without BGN nodes; nnx objects among the arguments
+      (an ``nnx.Rngs``) are passed through the passes' transforms.
     where: as in :func:`insert`: a Module class or tuple of classes, a
       predicate ``module -> bool``, a regular expression on the "/"-joined
       path, or an nnx filter.
-    **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    A function of ``loss_fn``'s arguments, as ``jax.grad`` returns one, that
+    returns ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
     a BGN node sits on the output; float32 (float64 for float64 gradients). A
     module without parameters has "params" zero, a call without floating-point
     output has "output" zero.
 
   Raises:
-    TypeError: ``loss_fn`` is not callable, ``model`` is not an ``nnx.Module``,
-      or ``where`` is of none of the accepted forms.
-    ValueError: ``where`` matches no module, or no selected module is called.
+    TypeError: ``loss_fn`` is not callable, or ``where`` is of none of the
+      accepted forms; from the returned function: ``model`` is not an
+      ``nnx.Module``.
+    ValueError: from the returned function: ``where`` matches no module, or no
+      selected module is called.
   """
   if not callable(loss_fn):
-    raise TypeError(f"nnx.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"nnx.grad_norms: `model` must be an nnx.Module; got {type(model).__name__}.")
+    raise TypeError(
+      f"bgn_jax.nnx.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
+    )
+  _module_matcher(where, "bgn_jax.nnx.grad_norms")  # checks the form of `where` now
+
+  @functools.wraps(loss_fn)
+  def measure(model: nnx.Module, *args: Any, **kwargs: Any) -> Report:
+    _check_model(model, "bgn_jax.nnx.grad_norms")
+    return _measure(loss_fn, where, model, args, kwargs)
+
+  return measure
+
+
+def _measure(
+  loss_fn: Callable[..., jax.Array],
+  where: Where,
+  model: nnx.Module,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> Report:
   # A new graph with new Variables holding the same arrays (nnx.merge alone would
   # reuse the Variable objects): the pass's state updates stay in the copy.
   work = nnx.clone(model)
-  chosen, seen = _selected(work, where, "nnx.grad_norms")
+  chosen, seen = _selected(work, where, "bgn_jax.nnx.grad_norms")
   if not chosen:
-    raise ValueError(no_match_message("nnx.grad_norms", where, seen, "module"))
+    raise ValueError(no_match_message("bgn_jax.nnx.grad_norms", where, seen, "module"))
   module_parts = {}
   for parts, node in nnx.iter_graph(work):
     if isinstance(node, nnx.Module):
       module_parts.setdefault(_joined(parts), parts)
   for path, module in chosen:
-    setattr(module, _PROBE_PATH, path)
-    _set_class(module, _with_probe(type(module)))
+    _set_class(module, _with_probe(type(module), path))
+  # nnx objects among the arguments (an nnx.Rngs) go through the transforms as
+  # arguments: closed over, their state would be changed from inside a trace.
+  dynamic, rebuild = _split_arguments(args, kwargs)
 
-  def discover(work: nnx.Module) -> nnx.Module:
-    loss_fn(work, *args, **kwargs)
+  def call_loss(work: nnx.Module, given: list[Any]) -> jax.Array:
+    call_args, call_kwargs = rebuild(given)
+    return loss_fn(work, *call_args, **call_kwargs)
+
+  def discover(work: nnx.Module, *given: Any) -> nnx.Module:
+    call_loss(work, list(given))
     return work
 
   with _in_pass(_Pass(discover=True)) as shapes_pass:
-    abstract = nnx.eval_shape(discover, work)
+    abstract = nnx.eval_shape(discover, work, *dynamic)
   probe_shapes = nnx.state(abstract, GradProbe)
   calls = []
   for call in shapes_pass.calls:
@@ -756,17 +872,17 @@ def grad_norms(
     calls.append((call, parts, keys, [s.shape for s in shapes], at_bgn, at_bgn_shapes))
   if not calls:
     raise ValueError(
-      f"nnx.grad_norms: `where` {where!r} selected "
+      f"bgn_jax.nnx.grad_norms: `where` {where!r} selected "
       f"{', '.join(repr(p) for p, _ in chosen[:SEEN_LISTED])}, but loss_fn called none "
       f"of them."
     )
   nnx.update(work, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe_shapes))
 
-  def loss_of(work: nnx.Module) -> jax.Array:
+  def loss_of(work: nnx.Module, *given: Any) -> jax.Array:
     with _in_pass(_Pass(discover=False)):
-      return loss_fn(work, *args, **kwargs)
+      return call_loss(work, list(given))
 
-  grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, (nnx.Param, GradProbe)))(work)
+  grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, (nnx.Param, GradProbe)))(work, *dynamic)
   grad_params = nnx.state(grads, nnx.Param)
   grad_probes = nnx.state(grads, GradProbe)
   params = nnx.state(work, nnx.Param)

@@ -52,7 +52,7 @@ def loss_fn(model, x, labels):
 def main():
   x, labels = synthetic_data()
   model = DeepMLP(rngs=nnx.Rngs(0))
-  plain = bgn_jax.nnx.grad_norms(loss_fn, model, x, labels, where=r"^layers/")
+  plain = bgn_jax.nnx.grad_norms(loss_fn, where=r"^layers/")(model, x, labels)
 
   state_before = nnx.state(model)
   assert bgn_jax.nnx.insert(model, where=r"^layers/") is model  # in place
@@ -63,7 +63,7 @@ def main():
 
   # "output": the gradient at each layer's own output, which its node normalized;
   # "at_bgn": the raw gradient arriving at the node from the layers above.
-  with_bgn = bgn_jax.nnx.grad_norms(loss_fn, model, x, labels, where=r"^layers/")
+  with_bgn = bgn_jax.nnx.grad_norms(loss_fn, where=r"^layers/")(model, x, labels)
   print("layer      |dL/dW| plain  |dL/dW| with BGN  at_bgn     output")
   for key in ("layers/0", "layers/5", "layers/11"):
     plain_w, entry = float(plain[key]["params"]), with_bgn[key]

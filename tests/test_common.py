@@ -40,6 +40,12 @@ class Conv(Module):
   pass
 
 
+def test_check_options_refuses_empty_axes():
+  # issue 23, bug 9: axes=() made every entry its own group (the gradient's sign).
+  with pytest.raises(ValueError, match=r"f: `axes` \(\) makes every entry its own group"):
+    check_options("f", "after", 1, {"axes": ()})
+
+
 def test_check_options_makes_lists_hashable_and_names_the_function():
   assert check_options("f", "after", 2, {"axes": [0, 1], "power": 0.5}) == {
     "axes": (0, 1),
@@ -148,18 +154,19 @@ def test_placements_table():
   report = Placements(
     [
       Placement("", "Model", "before", "[0]", (2, 3), "uint8", "not a floating-point jax.Array"),
-      Placement("encoder/Dense_0", "Dense", "after", "", (2, 8), "float32"),
+      Placement("encoder/Dense_0", "Dense", "after", "", (2, 8), "float32", count=6),
     ]
   )
   assert report.nodes == [report[1]] and report.skipped == [report[0]]
+  assert report.applications == 6
   assert str(report) == "\n".join(
     [
-      "path               module  position  leaf  shape   dtype    node",
-      "-----------------  ------  --------  ----  ------  -------  "
+      "path               module  position  leaf  shape   dtype    calls  node",
+      "-----------------  ------  --------  ----  ------  -------  -----  "
       "---------------------------------------",
-      "''                 Model   before    [0]   (2, 3)  uint8    "
+      "''                 Model   before    [0]   (2, 3)  uint8    1      "
       "skipped: not a floating-point jax.Array",
-      "'encoder/Dense_0'  Dense   after     -     (2, 8)  float32  yes",
-      "1 nodes, 1 skipped",
+      "'encoder/Dense_0'  Dense   after     -     (2, 8)  float32  6      yes",
+      "1 nodes applied 6 times, 1 skipped",
     ]
   )

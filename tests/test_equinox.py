@@ -603,7 +603,7 @@ def test_parameters_passed_through_get_no_node():
     ("[1]", "a parameter of the module, passed through"),
     ("[2]", "not floating-point (int32)"),
   ]
-  assert "1 nodes, 2 skipped" in str(records)
+  assert "1 nodes applied 1 times, 2 skipped" in str(records)
 
   def loss(model, x):
     y, w, _ = model(x)

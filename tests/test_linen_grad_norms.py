@@ -15,12 +15,11 @@ import pytest
 
 import bgn_jax
 from bgn_jax import (
-  GRAD_NORMS_COLLECTION,
   depth_profile,
-  grad_norms,
   plot_grad_norms,
   relative_updates,
 )
+from bgn_jax.linen import GRAD_NORMS_COLLECTION, grad_norms
 
 WIDTH, BATCH, DEPTH = 8, 4, 12
 RTOL = 2e-4  # float32 forward and backward through 12 layers against float64
@@ -195,7 +194,7 @@ def mlp_report(mlp):
 
   @functools.cache
   def report(placement, transform="eager"):
-    run = functools.partial(grad_norms, mlp_loss(placement), where=nn.Dense)
+    run = grad_norms(mlp_loss(placement), where=nn.Dense)
     return TRANSFORMS[transform](run)(variables, x)
 
   return report
@@ -256,7 +255,7 @@ def test_output_sums_all_consumers_when_a_bgn_layer_sits_on_it(transform):
   def loss_fn(model):
     return lambda variables, x: jnp.sum(jnp.sin(model.apply(variables, x)))
 
-  run = functools.partial(grad_norms, loss_fn(Residual()), where=nn.Dense)
+  run = grad_norms(loss_fn(Residual()), where=nn.Dense)
   report = TRANSFORMS[transform](run)(variables, x)
   hand = Residual(perturbed=True)
   perturbations = hand.init(jax.random.key(0), x)["perturbations"]
@@ -276,7 +275,7 @@ def test_jit_compiled_apply_inside_loss_fn():
   compiled = jax.jit(model.apply)
   loss_fn = loss_of(compiled)
   loss_fn(variables, x)  # a cached trace without the perturbations
-  report = grad_norms(loss_fn, variables, x, where=nn.Dense)
+  report = grad_norms(loss_fn, where=nn.Dense)(variables, x)
   names = [f"Dense_{i}" for i in range(3)]
   out_ref, grads_ref = reference(dense_layers(variables["params"], names), x)
   assert list(report) == names
@@ -323,9 +322,9 @@ def test_matches_hand_placed_perturbations(mlp, mlp_report):
 def test_where_regex_and_predicate_select_calls(mlp, mlp_report):
   model, variables, x, _ = mlp
   loss_fn = loss_of(model.apply)
-  by_regex = grad_norms(loss_fn, variables, x, where=r"Dense_(0|11)$")
+  by_regex = grad_norms(loss_fn, where=r"Dense_(0|11)$")(variables, x)
   assert list(by_regex) == ["Dense_0", "Dense_11"]
-  by_predicate = grad_norms(loss_fn, variables, x, where=lambda m: m.name in ("Dense_3", "Dense_4"))
+  by_predicate = grad_norms(loss_fn, where=lambda m: m.name in ("Dense_3", "Dense_4"))(variables, x)
   assert list(by_predicate) == ["Dense_3", "Dense_4"]
   everything = mlp_report("plain")
   for name, entry in [*by_regex.items(), *by_predicate.items()]:
@@ -336,7 +335,7 @@ def test_nested_model_keys_and_values():
   model = Nested()
   x = inputs()
   variables = model.init(jax.random.key(0), x)
-  report = grad_norms(loss_of(model.apply), variables, x, where=nn.Dense)
+  report = grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   names = [f"encoder/layer_{i}/Dense_0" for i in range(3)]
   names += [f"decoder/layer_{i}/Dense_0" for i in range(2)]
   assert list(report) == names
@@ -350,7 +349,7 @@ def test_nested_model_keys_and_values():
     assert_close(report[name]["output"], expected_out)
     assert_close(report[name]["params"], norm64(gw, gb))
   # Selecting the enclosing modules measures their outputs (the same tensors).
-  outer = grad_norms(loss_of(model.apply), variables, x, where=Layer)
+  outer = grad_norms(loss_of(model.apply), where=Layer)(variables, x)
   assert list(outer) == [n.rsplit("/", 1)[0] for n in names]
   assert_close(outer["encoder/layer_0"]["params"], float(report[names[0]]["params"]), rtol=1e-6)
 
@@ -368,7 +367,7 @@ def scanned_report(scanned):
 
   @functools.cache
   def report(transform):
-    run = functools.partial(grad_norms, loss_of(model.apply), where=nn.Dense)
+    run = grad_norms(loss_of(model.apply), where=nn.Dense)
     return TRANSFORMS[transform](run)(variables, x)
 
   return report
@@ -396,9 +395,9 @@ def test_scan_without_the_collection_is_a_clear_error():
   x = inputs()
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="variable_axes.*'grad_norms': 0"):
-    grad_norms(loss_of(model.apply), variables, x, where=nn.Dense)
+    grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   # Modules outside the scan still work.
-  report = grad_norms(loss_of(model.apply), variables, x, where="^Dense_0$")
+  report = grad_norms(loss_of(model.apply), where="^Dense_0$")(variables, x)
   assert list(report) == ["Dense_0"]
 
 
@@ -408,7 +407,7 @@ def test_module_called_twice_gets_one_entry_per_call(remat):
   model = Twice(remat=remat)
   x = inputs()
   variables = model.init(jax.random.key(0), x)
-  report = grad_norms(loss_of(model.apply), variables, x, where=nn.Dense)
+  report = grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   name, last = ("CheckpointDense_0", "Dense_0") if remat else ("Dense_0", "Dense_1")
   assert list(report) == [name, f"{name}#1", last]
   params = variables["params"]
@@ -428,7 +427,7 @@ def test_two_applies_in_one_loss_count_as_two_calls(mlp):
   def loss_fn(variables, x, y):
     return jnp.sum(model.apply(variables, x) ** 2) + jnp.sum(model.apply(variables, y) ** 2)
 
-  report = grad_norms(loss_fn, variables, x, y, where="Dense_(0|11)$")
+  report = grad_norms(loss_fn, where="Dense_(0|11)$")(variables, x, y)
   assert list(report) == ["Dense_0", "Dense_11", "Dense_0#1", "Dense_11#1"]
   names = ["Dense_0", "Dense_11"]
   layers = dense_layers(variables["params"], [f"Dense_{i}" for i in range(DEPTH)])
@@ -441,7 +440,7 @@ def test_two_applies_in_one_loss_count_as_two_calls(mlp):
 def test_tiny_gradients_are_reported_exactly(mlp):
   model, variables, x, names = mlp
   scale = 1e-25
-  report = grad_norms(loss_of(model.apply, scale), variables, x, where=nn.Dense)
+  report = grad_norms(loss_of(model.apply, scale), where=nn.Dense)(variables, x)
   out_ref, grads_ref = reference(dense_layers(variables["params"], names), x, scale=scale)
   assert out_ref[0] < 1e-30
   assert float(report["Dense_0"]["output"]) < 1e-30
@@ -458,21 +457,21 @@ def test_errors_name_the_argument(mlp):
   model, variables, x, _ = mlp
   loss_fn = loss_of(model.apply)
   with pytest.raises(ValueError, match="matched no module __call__.*Dense at 'Dense_0'"):
-    grad_norms(loss_fn, variables, x, where=nn.Conv)
+    grad_norms(loss_fn, where=nn.Conv)(variables, x)
   with pytest.raises(TypeError, match="`where`"):
-    grad_norms(loss_fn, variables, x, where=3)
+    grad_norms(loss_fn, where=3)(variables, x)
   with pytest.raises(TypeError, match="`loss_fn`"):
-    grad_norms("loss", variables, x, where=nn.Dense)
+    grad_norms("loss", where=nn.Dense)(variables, x)
   with pytest.raises(TypeError, match="`variables`"):
-    grad_norms(loss_fn, [variables], x, where=nn.Dense)
+    grad_norms(loss_fn, where=nn.Dense)([variables], x)
   with pytest.raises(ValueError, match="reserved"):
-    grad_norms(loss_fn, {**variables, GRAD_NORMS_COLLECTION: {}}, x, where=nn.Dense)
+    grad_norms(loss_fn, where=nn.Dense)({**variables, GRAD_NORMS_COLLECTION: {}}, x)
 
   def drops_perturbations(variables, x):
     return jnp.sum(model.apply({"params": variables["params"]}, x))
 
   with pytest.raises(ValueError, match="loss_fn must pass the `variables`"):
-    grad_norms(drops_perturbations, variables, x, where=nn.Dense)
+    grad_norms(drops_perturbations, where=nn.Dense)(variables, x)
 
 
 class StepCell(nn.RNNCellBase):
@@ -505,9 +504,9 @@ def test_rnn_needs_its_own_variable_axes_and_then_reports_every_step():
   model = Recurrent()
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=re.escape("nn.RNN(cell, variable_axes={'grad_norms': 0})")):
-    grad_norms(loss_of(model.apply), variables, x, where=nn.Dense)
+    grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   carried = Recurrent(variable_axes=((GRAD_NORMS_COLLECTION, 0),))
-  report = grad_norms(loss_of(carried.apply), variables, x, where=nn.Dense)
+  report = grad_norms(loss_of(carried.apply), where=nn.Dense)(variables, x)
   assert list(report) == ["cell/Dense_0"]
   assert report["cell/Dense_0"]["output"].shape == (3,)
 

@@ -984,7 +984,16 @@ def test_placements_on_residual_blocks_in_call_order_without_arithmetic():
     ("after", "", (2, 6, 6, 4), "float32")
   }
   lines = str(report).splitlines()
-  assert lines[0].split() == ["path", "module", "position", "leaf", "shape", "dtype", "node"]
+  assert lines[0].split() == [
+    "path",
+    "module",
+    "position",
+    "leaf",
+    "shape",
+    "dtype",
+    "calls",
+    "node",
+  ]
   assert lines[2].split() == [
     "'Conv_0'",
     "Conv",
@@ -995,9 +1004,10 @@ def test_placements_on_residual_blocks_in_call_order_without_arithmetic():
     "6,",
     "4)",
     "float32",
+    "1",
     "yes",
   ]
-  assert lines[-1] == "5 nodes, 4 skipped"
+  assert lines[-1] == "5 nodes applied 5 times, 4 skipped"
   # position="before": the first positional argument of each Conv.
   before = bgn_jax.linen.placements(
     bgn_jax.insert(model.apply, where=nn.Conv, position="before"),
@@ -1018,8 +1028,11 @@ def test_placements_on_residual_blocks_in_call_order_without_arithmetic():
 
 def test_placements_needs_an_inserted_function():
   model, _, variables, x = mlp_setup()
-  with pytest.raises(TypeError, match=r"`fn` must be a function returned by bgn_jax.linen.insert"):
+  # A model without nodes is the same ValueError in every framework.
+  with pytest.raises(ValueError, match=r"^bgn_jax.linen.placements: `fn` .* has no BGN node"):
     bgn_jax.linen.placements(model.apply, variables, x)
+  with pytest.raises(TypeError, match=r"^bgn_jax.linen.placements: `fn` must be a function"):
+    bgn_jax.linen.placements(3, variables, x)
   with pytest.raises(ValueError, match="matched no module __call__"):
     bgn_jax.linen.placements(bgn_jax.insert(model.apply, where=nn.Conv), variables, x)
 
@@ -1056,7 +1069,7 @@ def test_module_instance_as_where_is_a_type_error(api):
     if api == "insert":
       bgn_jax.insert(model.apply, where=nn.Dense(4))
     else:
-      bgn_jax.grad_norms(lambda v, x: jnp.sum(model.apply(v, x)), variables, x, where=nn.Dense(4))
+      bgn_jax.grad_norms(lambda v, x: jnp.sum(model.apply(v, x)), where=nn.Dense(4))(variables, x)
 
 
 # ---------------------------------------------------------------- errors

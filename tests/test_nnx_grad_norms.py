@@ -118,14 +118,16 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     for i, layer in enumerate(self.layers):
-      h = tap(f"layers/{i}", layer(bgn(x) if self.hand_before else x))
+      if self.hand_before:  # the gradient the node receives: at the Linear's input
+        x = tap(f"layers/{i}@at_bgn", bgn(x))
+      h = tap(f"layers/{i}", layer(x))
       x = jnp.tanh(tap(f"layers/{i}@at_bgn", bgn(h)) if self.hand_nodes else h)
     return x
 
 
 def test_mlp_against_hand_perturbations():
   model, x = MLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(sin_loss, model, x))
   assert all(report[k]["output"].dtype == jnp.float32 for k in report)
 
@@ -134,7 +136,7 @@ def test_inserted_nodes_report_output_before_the_node_and_at_bgn_after_it():
   # As in linen: "output" is the Linear's own output, which the node is the only
   # consumer of (so the normalized gradient); "at_bgn" the raw one arriving at the node.
   model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   names, grad_taps, grad_params = hand_gradients(
     sin_loss, MLP(hand_nodes=True, rngs=nnx.Rngs(0)), x
   )
@@ -145,9 +147,10 @@ def test_inserted_nodes_report_output_before_the_node_and_at_bgn_after_it():
   # The params are those of the BGN model, not of the plain one.
   plain = hand_gradients(sin_loss, MLP(rngs=nnx.Rngs(0)), x)[2]
   assert not np.isclose(norm64(plain["layers"][0]), norm64(grad_params["layers"][0]))
-  # A node before the module normalizes its input: no node on the output, no "at_bgn".
+  # A node before the module normalizes its input: "at_bgn" is the gradient that node
+  # receives (issue 23, bug 6: it was missing).
   model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, position="before")
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(sin_loss, MLP(hand_before=True, rngs=nnx.Rngs(0)), x))
 
 
@@ -175,7 +178,7 @@ class Residual(nnx.Module):
 @pytest.mark.parametrize("feed", ["attribute", "inline", "copy"])
 def test_residual_output_is_over_all_consumers_and_at_bgn_at_the_layer(feed):
   model, x = Residual(feed=feed, rngs=nnx.Rngs(0)), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(sin_loss, model, x))
 
 
@@ -215,13 +218,10 @@ def test_the_report_is_linens_on_the_same_weights():
     (residual, [residual.linear], LinenResidual().apply, ["linear"]),
   ]
   for model, linears, apply, keys in cases:
-    got = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+    got = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
     expected = bgn_jax.linen.grad_norms(
-      lambda v, x, apply=apply: jnp.sum(jnp.sin(3.0 * apply(v, x))),
-      linen_params(linears),
-      x,
-      where=linen.Dense,
-    )
+      lambda v, x, apply=apply: jnp.sum(jnp.sin(3.0 * apply(v, x))), where=linen.Dense
+    )(linen_params(linears), x)
     assert list(got) == keys
     renamed = {key: expected[f"Dense_{i}"] for i, key in enumerate(keys)}
     assert {k: list(v) for k, v in got.items()} == {k: list(v) for k, v in renamed.items()}
@@ -288,7 +288,7 @@ def test_gemma_like_transformer_block():
     nnx.OfType(nnx.MultiHeadAttention),
     nnx.All(nnx.OfType(nnx.Linear), nnx.Not(nnx.PathContains("attention"))),
   )
-  report = bgn_jax.nnx.grad_norms(lm_loss, model, tokens, where=where)
+  report = bgn_jax.nnx.grad_norms(lm_loss, where=where)(model, tokens)
   hand = Transformer(hand_nodes=True, rngs=nnx.Rngs(0))
   check_report(report, *hand_gradients(lm_loss, hand, tokens))
   assert [key for key in report if "at_bgn" in report[key]] == [
@@ -330,7 +330,7 @@ def test_vae_with_a_loss_variable_and_rngs_leaves_the_model_as_it_was():
   model = VAE(rngs=nnx.Rngs(0))
   x = (inputs((6, 12)) > 0).astype(jnp.float32)
   graphdef, counts = nnx.graphdef(model), nnx.state(model, nnx.RngCount)
-  report = bgn_jax.nnx.grad_norms(vae_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(vae_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(vae_loss, model, x))
   assert not hasattr(model, "kl_loss")
   assert nnx.graphdef(model) == graphdef
@@ -355,7 +355,7 @@ class BatchNormDropoutMLP(nnx.Module):
 def test_batchnorm_and_dropout_in_train_mode():
   model, x = BatchNormDropoutMLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   before = nnx.state(model, (nnx.BatchStat, nnx.RngCount))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Module)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Module)(model, x)
   names, grad_taps, grad_params = hand_gradients(sin_loss, model, x)
   # The top-level module is matched too: its output is the loss's input.
   grad_taps[""] = jax.grad(lambda y: jnp.sum(jnp.sin(3.0 * y)))(nnx.clone(model)(x))
@@ -403,7 +403,7 @@ def test_scan_stack_gives_one_value_per_layer(inserted):
   model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   if inserted:
     bgn_jax.nnx.insert(model, where=r"^layers$")
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=r"^layers$")
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=r"^layers$")(model, x)
   reference = ScanStack(hand_nodes=inserted, rngs=nnx.Rngs(0))
   names, grad_taps, grad_params = hand_gradients(sin_loss, reference, x)
   assert {v.shape for v in report["layers"].values()} == {(LAYERS,)}
@@ -423,24 +423,24 @@ class Twice(nnx.Module):
 
 def test_a_module_called_twice_gets_one_entry_per_call():
   model, x = Twice(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(sin_loss, model, x))
   chex.assert_trees_all_equal(report["linear"]["params"], report["linear#1"]["params"])
 
 
 def test_inside_nnx_jit_and_jax_jit():
   model, x = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear), inputs((3, WIDTH))
-  eager = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  eager = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
 
   @nnx.jit
   def in_nnx_jit(model, x):
-    return bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+    return bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
 
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def in_jax_jit(state, x):
-    return bgn_jax.nnx.grad_norms(sin_loss, nnx.merge(graphdef, state), x, where=nnx.Linear)
+    return bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(nnx.merge(graphdef, state), x)
 
   for jitted in (in_nnx_jit(model, x), in_jax_jit(state, x)):
     assert list(jitted) == list(eager)
@@ -451,16 +451,16 @@ def test_inside_nnx_jit_and_jax_jit():
 def test_bad_where_and_no_match():
   model, x = MLP(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
   with pytest.raises(TypeError, match=r"nnx.grad_norms: `where` is a module instance"):
-    bgn_jax.nnx.grad_norms(sin_loss, model, x, where=model.layers[0])
+    bgn_jax.nnx.grad_norms(sin_loss, where=model.layers[0])(model, x)
   with pytest.raises(ValueError, match="matched no module") as error:
-    bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Conv)
+    bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Conv)(model, x)
   assert "Linear at 'layers/0'" in str(error.value)
   with pytest.raises(ValueError, match="loss_fn called none of them"):
-    bgn_jax.nnx.grad_norms(lambda m, x: jnp.sum(x), model, x, where=nnx.Linear)
+    bgn_jax.nnx.grad_norms(lambda m, x: jnp.sum(x), where=nnx.Linear)(model, x)
   with pytest.raises(TypeError, match="`loss_fn` must be callable"):
-    bgn_jax.nnx.grad_norms(None, model, x, where=nnx.Linear)
+    bgn_jax.nnx.grad_norms(None, where=nnx.Linear)(model, x)
   with pytest.raises(TypeError, match="`model` must be an nnx.Module"):
-    bgn_jax.nnx.grad_norms(sin_loss, {"a": 1}, x, where=nnx.Linear)
+    bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)({"a": 1}, x)
 
 
 class Ensemble(nnx.Module):
@@ -484,7 +484,7 @@ class Ensemble(nnx.Module):
 
 def test_vmap_stack_gives_one_value_per_member_against_hand_backprop():
   model, x = Ensemble(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=nnx.Linear)
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   kernel = np.asarray(model.members.kernel[...], np.float64)
   bias = np.asarray(model.members.bias[...], np.float64)
   h = np.einsum("bi,mio->mbo", np.asarray(x, np.float64), kernel) + bias[:, None]

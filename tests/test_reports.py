@@ -55,7 +55,7 @@ def test_the_live_state_before_the_step_is_refused():
 
 def test_relative_updates_per_layer_of_a_scan_stack_from_a_grad_norms_report():
   model, x = ScanStack(rngs=nnx.Rngs(0)), inputs((3, WIDTH))
-  report = bgn_jax.nnx.grad_norms(sin_loss, model, x, where=r"^layers$")
+  report = bgn_jax.nnx.grad_norms(sin_loss, where=r"^layers$")(model, x)
   old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   step(model, x)
   new = nnx.to_pure_dict(nnx.state(model, nnx.Param))

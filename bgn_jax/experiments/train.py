@@ -15,7 +15,6 @@ the same batches as an uninterrupted one and ends with the same parameters.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -313,7 +312,7 @@ def layer_grad_norms_fn(
   def loss_fn(variables, x, y):
     return _cross_entropy(apply(variables, x, train=False), y).mean()
 
-  measure = jax.jit(functools.partial(grad_norms, loss_fn, where=LAYER_TYPES[config.arch]))
+  measure = jax.jit(grad_norms(loss_fn, where=LAYER_TYPES[config.arch]))
 
   def norms(variables, x, y):
     report = jax.tree.map(_host_copy, measure(variables, x, y))
