@@ -18,9 +18,11 @@ References:
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,8 @@ from bgn_jax._common import (
   Position,
   Where,
   apply_bgn,
+  check_axes_not_empty,
+  check_framework,
   check_options,
   flatten_leaves,
   group_norms,
@@ -95,6 +99,7 @@ class BGN(eqx.Module):
   def __check_init__(self) -> None:
     # Options that do not depend on the input shape are checked at construction;
     # axes and the shape-dependent targets are checked at the call.
+    check_axes_not_empty("bgn_jax.equinox.BGN", self.axes)
     make_config(
       (), target_norm=self.target_norm, power=self.power, eps=self.eps, axis_name=self.axis_name
     )
@@ -215,22 +220,26 @@ class _Listener:
     return outputs
 
 
-_LISTENERS: list[_Listener] = []
+# The listener of the diagnostic tracing in this context (thread, task), if any.
+_LISTENER: contextvars.ContextVar[_Listener | None] = contextvars.ContextVar(
+  "bgn_jax_equinox_listener", default=None
+)
 
 
 class _Listening:
   def __init__(self, listener: _Listener):
     self._listener = listener
+    self._tokens: list[contextvars.Token] = []
 
   def __enter__(self) -> None:
-    _LISTENERS.append(self._listener)
+    self._tokens.append(_LISTENER.set(self._listener))
 
   def __exit__(self, *exc: Any) -> None:
-    _LISTENERS.remove(self._listener)
+    _LISTENER.reset(self._tokens.pop())
 
 
 def _listener() -> _Listener | None:
-  return _LISTENERS[-1] if _LISTENERS else None
+  return _LISTENER.get()
 
 
 # ---------------------------------------------------------------------------
@@ -262,22 +271,63 @@ class _Insertion:
     return hash(self._key())
 
   def tell(self, path: str, placed: bool, gave: str) -> None:
-    """Records one call; raises once every selected module was called and none placed a node."""
+    """Records one call of a module with a node, in the whole-model call in progress."""
+    calls = _CALLS.get()
+    current = None if calls is None else calls.get(self)
+    if current is None:  # a module called outside a call of the model insert returned
+      current = self.empty if not self.placed else {}
     if placed:
       self.placed = True
-    if self.placed:
-      return
-    self.empty.setdefault(path, gave)
-    if len(self.empty) < len(self.sites):
+      current[""] = ""  # marks the call as one that placed a node
+    else:
+      current.setdefault(path, gave)
+
+  def check(self, called: dict[str, str]) -> None:
+    """Raises where a call of the whole model placed no node (and none ever did)."""
+    if "" in called or (not called and self.placed):
       return
     what = "output" if self.position == "after" else "positional input"
-    listed = ", ".join(f"{name} at {p!r} ({self.empty[p]})" for p, name in self.sites)
+    listed = ", ".join(f"{name} at {p!r} ({called.get(p, 'not called')})" for p, name in self.sites)
     raise ValueError(
-      f"equinox.insert: `where` {self.where!r} matched {len(self.sites)} module(s) and none "
-      f"had a floating-point jax.Array in its {what} to normalize, so no BGN node was "
-      f"placed: {listed}. Select the modules whose {what} is a floating-point activation "
-      f"(the list gives each leaf and why it got no node)."
+      f"bgn_jax.equinox.insert: `where` {self.where!r} matched {len(self.sites)} "
+      f"module(s), and the call of the model placed no BGN node: none of them that ran "
+      f"had a floating-point jax.Array in its {what} to normalize (or none ran): {listed}. "
+      f"Select the modules whose {what} is a floating-point activation, and that the "
+      f"call runs (the list gives each leaf and why it got no node)."
     )
+
+
+# The whole-model calls in progress: insertion -> path -> what its calls gave.
+_CALLS: contextvars.ContextVar[dict[_Insertion, dict[str, str]] | None] = contextvars.ContextVar(
+  "bgn_jax_equinox_calls", default=None
+)
+
+
+def _with_check(cls: type, insertion: _Insertion) -> type:
+  """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
+
+  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    calls = _CALLS.get()
+    reset = None
+    if calls is None:
+      calls = {}
+      reset = _CALLS.set(calls)
+    outer = insertion in calls
+    called = calls.setdefault(insertion, {})
+    try:
+      outputs = cls.__call__(self, *args, **kwargs)
+    finally:
+      if not outer:
+        del calls[insertion]
+      if reset is not None:
+        _CALLS.reset(reset)
+    if not outer:
+      insertion.check(called)
+    return outputs
+
+  name = f"{cls.__name__}WithBGNCheck"
+  namespace = {"__call__": __call__, "__doc__": f"{cls.__name__}, checking its nodes."}
+  return _subclass(cls, ("root", insertion), name, namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,6 +468,7 @@ def _sites(model: eqx.Module) -> list[str]:
 
 
 def _check_model(model: Any, fn_name: str) -> None:
+  check_framework(fn_name, "model", model, "equinox")
   if not isinstance(model, eqx.Module):
     raise TypeError(f"{fn_name}: `model` must be an eqx.Module; got {type(model).__name__}.")
 
@@ -485,9 +536,10 @@ def insert(
     every: keep every ``every``-th match, starting with the first
       (``matches[::every]``), in the order of the tree: fields in order, list
       items by index, submodules before their parent.
-    **bgn_options: ``axes``, ``target_norm`` (default ``"sqrt_size"``),
-      ``power``, ``eps``, ``axis_name``, passed to :func:`bgn_jax.bgn` for every
-      node.
+    **bgn_options: ``axes``, ``target_norm`` (default ``"sqrt_size"``, the
+      whole example's; with ``axes`` given, ``"sqrt_units"``: the square root of
+      each group's size), ``power``, ``eps``, ``axis_name``, passed to
+      :func:`bgn_jax.bgn` for every node.
 
   Returns:
     The model with the BGN nodes.
@@ -500,10 +552,13 @@ def insert(
       a node with other options. Later, from a call of the result: none of the
       selected modules had a floating-point leaf to normalize.
   """
-  _check_model(model, "equinox.insert")
-  is_match = matcher(where, fn_name="equinox.insert", module_type=eqx.Module)
+  _check_model(model, "bgn_jax.equinox.insert")
+  is_match = matcher(where, fn_name="bgn_jax.equinox.insert", module_type=eqx.Module)
+  # The default target is the whole example's; with `axes`, each group's own
+  # (sqrt of its size), which is what a per-token `axes=-1` means.
+  default = "sqrt_units" if bgn_options.get("axes") is not None else DEFAULT_TARGET
   options = check_options(
-    "equinox.insert", position, every, {"target_norm": DEFAULT_TARGET, **bgn_options}
+    "bgn_jax.equinox.insert", position, every, {"target_norm": default, **bgn_options}
   )
   insertion = _Insertion(where, position)
   marker = _insert_marker(position, options)
@@ -524,9 +579,10 @@ def insert(
     if existing is not None:
       if existing != marker:
         raise ValueError(
-          f"equinox.insert: the module at {path!r} ({_base_name(type(module))}) already has a "
-          f"BGN node with {options_text(existing)}; asked now: {options_text(marker)}. Call "
-          f"bgn_jax.equinox.remove(model) first to replace the nodes."
+          f"bgn_jax.equinox.insert: the module at {path!r} ({_base_name(type(module))}) "
+          f"already has a BGN node with {options_text(existing)}; asked now: "
+          f"{options_text(marker)}. Call bgn_jax.equinox.remove(model) first to replace "
+          f"the nodes."
         )
       return module  # the same node again: kept as it is, not a second one
     insertion.sites.append((path, _base_name(type(module))))
@@ -535,8 +591,18 @@ def insert(
 
   inserted = _map_modules(add_bgn, model)
   if not matches:
-    raise ValueError(no_match_message("equinox.insert", where, seen, "module"))
-  return inserted
+    raise ValueError(no_match_message("bgn_jax.equinox.insert", where, seen, "module"))
+  if insertion.sites and ("root", insertion) not in _markers(type(inserted)):
+    inserted = _with_class(inserted, _with_check(type(inserted), insertion))
+  return cast(M, inserted)
+
+
+def _markers(cls: type) -> list[tuple[Any, ...]]:
+  found = []
+  while (marker := marker_of(cls)) is not None:
+    found.append(marker)
+    cls = cls.__mro__[1]
+  return found
 
 
 def remove(model: M) -> M:
@@ -556,16 +622,17 @@ def remove(model: M) -> M:
   Raises:
     TypeError: ``model`` is not an ``eqx.Module``.
   """
-  _check_model(model, "equinox.remove")
+  _check_model(model, "bgn_jax.equinox.remove")
   if not _sites(model):
     return model
 
   def original(path: str, module: eqx.Module) -> eqx.Module:
     del path
-    if _node_marker(module) is None:
+    if marker_of(type(module)) is None:
       return module
     plain = _with_class(module, _user_class(type(module)))
-    object.__delattr__(plain, "bgn_site")
+    if "bgn_site" in vars(plain):
+      object.__delattr__(plain, "bgn_site")
     return plain
 
   return _map_modules(original, model)
@@ -600,10 +667,10 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
     ValueError: ``model`` has no inserted node, or none of the selected modules
       has a floating-point leaf to normalize.
   """
-  _check_model(model, "equinox.placements")
+  _check_model(model, "bgn_jax.equinox.placements")
   if not _sites(model):
     raise ValueError(
-      "equinox.placements: `model` has no BGN node inserted; pass the model that "
+      "bgn_jax.equinox.placements: `model` has no BGN node inserted; pass the model that "
       "bgn_jax.equinox.insert returns."
     )
   recorder = _Recorder()
@@ -810,7 +877,7 @@ def _with_tap(leaves: list[Any], treedef: Any, chosen: list[int], tap: jax.Array
 
 def _stack_message(path: str, shape: tuple[int, ...]) -> str:
   return (
-    f"equinox.grad_norms: the module at {path!r} has no parameters, and its diagnostic "
+    f"bgn_jax.equinox.grad_norms: the module at {path!r} has no parameters, and its diagnostic "
     f"tap arrived with shape {shape} instead of {_TAP_SHAPE}: the layer count taken from "
     f"the modules around it does not fit how the model slices it (jax.lax.scan or vmap "
     f"over stacked arrays). Select the layer module that holds it instead."
@@ -949,13 +1016,7 @@ def _measured_norms(
   return list(zip(outputs, group_norms(flats, shapes), at_bgn, strict=True))
 
 
-def grad_norms(
-  loss_fn: Callable[..., jax.Array],
-  model: eqx.Module,
-  *args: Any,
-  where: Where,
-  **kwargs: Any,
-) -> Report:
+def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
   """Norms of the gradient at the output and at the parameters of selected submodules.
 
   The selected submodules of a temporary copy of ``model`` pass their output
@@ -963,8 +1024,8 @@ def grad_norms(
   arriving there; one ``jax.grad`` with respect to the model's arrays and these
   taps gives both kinds of norm. Their shapes come from an abstract pass
   (``eqx.filter_eval_shape``), so the arithmetic is one forward and one backward
-  pass. Works under ``eqx.filter_jit`` with ``loss_fn`` and ``where`` static
-  (closed over, or ``functools.partial``).
+  pass. ``grad_norms(loss_fn, where=...)`` returns a function of the loss's
+  arguments, as ``jax.grad`` does; it works under ``eqx.filter_jit``.
 
   Two gradients are reported at an output, as in :func:`bgn_jax.linen.grad_norms`.
   ``"output"`` is always the gradient of the loss with respect to the module's
@@ -1001,34 +1062,48 @@ def grad_norms(
     Cabana & Lago-Fernandez, 2021. https://arxiv.org/abs/2106.09475
 
   Args:
-    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``; it must call the
-      model it receives.
-    model: an ``eqx.Module`` (inserted or not).
-    *args: positional arguments for ``loss_fn``.
+    loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar``, ``model`` an
+      ``eqx.Module`` (inserted or not); it must call the model it receives.
     where: an ``eqx.Module`` class or tuple of classes; a predicate
       ``module -> bool``; or a regular expression searched in the "/"-joined
       attribute path.
-    **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
+    A function of ``loss_fn``'s arguments, as ``jax.grad`` returns one, that
+    returns ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
     a BGN node sits on the output; each norm a float32 array (float64 for
     float64 gradients), 0-d or one value per scanned layer. Modules without
     parameters have "params" zero; "output" is zero for a module whose output
     has no floating-point leaf.
 
   Raises:
-    TypeError: ``loss_fn`` is not callable, ``model`` not an ``eqx.Module``, or
-      ``where`` of none of the accepted forms.
-    ValueError: ``where`` matches no module, or ``loss_fn`` calls none of the
-      selected modules.
+    TypeError: ``loss_fn`` is not callable, or ``where`` of none of the accepted
+      forms; from the returned function: ``model`` is not an ``eqx.Module``.
+    ValueError: from the returned function: ``where`` matches no module, or
+      ``loss_fn`` calls none of the selected modules.
   """
   if not callable(loss_fn):
     raise TypeError(
-      f"equinox.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
+      f"bgn_jax.equinox.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
     )
-  _check_model(model, "equinox.grad_norms")
-  is_match = matcher(where, fn_name="equinox.grad_norms", module_type=eqx.Module)
+  is_match = matcher(where, fn_name="bgn_jax.equinox.grad_norms", module_type=eqx.Module)
+
+  @functools.wraps(loss_fn)
+  def measure(model: eqx.Module, *args: Any, **kwargs: Any) -> Report:
+    _check_model(model, "bgn_jax.equinox.grad_norms")
+    return _measure(loss_fn, where, is_match, model, args, kwargs)
+
+  return measure
+
+
+def _measure(
+  loss_fn: Callable[..., jax.Array],
+  where: Where,
+  is_match: Callable[[Any, str], bool],
+  model: eqx.Module,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> Report:
   seen: dict[tuple[str, str], None] = {}
   selected: dict[str, eqx.Module] = {}
 
@@ -1041,7 +1116,7 @@ def grad_norms(
 
   _map_modules(select, model)
   if not selected:
-    raise ValueError(no_match_message("equinox.grad_norms", where, seen, "module"))
+    raise ValueError(no_match_message("bgn_jax.equinox.grad_norms", where, seen, "module"))
   modules = _modules_by_path(model)
 
   # The shape pass probes every module: the parameters of those that are called
@@ -1054,7 +1129,7 @@ def grad_norms(
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   if not discovery.calls:
     raise ValueError(
-      f"equinox.grad_norms: loss_fn called none of the modules `where` {where!r} selected "
+      f"bgn_jax.equinox.grad_norms: loss_fn called none of the modules `where` {where!r} selected "
       f"({', '.join(repr(p) for p in selected)}); it must call the model it receives."
     )
 

@@ -38,6 +38,7 @@ from bgn_jax._common import (
   Placements,
   Position,
   Where,
+  check_axes_not_empty,
   check_framework,
   check_options,
   classify,
@@ -67,7 +68,8 @@ class BGN(nnx.Module):
 
   Args:
     axes: None for one group over the whole array, or the axes of each group.
-    target_norm: a positive float, or ``"sqrt_units"``.
+    target_norm: a positive float, ``"sqrt_units"`` (the default) or
+      ``"sqrt_size"`` (see :func:`bgn_jax.bgn`).
     power: c in [0, 1].
     eps: floor on the norm, >= 0.
     axis_name: mapped axis name(s) over which the squared norm is summed.
@@ -75,7 +77,6 @@ class BGN(nnx.Module):
 
   def __init__(
     self,
-    *,
     axes: Axes = None,
     target_norm: TargetNorm = "sqrt_units",
     power: float = 1.0,
@@ -84,6 +85,7 @@ class BGN(nnx.Module):
   ):
     # Options that do not depend on the input shape are checked here, at
     # construction; axes and the shape-dependent target are checked at call.
+    check_axes_not_empty("bgn_jax.nnx.BGN", axes)
     make_config((), target_norm=target_norm, power=power, eps=eps, axis_name=axis_name)
     self.axes = tuple(axes) if isinstance(axes, list) else axes
     self.target_norm: TargetNorm = target_norm
@@ -437,8 +439,6 @@ def _check_model(model: Any, fn_name: str) -> None:
 def _check_outside_transforms(model: nnx.Module, fn_name: str) -> None:
   """Refuses a model traced by an nnx transform: its class swaps would not reach the
   model outside (the transform rebuilds it from its graph definition)."""
-  if _PASS.get() is not None:
-    return  # grad_norms's own copy: its passes see the swapped classes
   traced = any(
     isinstance(node, nnx.Variable) and isinstance(node.get_value(), Tracer)
     for _, node in nnx.iter_graph(model)

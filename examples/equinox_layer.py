@@ -54,7 +54,7 @@ def loss_fn(model, x, y):
 # 3. Gradient norms at each Linear's output and parameters (over the whole batch).
 # "output" is dL/d(the Linear's output), here the gradient its node normalized;
 # "at_bgn" is the raw gradient that arrived at the node from the layers above.
-for path, norms in beqx.grad_norms(loss_fn, inserted, x, y, where=eqx.nn.Linear).items():
+for path, norms in beqx.grad_norms(loss_fn, where=eqx.nn.Linear)(inserted, x, y).items():
   print(
     f"{path}: output {float(norms['output']):.3g}, at_bgn {float(norms['at_bgn']):.3g}, "
     f"params {float(norms['params']):.3g}"

@@ -49,7 +49,7 @@ class DeepMLP(nn.Module):
     stack = nn.scan(
       Hidden,
       # grad_norms's perturbations are split per layer like the parameters.
-      variable_axes={"params": 0, bgn_jax.GRAD_NORMS_COLLECTION: 0},
+      variable_axes={"params": 0, bgn_jax.linen.GRAD_NORMS_COLLECTION: 0},
       split_rngs={"params": True},
       length=self.depth,
     )
@@ -106,7 +106,7 @@ def main() -> None:
   reports = {}
   for label, apply_fn in runs.items():
     loss_fn = functools.partial(cross_entropy, apply_fn)
-    measure = jax.jit(functools.partial(bgn_jax.grad_norms, loss_fn, where=nn.Dense))
+    measure = jax.jit(bgn_jax.grad_norms(loss_fn, where=nn.Dense))
     report = measure(variables, x_train, y_train)
 
     params = train(loss_fn, optimizer, variables["params"], batches)
