@@ -107,9 +107,8 @@ MUTANTS = [
   Mutant(
     "position='before' normalizes keyword arguments too (linen insert)",
     "bgn_jax/linen.py",
-    "return next_fun(*self._place(module, path, args, skip, before), **kwargs)",
-    "return next_fun(*self._place(module, path, args, skip, before), "
-    "**self._place(module, path, kwargs, skip, before))",
+    "      args = noded(args)\n",
+    "      args = noded(args)\n      kwargs = noded(kwargs)\n",
     ("tests/test_linen_insert.py", "-k", "keyword_arguments"),
   ),
 ]
