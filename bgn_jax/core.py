@@ -7,10 +7,11 @@ References:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -611,7 +612,15 @@ def l2_norm(x: ArrayLike, axes: Axes = None) -> jax.Array:
   return _l2_norm(x, _check_axes(axes, x.ndim, "l2_norm"), "platform")
 
 
-def _normalize(g: jax.Array, config: BGNConfig, formulation: _Formulation) -> jax.Array:
+def _normalize(
+  g: jax.Array,
+  config: BGNConfig,
+  formulation: _Formulation,
+  share: jax.Array | None = None,
+) -> jax.Array:
+  """The backward rule; ``share`` (in (0, 1]) is the fraction of its group's norm that
+  ``g`` holds where the rest of the group lies elsewhere (another microbatch): the
+  group's norm is then ``||g|| / share``."""
   if config.power == 0.0:
     return g
   acc = _accumulator_dtype(g.dtype)
@@ -633,14 +642,16 @@ def _normalize(g: jax.Array, config: BGNConfig, formulation: _Formulation) -> ja
   # Substituting 1 where the group is zero or non-finite keeps the division and
   # its derivative (grad of grad) free of inf and NaN.
   r = jnp.where(positive & finite, r, 1)
-  ratio = t / r
+  # (t / (||g|| / share)) as (t * share) / ||g||; the floor compares ||g|| with eps * share.
+  shared_t = t if share is None else t * share.astype(acc)
+  ratio = shared_t / r
   if config.eps > 0:
-    eps = acc.type(config.eps)
+    eps = acc.type(config.eps) if share is None else acc.type(config.eps) * share.astype(acc)
     # ||g|| < eps, compared in the group's scale: where eps * k overflows it is
     # inf, above r, as it should be.
     floored = r < eps * inverse_scale
     # t / (eps * k) as (t / eps) / k, k a power of two: no overflow of eps * k.
-    ratio = jnp.where(floored, (t / eps) / inverse_scale, ratio)
+    ratio = jnp.where(floored, (t / acc.type(config.eps)) / inverse_scale, ratio)
   factor = ratio if c == 1.0 else ratio**c
   factor = jnp.where(positive, factor, 0)
   factor = jnp.where(finite, factor, jnp.nan)
@@ -677,6 +688,13 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
     The rescaled cotangent, with the dtype of ``g``.
   """
   return _normalize(g, config, "platform")
+
+
+# While a microbatched gradient traces the loss, every node is routed through this
+# hook (see bgn_jax.microbatch), which may measure or rescale with the full batch's norm.
+_NODE_HOOK: contextvars.ContextVar[Callable[[BGNConfig, jax.Array], jax.Array] | None] = (
+  contextvars.ContextVar("bgn_jax_node_hook", default=None)
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -806,11 +824,12 @@ def bgn(
     axis_name=axis_name,
     spec=spec,
   )
-  if not isinstance(x, jax.core.Tracer):
+  hook = _NODE_HOOK.get()
+  if hook is None and not isinstance(x, jax.core.Tracer):
     # A concrete array outside any trace: nothing differentiates through it, and
     # JAX's eager custom_vjp call would cost 40x an identity.
     return x
   _check_varying(x, axis_name, spec)
   if config.axis_name is not None:
     _check_axis_name_is_bound(config.axis_name)
-  return _bgn(config, x)
+  return _bgn(config, x) if hook is None else hook(config, x)
