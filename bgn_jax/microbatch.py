@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -289,11 +290,11 @@ def _split(batch: Any, microbatches: int) -> tuple[Any, int]:
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("bgn_jax.microbatch_grad: `batch` (the second argument) holds no arrays.")
-  sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-  if len(sizes) != 1 or None in sizes:
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+  if len(sizes) != 1 or -1 in sizes:
     raise ValueError(
       "bgn_jax.microbatch_grad: every array of `batch` (the second argument) needs the "
-      f"same leading batch axis; got leading sizes {sorted(map(str, sizes))}."
+      f"same leading batch axis; got leading sizes {sorted(sizes)} (-1: a scalar)."
     )
   (size,) = sizes
   if size % microbatches:
@@ -407,7 +408,7 @@ def microbatch_value_and_grad(
       named or (axes_span and not vmapped[i]) for i, (_, axes_span, named) in enumerate(seen[-1])
     )
 
-    def gradient_pass(**state: Any) -> tuple[Any, Any, Any, Any]:
+    def gradient_pass(**state: Any) -> tuple[Any, tuple[Any, Any, Any]]:
       def step_fn(total: Any, inputs: Any) -> tuple[Any, Any]:
         piece, rows = inputs
         probe = jnp.zeros((nodes, 3), jnp.float32)
