@@ -146,7 +146,7 @@ def no_match_message(
     listed += f", ... and {len(tested) - SEEN_LISTED} more not listed"
   pointer = f" Once `where` matches, {report} lists every match and its nodes." if report else ""
   return (
-    f"{fn_name}: `where` {where!r} matched no {what}, so no BGN node was inserted. "
+    f"{fn_name}: `where` {where!r} matched no {what}. "
     f"Seen ({len(tested)}; module type at path; '' is the top-level module): "
     f"{listed or 'nothing'}. A class matches by isinstance, a string is searched "
     f"(re.search) in the '/'-joined path, a predicate gets the module.{pointer}"
