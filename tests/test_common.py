@@ -41,7 +41,7 @@ class Conv(Module):
 
 
 def test_check_options_refuses_empty_axes():
-  # issue 23, bug 9: axes=() made every entry its own group (the gradient's sign).
+  # axes=() once made every entry its own group (the gradient's sign).
   with pytest.raises(ValueError, match=r"f: `axes` \(\) makes every entry its own group"):
     check_options("f", "after", 1, {"axes": ()})
 

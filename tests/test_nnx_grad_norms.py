@@ -148,7 +148,7 @@ def test_inserted_nodes_report_output_before_the_node_and_at_bgn_after_it():
   plain = hand_gradients(sin_loss, MLP(rngs=nnx.Rngs(0)), x)[2]
   assert not np.isclose(norm64(plain["layers"][0]), norm64(grad_params["layers"][0]))
   # A node before the module normalizes its input: "at_bgn" is the gradient that node
-  # receives (issue 23, bug 6: it was missing).
+  # receives.
   model = bgn_jax.nnx.insert(MLP(rngs=nnx.Rngs(0)), where=nnx.Linear, position="before")
   report = bgn_jax.nnx.grad_norms(sin_loss, where=nnx.Linear)(model, x)
   check_report(report, *hand_gradients(sin_loss, MLP(hand_before=True, rngs=nnx.Rngs(0)), x))

@@ -1,4 +1,5 @@
-"""linen: the bugs of issue 23 (and the export item of issue 22), each against a reference."""
+"""linen: insert options (nesting, scan_body, export, refused options), dispatch errors
+and at_bgn, each against hand-placed nodes."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def setup():
 
 
 def test_insert_exports_with_a_symbolic_batch():
-  # issue 22, section 4: _describe called int() on the shape.
+  # _describe once called int() on the shape.
   model, reference, variables, x = setup()
   inserted = bgn_jax.linen.insert(model.apply, where=nn.Dense)
   (b,) = jax.export.symbolic_shape("b")

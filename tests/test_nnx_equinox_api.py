@@ -1,4 +1,5 @@
-"""nnx and equinox: the bugs of issue 23, each against a reference."""
+"""nnx and equinox: the per-call check, bridge modules, Rngs arguments, insert order and
+transforms, options and threads, each against a reference."""
 
 from __future__ import annotations
 
