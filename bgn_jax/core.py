@@ -687,7 +687,12 @@ def normalize_cotangent(g: jax.Array, config: BGNConfig) -> jax.Array:
   Returns:
     The rescaled cotangent, with the dtype of ``g``.
   """
-  return _normalize(g, config, "platform")
+  return _normalize(g, config, _BACKWARD_FORMULATION)
+
+
+# The multi-device tests set "variadic" in their own process, to compile the GPU/TPU
+# reduction on the CPU and count its collectives.
+_BACKWARD_FORMULATION: _Formulation = "platform"
 
 
 # While a microbatched gradient traces the loss, every node is routed through this

@@ -6,8 +6,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before JAX st
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import math
+import re
 import sys
 
 import jax
@@ -170,6 +173,65 @@ def sharded_errors():
   return results
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(hlo):
+  """(op, elements moved) of every collective in compiled HLO text."""
+  found = []
+  for line in hlo.splitlines():
+    for op in COLLECTIVES:
+      match = re.search(rf"= (.*?) {op}(-start)?\(", line)
+      if match:
+        dims = re.findall(r"\[([\d,]*)\]", match.group(1))
+        found.append((op, sum(math.prod(int(d) for d in ds.split(",") if d) for ds in dims)))
+  return found
+
+
+def node_collectives(formulation):
+  """What three nodes add to the collectives of a sharded MLP train step, per layout:
+  {layout-options: [count added per node, largest number of elements one moves]}."""
+  from bgn_jax import core
+
+  core._BACKWARD_FORMULATION = formulation
+  core._normalize_cotangent_jit.clear_cache()
+  mesh = mesh_2x4()
+  batch, width = 16, 32
+  layouts = {
+    "batch": (PartitionSpec("data"), PartitionSpec()),
+    "hidden": (PartitionSpec(), PartitionSpec(None, "model")),
+    "batch_hidden": (PartitionSpec("data"), PartitionSpec(None, "model")),
+  }
+  results = {}
+  for layout, (x_spec, w_spec) in layouts.items():
+    for name, options in (("whole", {}), ("per_example", {"axes": (1,)})):
+
+      def loss(ws, x, options=options):
+        h = x
+        for w in ws:
+          h = jnp.tanh(h @ w)
+          h = h if options is None else bgn_jax.bgn(h, **options)
+        return jnp.sum(h**2)
+
+      x = jax.device_put(jnp.ones((batch, width)), NamedSharding(mesh, x_spec))
+      ws = [jax.device_put(jnp.eye(width), NamedSharding(mesh, w_spec)) for _ in range(3)]
+      found = {}
+      for key, opts in (("with", options), ("without", None)):
+        step = jax.jit(jax.grad(functools.partial(loss, options=opts)))
+        found[key] = collectives(step.lower(ws, x).compile().as_text())
+      added = list(
+        (collections.Counter(found["with"]) - collections.Counter(found["without"])).elements()
+      )
+      results[f"{layout}-{name}"] = {
+        "per_node": len(added) / 3,
+        "largest": max((n for _, n in added), default=0),
+        "ops": sorted({op for op, _ in added}),
+      }
+  core._BACKWARD_FORMULATION = "platform"
+  core._normalize_cotangent_jit.clear_cache()
+  return results
+
+
 def main():
   assert jax.device_count() == DEVICES, jax.devices()
   w = cotangent()
@@ -186,6 +248,7 @@ def main():
       results[f"{name}-{options}"] = error
   results["shard_map-grad_of_grad"] = grad_of_grad_error()
   results["sharded"] = sharded_errors()
+  results["collectives"] = {f: node_collectives(f) for f in ("platform", "variadic")}
   print(json.dumps(results))
 
 

@@ -82,3 +82,28 @@ def test_a_node_that_cannot_know_the_global_group_refuses(errors, case, names):
   message = errors["sharded"]["refused"][case]
   for name in names:
     assert name in message, message
+
+
+LAYOUTS = ["batch", "hidden", "batch_hidden"]
+
+
+@pytest.mark.parametrize("formulation", ["platform", "variadic"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("options", ["whole", "per_example"])
+def test_a_node_gathers_no_activation(errors, formulation, layout, options):
+  # A 16 x 32 activation per layer: a node's collectives carry a few scalars per example
+  # and device at most, never the activation or its cotangent.
+  added = errors["collectives"][formulation][f"{layout}-{options}"]
+  assert added["largest"] <= 4 * 16 < 16 * 32, added
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("options", ["whole", "per_example"])
+def test_the_cpu_formulation_adds_only_all_reduces(errors, layout, options):
+  added = errors["collectives"]["platform"][f"{layout}-{options}"]
+  assert set(added["ops"]) <= {"all-reduce"}, added
+  # Per mesh axis that splits the group, the plain sum's and the rare branch's (run only
+  # where a group needs a scale); per example one more for the branch predicate.
+  splitting = {"batch": 1, "hidden": 1, "batch_hidden": 2 if options == "whole" else 1}
+  splitting["batch"] -= options == "per_example"
+  assert added["per_node"] <= 2 * splitting[layout] + (options == "per_example"), added
