@@ -153,7 +153,7 @@ def test_training_subset_is_fixed_and_drawn_from_the_training_set():
 @pytest.mark.parametrize(
   "flags, message",
   [
-    (["--arch", "mlp", "--method", "residual"], "--method: got 'residual' for --arch mlp"),
+    (["--arch", "mlp", "--method", "pre-ln"], "--method: got 'pre-ln' for --arch mlp"),
     (["--arch", "cnn", "--method", "pre-ln"], "--method: got 'pre-ln' for --arch cnn"),
     (["--arch", "transformer", "--width", "10", "--heads", "4"], "--width: 10"),
     (["--bgn-target", "huge"], "--bgn-target: got 'huge'"),
