@@ -1,11 +1,15 @@
 """Train a Flax model with BGN on every device of a GPU or TPU slice: the loop to copy.
 
-Data parallel: one ``jax.sharding.Mesh`` over all devices, each batch split along it
-with a ``NamedSharding``, the parameters and optimizer state replicated. ``jax.jit``
-compiles the whole step from those shardings (the gradient all-reduce included), and
-the BGN nodes that ``bgn_jax.insert`` adds see the global batch, so the run gives the
-same losses on 1 device or 8. Checkpoints are saved with orbax; run the script again
-with the same ``--checkpoint-dir`` and it continues from the latest one, exactly.
+One ``jax.sharding.Mesh`` over all devices with a ``data`` and a ``model`` axis
+(``--mesh data=4,model=2``; by default every device on ``data``). Each batch is split
+along ``data``. The parameters are laid out by Flax's logical partitioning: each hidden
+kernel's output features on ``model`` (tensor parallelism; the activations' features
+follow), and with ``--fsdp`` its input features on ``data`` as well (fully sharded data
+parallel: each device keeps a slice of every kernel and of its optimizer state).
+``jax.jit`` compiles the whole step from those shardings, collectives included, and the
+BGN nodes that ``bgn_jax.insert`` adds see the global arrays, so every layout gives the
+losses of 1 device. Checkpoints are saved with orbax; run the script again with the
+same ``--checkpoint-dir`` and it continues from the latest one, exactly.
 
 Run: python examples/train_sharded.py --checkpoint-dir /tmp/bgn-sharded
 On several hosts (a TPU pod, SLURM, Open MPI), run the same command on each with
@@ -32,16 +36,37 @@ FEATURES, CLASSES = 16, 4
 
 
 class MLP(nn.Module):
-  """A ReLU MLP; its hidden layers are named so that ``where`` can select them."""
+  """A ReLU MLP; its hidden layers are named so that ``where`` can select them, and their
+  kernels' axes are given logical names that the mesh rules map to mesh axes."""
 
   depth: int = 6
   width: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_init = nn.with_logical_partitioning(nn.linear.default_kernel_init, ("in", "hidden"))
     for i in range(self.depth):
-      x = nn.relu(nn.Dense(self.width, name=f"hidden_{i}")(x))
+      x = nn.Dense(self.width, kernel_init=kernel_init, name=f"hidden_{i}")(x)
+      x = nn.with_logical_constraint(nn.relu(x), ("batch", "hidden"))
     return nn.Dense(CLASSES, name="head")(x)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """``data=4,model=2`` -> {"data": 4, "model": 2}; -1 takes the remaining devices."""
+  sizes = {"data": -1, "model": 1}
+  for part in filter(None, text.split(",")):
+    name, _, size = part.partition("=")
+    if name not in sizes or not size.lstrip("-").isdigit():
+      raise ValueError(f"--mesh: expected data=N,model=M; got {text!r}")
+    sizes[name] = int(size)
+  if sizes["data"] == -1:
+    sizes["data"] = jax.device_count() // sizes["model"]
+  if sizes["data"] * sizes["model"] != jax.device_count():
+    raise ValueError(
+      f"--mesh {text!r} holds {sizes['data'] * sizes['model']} devices; there are "
+      f"{jax.device_count()}."
+    )
+  return sizes
 
 
 def global_batch(step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,31 +85,48 @@ def main() -> None:
   parser.add_argument("--checkpoint-dir", help="save here, and continue from the latest save")
   parser.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
   parser.add_argument("--distributed", action="store_true", help="multi-host: call initialize()")
+  parser.add_argument("--mesh", default="data=-1", help="data=N,model=M (-1: all the rest)")
+  parser.add_argument("--fsdp", action="store_true", help="shard kernels over data as well")
   args = parser.parse_args()
   if args.distributed:
     jax.distributed.initialize()  # Finds the coordinator on TPU pods, SLURM and Open MPI.
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  sizes = parse_mesh(args.mesh)
+  devices = np.asarray(jax.devices()).reshape(sizes["data"], sizes["model"])
+  mesh = Mesh(devices, ("data", "model"))
+  # Logical axis name -> mesh axis: the batch on data, hidden features on model (tensor
+  # parallel), a kernel's input features on data under --fsdp.
+  rules = (("batch", "data"), ("hidden", "model"), ("in", "data" if args.fsdp else None))
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   replicated = NamedSharding(mesh, PartitionSpec())
-  if args.batch_size % mesh.size:
-    parser.error(f"--batch-size {args.batch_size} must be a multiple of {mesh.size} devices")
+  if args.batch_size % sizes["data"]:
+    parser.error(f"--batch-size {args.batch_size} must be a multiple of data={sizes['data']}")
 
   model = MLP()
   # BGN after each hidden layer; the parameters and the forward pass stay the model's.
   apply_fn = bgn_jax.insert(model.apply, where=r"^hidden_\d+$")
   optimizer = optax.adam(args.lr)
 
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def init_state(key: jax.Array) -> dict:
+  def boxed_state(key: jax.Array) -> dict:
     params = model.init(key, jnp.zeros((1, FEATURES)))["params"]
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
 
+  # Every array's sharding, from the logical names its box carries (the optimizer's
+  # moments inherit their parameter's); arrays without names are replicated.
+  with nn.logical_axis_rules(rules):
+    specs = nn.get_partition_spec(jax.eval_shape(boxed_state, jax.random.key(0)))
+  state_sharding = nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+  @functools.partial(jax.jit, out_shardings=state_sharding)
+  def init_state(key: jax.Array) -> dict:
+    return nn.unbox(boxed_state(key))
+
   # donate_argnums: the new state reuses the old one's buffers (no second copy in memory).
-  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(replicated, replicated))
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, replicated))
   def train_step(state: dict, x: jax.Array, labels: jax.Array) -> tuple[dict, jax.Array]:
     def loss_fn(params):
-      logits = apply_fn({"params": params}, x)
+      with nn.logical_axis_rules(rules):
+        logits = apply_fn({"params": params}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -93,6 +135,9 @@ def main() -> None:
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
   state = init_state(jax.random.key(0))
+  if jax.process_index() == 0:
+    kernel = state["params"]["hidden_0"]["kernel"]
+    print(f"mesh {dict(mesh.shape)}, hidden kernel {kernel.sharding.spec}")
   manager = None
   if args.checkpoint_dir:
     manager = ocp.CheckpointManager(

@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_sharded.py"
 STEPS = 20
 
 
-def _train(devices: int, cwd: Path, *flags: str) -> dict[int, str]:
+def _train(devices: int, cwd: Path, *flags: str, printed: list | None = None) -> dict[int, str]:
   """Runs the script; returns {step: the loss as printed} (9 digits: a float32 exactly)."""
   # The suite's fast-compile flag (tests/conftest.py) and the device count.
   count = f"--xla_force_host_platform_device_count={devices}"
@@ -33,6 +33,8 @@ def _train(devices: int, cwd: Path, *flags: str) -> dict[int, str]:
     timeout=300,
   )
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  if printed is not None:
+    printed.append(done.stdout)
   return {int(s): loss for s, loss in re.findall(r"^step (\d+) loss (\S+)$", done.stdout, re.M)}
 
 
@@ -44,9 +46,14 @@ def eight_devices(tmp_path_factory) -> tuple[dict[int, str], Path]:
   return losses, folder / "ckpt"
 
 
-def test_eight_devices_match_one_device(eight_devices, tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory) -> dict[int, str]:
+  return _train(1, tmp_path_factory.mktemp("one"))
+
+
+def test_eight_devices_match_one_device(eight_devices, one_device):
   losses, _ = eight_devices
-  one = _train(1, tmp_path)
+  one = one_device
   assert sorted(losses) == sorted(one) == list(range(1, STEPS + 1))
   eight_losses = np.array([float(losses[s]) for s in sorted(losses)])
   one_losses = np.array([float(one[s]) for s in sorted(one)])
@@ -65,3 +72,20 @@ def test_restore_continues_bitwise(eight_devices, tmp_path):
   resumed = _train(8, tmp_path, "--checkpoint-dir", str(resumed_dir), "--save-every", "10")
   assert sorted(resumed) == list(range(11, STEPS + 1))
   assert resumed == {s: losses[s] for s in range(11, STEPS + 1)}
+
+
+@pytest.mark.parametrize(
+  ("flags", "kernel_spec"),
+  [
+    (["--mesh", "data=4,model=2"], "P(None, 'model')"),  # tensor parallel
+    (["--mesh", "data=2,model=4", "--fsdp"], "P('data', 'model')"),  # and FSDP
+  ],
+  ids=["tensor_parallel", "tensor_parallel_fsdp"],
+)
+def test_sharded_parameters_match_one_device(one_device, tmp_path, flags, kernel_spec):
+  printed = []
+  losses = _train(8, tmp_path, *flags, printed=printed)
+  assert f"hidden kernel {kernel_spec}" in printed[0]  # the kernels are split as asked
+  got = np.array([float(losses[s]) for s in sorted(losses)])
+  want = np.array([float(one_device[s]) for s in sorted(one_device)])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
