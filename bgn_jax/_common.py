@@ -422,6 +422,81 @@ class CallCheck:
     )
 
 
+class Insertion:
+  """What one ``insert`` selected, and whether some call of the whole model placed a node.
+
+  Compares by its description (framework, where, position, every, options), so that
+  equal inserts share their subclasses and jit traces. Each call of the whole model
+  runs inside :meth:`whole_call`, which gives the nodes one :class:`CallCheck` and
+  raises at the end where that call placed no node.
+  """
+
+  def __init__(self, framework: str, where: Any, position: str, every: int, options: Any):
+    self.framework, self.where, self.position, self.every = framework, where, position, every
+    key = (framework, where, position, every, options)
+    try:
+      hash(key)
+    except TypeError:
+      key = (id(self),)
+    self.key = key
+    self.placed = False  # some call of the whole model placed a node
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Insertion) and self.key == other.key
+
+  def __hash__(self) -> int:
+    return hash(self.key)
+
+  def new_check(self) -> CallCheck:
+    report = f"bgn_jax.{self.framework}.placements(model, *args)"
+    fn_name = f"bgn_jax.{self.framework}.insert"
+    return CallCheck(fn_name, self.where, self.position, self.every, report)
+
+  def current_check(self) -> CallCheck:
+    """The check of the whole-model call in progress (a fresh one for a module called
+    outside a call of the model ``insert`` returned)."""
+    return (_CHECKS.get() or {}).get(self) or self.new_check()
+
+  @contextlib.contextmanager
+  def whole_call(self) -> Iterator[None]:
+    """Runs one call of the whole model; raises after it where it placed no node (and
+    none ever did). A call inside a call of the same model is part of the outer one."""
+    checks = _CHECKS.get()
+    reset = None
+    if checks is None:
+      checks = {}
+      reset = _CHECKS.set(checks)
+    outer = checks.get(self)
+    check = checks[self] = self.new_check() if outer is None else outer
+    try:
+      yield
+    finally:
+      if outer is None:
+        del checks[self]
+      if reset is not None:
+        _CHECKS.reset(reset)
+    if outer is None:
+      self._finish(check)
+
+  def _finish(self, check: CallCheck) -> None:
+    check.check()
+    if check.placed:
+      self.placed = True
+    elif not check.matched and not self.placed:
+      raise ValueError(
+        f"bgn_jax.{self.framework}.insert: the model was called, but none of the modules "
+        f"`where` {self.where!r} selected ran in the call (an unused head, a branch not "
+        f"taken), so no BGN node was placed. Select modules that the call runs; "
+        f"bgn_jax.{self.framework}.placements(model, *args) lists the nodes a call places."
+      )
+
+
+# The checks of the whole-model calls in progress, by insertion.
+_CHECKS: contextvars.ContextVar[dict[Insertion, CallCheck] | None] = contextvars.ContextVar(
+  "bgn_jax_checks", default=None
+)
+
+
 def place(
   check: CallCheck,
   path: str,

@@ -36,23 +36,23 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
   ) from err
 
 from bgn_jax._common import (
-  Placement,
+  Insertion,
   Placements,
   Position,
   Where,
-  apply_bgn,
   check_axes_not_empty,
   check_framework,
   check_options,
   flatten_leaves,
   group_norms,
   has_call,
-  is_float_array,
   marked_subclass,
   marker_of,
   matcher,
   no_match_message,
   options_text,
+  place,
+  recording,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, l2_norm, make_config
 
@@ -192,10 +192,6 @@ def _own_arrays(module: eqx.Module) -> set[int]:
 class _Listener:
   """Told of every node, every BGN layer and every probed call while a diagnostic traces."""
 
-  def node(self, record: Placement) -> None:
-    """A leaf an inserted node tested (placements records them)."""
-    del record
-
   def enter(self, module: eqx.Module) -> None:
     """A probed module's ``__call__`` starts."""
     del module
@@ -208,6 +204,11 @@ class _Listener:
     """The output of an inserted module, about to get its nodes."""
     del module
     return outputs
+
+  def before_call(self, module: eqx.Module, inputs: Any) -> Any:
+    """The positional inputs of an inserted module, out of its nodes before the call."""
+    del module
+    return inputs
 
   def node_applied(self, inputs: Any, outputs: Any) -> Any:
     """What a BGN node (a :class:`BGN` layer or an inserted node) got and returned."""
@@ -246,84 +247,12 @@ def _listener() -> _Listener | None:
 # The nodes that insert adds.
 
 
-class _Insertion:
-  """What one :func:`insert` call selected; its nodes tell it what they placed.
-
-  Held (through each node's :class:`_Site`) in a static field, so it is part of
-  the tree structure: it compares by what was selected, not by identity, so that
-  equal inserts give equal structures and ``eqx.filter_jit`` reuses its compilation.
-  """
-
-  def __init__(self, where: Where, position: Position):
-    self.where = where
-    self.position = position
-    self.sites: list[tuple[str, str]] = []  # (path, class name) of the modules with a node
-    self.placed = False  # some call normalized a leaf
-    self.empty: dict[str, str] = {}  # path -> what its calls gave, while none placed
-
-  def _key(self) -> tuple[Any, ...]:
-    return self.position, tuple(self.sites)
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, _Insertion) and self._key() == other._key()
-
-  def __hash__(self) -> int:
-    return hash(self._key())
-
-  def tell(self, path: str, placed: bool, gave: str) -> None:
-    """Records one call of a module with a node, in the whole-model call in progress."""
-    calls = _CALLS.get()
-    current = None if calls is None else calls.get(self)
-    if current is None:  # a module called outside a call of the model insert returned
-      current = self.empty if not self.placed else {}
-    if placed:
-      self.placed = True
-      current[""] = ""  # marks the call as one that placed a node
-    else:
-      current.setdefault(path, gave)
-
-  def check(self, called: dict[str, str]) -> None:
-    """Raises where a call of the whole model placed no node (and none ever did)."""
-    if "" in called or (not called and self.placed):
-      return
-    what = "output" if self.position == "after" else "positional input"
-    listed = ", ".join(f"{name} at {p!r} ({called.get(p, 'not called')})" for p, name in self.sites)
-    raise ValueError(
-      f"bgn_jax.equinox.insert: `where` {self.where!r} matched {len(self.sites)} "
-      f"module(s), and the call of the model placed no BGN node: none of them that ran "
-      f"had a floating-point jax.Array in its {what} to normalize (or none ran): {listed}. "
-      f"Select the modules whose {what} is a floating-point activation, and that the "
-      f"call runs (the list gives each leaf and why it got no node)."
-    )
-
-
-# The whole-model calls in progress: insertion -> path -> what its calls gave.
-_CALLS: contextvars.ContextVar[dict[_Insertion, dict[str, str]] | None] = contextvars.ContextVar(
-  "bgn_jax_equinox_calls", default=None
-)
-
-
-def _with_check(cls: type, insertion: _Insertion) -> type:
+def _with_check(cls: type, insertion: Insertion) -> type:
   """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
 
   def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    calls = _CALLS.get()
-    reset = None
-    if calls is None:
-      calls = {}
-      reset = _CALLS.set(calls)
-    outer = insertion in calls
-    called = calls.setdefault(insertion, {})
-    try:
-      outputs = cls.__call__(self, *args, **kwargs)
-    finally:
-      if not outer:
-        del calls[insertion]
-      if reset is not None:
-        _CALLS.reset(reset)
-    if not outer:
-      insertion.check(called)
-    return outputs
+    with insertion.whole_call():
+      return cls.__call__(self, *args, **kwargs)
 
   name = f"{cls.__name__}WithBGNCheck"
   namespace = {"__call__": __call__, "__doc__": f"{cls.__name__}, checking its nodes."}
@@ -335,7 +264,7 @@ class _Site:
   """One module with a node: its path, and the insertion that made it."""
 
   path: str
-  insertion: _Insertion
+  insertion: Insertion
 
   def __repr__(self) -> str:
     return f"<BGN node of {self.path!r}>"
@@ -345,47 +274,22 @@ def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, 
   """BGN on the floating-point array leaves of ``tree`` that are not ``module``'s own arrays."""
   site: _Site = module.bgn_site
   own = _own_arrays(module)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  reasons: list[str | None] = []
-  for _, leaf in flat:
-    if not isinstance(leaf, jax.Array):
-      reasons.append(f"not a jax.Array ({type(leaf).__name__})")
-    elif not is_float_array(leaf):
-      reasons.append(f"not floating-point ({leaf.dtype})")
-    elif id(leaf) in own:
-      reasons.append("a parameter of the module, passed through")
-    else:
-      reasons.append(None)
-  gave = []
+
+  def owned(leaf: Any) -> str | None:
+    return "a parameter of the module, passed through" if id(leaf) in own else None
+
   listener = _listener()
-  for (keys, leaf), reason in zip(flat, reasons, strict=True):
-    shape = tuple(getattr(leaf, "shape", ()))
-    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
-    gave.append(f"{dtype}{list(shape)}" + ("" if reason is None else f": {reason}"))
-    if listener is not None:
-      listener.node(
-        Placement(
-          path=site.path,
-          module=_base_name(type(module)),
-          position=position,
-          leaf=jax.tree_util.keystr(keys),
-          shape=shape,
-          dtype=dtype,
-          reason=reason,
-        )
-      )
-  site.insertion.tell(site.path, any(r is None for r in reasons), ", ".join(gave) or "no leaves")
-  probing = position == "after" and listener is not None
-  # grad_norms taps what the node gets, and what it returns (see _Pass).
-  fed = listener.before_node(module, tree) if probing and listener is not None else tree
-  noded = jax.tree_util.tree_unflatten(
-    treedef,
-    [
-      leaf if reason else apply_bgn(leaf, options)
-      for leaf, reason in zip(treedef.flatten_up_to(fed), reasons, strict=True)
-    ],
-  )
-  return listener.node_applied(fed, noded) if probing and listener is not None else noded
+  # grad_norms taps what a node after the module gets, and what each node returns
+  # (see _Pass); the taps leave the module's own arrays as they are.
+  probing = listener is not None
+  fed = listener.before_node(module, tree) if probing and position == "after" else tree
+  check = site.insertion.current_check()
+  noded = place(check, site.path, _base_name(type(module)), position, fed, options, owned)
+  if not probing:
+    return noded
+  if position == "before":
+    return listener.before_call(module, noded)
+  return listener.node_applied(fed, noded)
 
 
 def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
@@ -560,8 +464,9 @@ def insert(
   options = check_options(
     "bgn_jax.equinox.insert", position, every, {"target_norm": default, **bgn_options}
   )
-  insertion = _Insertion(where, position)
+  insertion = Insertion("equinox", where, position, int(every), _insert_marker(position, options))
   marker = _insert_marker(position, options)
+  added: list[str] = []
   seen: dict[tuple[str, str], None] = {}
   matches = 0
 
@@ -585,14 +490,17 @@ def insert(
           f"the nodes."
         )
       return module  # the same node again: kept as it is, not a second one
-    insertion.sites.append((path, _base_name(type(module))))
+    added.append(path)
     cls = _with_bgn(type(module), position, options)
     return _with_class(module, cls, bgn_site=_Site(path, insertion))
 
   inserted = _map_modules(add_bgn, model)
+  # Known now, the modules with a node describe the insertion better than `where`:
+  # a predicate and a class that select the same modules give equal structures.
+  insertion.key = ("equinox", marker, tuple(added))
   if not matches:
     raise ValueError(no_match_message("bgn_jax.equinox.insert", where, seen, "module"))
-  if insertion.sites and ("root", insertion) not in _markers(type(inserted)):
+  if added and ("root", insertion) not in _markers(type(inserted)):
     inserted = _with_class(inserted, _with_check(type(inserted), insertion))
   return cast(M, inserted)
 
@@ -638,14 +546,6 @@ def remove(model: M) -> M:
   return _map_modules(original, model)
 
 
-class _Recorder(_Listener):
-  def __init__(self) -> None:
-    self.records = Placements()
-
-  def node(self, record: Placement) -> None:
-    self.records.append(record)
-
-
 def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
   """Where the BGN nodes of an inserted model go, found by an abstract call.
 
@@ -673,10 +573,9 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
       "bgn_jax.equinox.placements: `model` has no BGN node inserted; pass the model that "
       "bgn_jax.equinox.insert returns."
     )
-  recorder = _Recorder()
-  with _Listening(recorder):
+  with recording() as recorder:
     eqx.filter_eval_shape(lambda m, a, k: m(*a, **k), model, args, kwargs)
-  return recorder.records
+  return recorder.placements()
 
 
 # ---------------------------------------------------------------------------
@@ -793,6 +692,7 @@ class _Pass(_Listener):
     # Tapped outputs by id (the object kept, so no id is reused), so that a node
     # fed one is recognised.
     self._tagged: dict[int, tuple[Any, _Output]] = {}
+    self._before: set[tuple[str, int]] = set()  # calls with a node before them (shape pass)
     self.calls: list[_Call] = []
     self.first_ndims: dict[str, list[int]] = {}  # per probed path: its first call's params
 
@@ -811,6 +711,22 @@ class _Pass(_Listener):
     outputs, tapped = self._output(module, path, outputs)
     self._pending[id(module)] = tapped
     return outputs
+
+  def before_call(self, module: eqx.Module, inputs: Any) -> Any:
+    # A node before a selected call: what reaches it is the call's "at_bgn", under the
+    # key its output is about to take.
+    path = getattr(module, "bgn_path", None)
+    if not isinstance(path, str) or path not in self._selected:
+      return inputs
+    index = self._counts[path]
+    if self._discover:
+      self._before.add((path, index))
+      return inputs
+    tap = self._tap_of(module, path, index)
+    if tap is None:
+      return inputs
+    leaves, treedef = jax.tree.flatten(inputs)
+    return _with_tap(leaves, treedef, _tapped(leaves, _own_arrays(module)), tap[_AT_BGN])
 
   def node_applied(self, inputs: Any, outputs: Any) -> Any:
     tagged = self._tagged.get(id(inputs))
@@ -842,19 +758,25 @@ class _Pass(_Listener):
       params = [jnp.ndim(p) for p in _param_leaves(module)]
       taps = module.bgn_taps
       tap_shape = tuple(jnp.shape(taps[index])) if index < len(taps) else None
-      call = _Call(path, index, params, dtype, tap_shape=tap_shape)
+      at_bgn = (path, index) in self._before
+      call = _Call(path, index, params, dtype, at_bgn=at_bgn, tap_shape=tap_shape)
       self.calls.append(call)
       return outputs, _Output(call, None, own)
+    tap = self._tap_of(module, path, index)
+    if tap is None:
+      return outputs, _Output(None, None, own)
+    return _with_tap(leaves, treedef, chosen, tap[_OUTPUT]), _Output(None, tap[_AT_BGN], own)
+
+  def _tap_of(self, module: Any, path: str, index: int) -> jax.Array | None:
+    """The tap of the ``index``-th call at ``path``, in the measured pass."""
     taps = module.bgn_taps
     tap = taps[index] if index < len(taps) else None
     if tap is None:
       loose = self._loose.get(path, [])
       tap = loose[index] if index < len(loose) else None
-    if tap is None:
-      return outputs, _Output(None, None, own)
-    if tap.shape != _TAP_SHAPE:  # a layer count taken wrongly from the modules around
+    if tap is not None and tap.shape != _TAP_SHAPE:  # a layer count taken wrongly
       raise ValueError(_stack_message(path, tap.shape))
-    return _with_tap(leaves, treedef, chosen, tap[_OUTPUT]), _Output(None, tap[_AT_BGN], own)
+    return tap
 
   def _at_bgn(self, outputs: Any, tapped: _Output) -> Any:
     tapped.fed = True

@@ -33,8 +33,8 @@ from jax.core import Tracer
 
 from bgn_jax._common import (
   SEEN_LISTED,
-  CallCheck,
   Hook,
+  Insertion,
   Placements,
   Position,
   Where,
@@ -140,44 +140,6 @@ def _marker(cls: type, kind: str) -> tuple[Any, ...] | None:
   return None
 
 
-class _Insertion:
-  """What one :func:`insert` selected, and whether some call placed a node.
-
-  Compares by its description, so that equal inserts share their subclasses.
-  """
-
-  def __init__(self, where: Any, position: Position, every: int, options: Options):
-    self.where, self.position, self.every, self.options = where, position, every, options
-    key = (where, position, every, options)
-    try:
-      hash(key)
-    except TypeError:
-      key = (id(self),)
-    self.key = key
-    self.placed = False  # some call of the whole model placed a node
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, _Insertion) and self.key == other.key
-
-  def __hash__(self) -> int:
-    return hash(self.key)
-
-  def new_check(self) -> CallCheck:
-    return CallCheck(
-      "bgn_jax.nnx.insert",
-      self.where,
-      self.position,
-      self.every,
-      "bgn_jax.nnx.placements(model, *args)",
-    )
-
-
-# The checks of the whole-model calls in progress, by insertion.
-_CHECKS: contextvars.ContextVar[dict[_Insertion, CallCheck] | None] = contextvars.ContextVar(
-  "bgn_jax_nnx_checks", default=None
-)
-
-
 def _variable_values(module: nnx.Module) -> set[int]:
   """ids of the values of the module's Variables (a returned parameter is one of them).
 
@@ -200,8 +162,7 @@ def _is_variable(x: Any) -> bool:
 def _with_nodes(module: nnx.Module, tree: Any, owned: set[int]) -> Any:
   """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
   _, position, options, (path, insertion) = cast(tuple, _marker(type(module), "bgn"))
-  checks = _CHECKS.get() or {}
-  check = checks.get(insertion) or insertion.new_check()  # a call outside the model's
+  check = insertion.current_check()
   name = _original(type(module)).__name__
   owned_fn = _owned(owned)
 
@@ -230,44 +191,15 @@ def _with_bgn(cls: type, marker: tuple[Any, ...]) -> type:
   return _subclass(cls, marker, __call__, doc)
 
 
-def _with_check(cls: type, insertion: _Insertion) -> type:
+def _with_check(cls: type, insertion: Insertion) -> type:
   """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
 
   def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    checks = _CHECKS.get()
-    reset = None
-    if checks is None:
-      checks = {}
-      reset = _CHECKS.set(checks)
-    outer = checks.get(insertion)
-    check = checks[insertion] = insertion.new_check() if outer is None else outer
-    try:
-      outputs = cls.__call__(self, *args, **kwargs)
-    finally:
-      if outer is None:
-        del checks[insertion]
-      if reset is not None:
-        _CHECKS.reset(reset)
-    if outer is None:
-      _check_call(insertion, check)
-    return outputs
+    with insertion.whole_call():
+      return cls.__call__(self, *args, **kwargs)
 
   doc = f"{cls.__name__}, checking that its call placed a BGN node."
   return _subclass(cls, ("root", insertion), __call__, doc)
-
-
-def _check_call(insertion: _Insertion, check: CallCheck) -> None:
-  """Raises where a whole-model call placed no node (and none ever did)."""
-  check.check()
-  if check.placed:
-    insertion.placed = True
-  elif not check.matched and not insertion.placed:
-    raise ValueError(
-      f"bgn_jax.nnx.insert: the model was called, but none of the modules `where` "
-      f"{insertion.where!r} selected ran in the call (an unused head, a branch not "
-      f"taken), so no BGN node was placed. Select modules that the call runs; "
-      f"bgn_jax.nnx.placements(model, *args) lists the nodes a call places."
-    )
 
 
 def _is_nnx_filter(where: Any) -> bool:
@@ -404,7 +336,7 @@ def insert(
   if not chosen:
     raise ValueError(no_match_message("bgn_jax.nnx.insert", where, seen, "module"))
   chosen = chosen[::every]
-  insertion = _Insertion(where, position, int(every), options)
+  insertion = Insertion("nnx", where, position, int(every), options)
   asked = ("bgn", position, options)
   for path, module in chosen:
     existing = _marker(type(module), "bgn")

@@ -353,11 +353,7 @@ def stacked_placements(name: str) -> bgn_jax.Placements:
   return bgn_jax.equinox.placements(bgn_jax.equinox.insert(EqxStack(), where=EqxDense), x)
 
 
-# Fixed in the next step of the work: equinox listed a scanned node once, applied once.
-EQUINOX_PENDING = pytest.mark.xfail(strict=True, reason="equinox: counts and at_bgn pending")
-
-
-@pytest.mark.parametrize("name", ["linen", "nnx", pytest.param("equinox", marks=EQUINOX_PENDING)])
+@pytest.mark.parametrize("name", FRAMEWORKS)
 def test_placements_of_a_scanned_stack_count_every_step(name):
   records = stacked_placements(name)
   rows = [(p.position, p.shape, p.count) for p in records.nodes]
@@ -420,18 +416,8 @@ def test_grad_norms_read_what_reaches_each_node(frameworks, position):
   nodes = dict.fromkeys(range(3), position)
   reference = hand_report(nodes, TARGET)
   for fw in frameworks.values():
-    if fw.name == "equinox" and position == "before":
-      continue  # below, until equinox reports at_bgn there
     inserted = fw.insert(where=fw.layer, position=position, **TARGET)
     check_report(fw.grad_norms(loss=inserted, where=fw.layer), reference, fw.name)
-
-
-@EQUINOX_PENDING
-def test_equinox_grad_norms_read_what_reaches_a_node_before_a_layer(frameworks):
-  fw = frameworks["equinox"]
-  inserted = fw.insert(where=fw.layer, position="before", **TARGET)
-  reference = hand_report(dict.fromkeys(range(3), "before"), TARGET)
-  check_report(fw.grad_norms(loss=inserted, where=fw.layer), reference, fw.name)
 
 
 # ------------------------------------------------------------------- the same mistakes
