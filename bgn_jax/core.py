@@ -18,6 +18,11 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import (
+  ArrayMapping,
+  SdyShardingRule,
+  custom_partitioning,
+)
 from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
@@ -469,6 +474,96 @@ def _joined(axis_name: AxisName, more: tuple[Hashable, ...]) -> AxisName:
   return names[0] if len(names) == 1 and not isinstance(axis_name, tuple) else names
 
 
+def _variadic_sums(arrays: tuple[jax.Array, ...], dims: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  zero = arrays[0].dtype.type(0)
+  return jax.lax.reduce(
+    tuple(v * v for v in arrays),
+    (zero,) * len(arrays),
+    lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
+    dims,
+  )
+
+
+def _entry_names(entry: Any) -> tuple[Hashable, ...]:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _split_specs(
+  dims: tuple[int, ...], spec: PartitionSpec, ndim: int
+) -> tuple[tuple[Hashable, ...], PartitionSpec]:
+  """The mesh axes that split the reduced dims, and the spec of the kept ones."""
+  entries = (*spec, *(None,) * (ndim - len(spec)))
+  reduced = tuple(name for d in dims for name in _entry_names(entries[d]))
+  return reduced, PartitionSpec(*(entries[d] for d in range(ndim) if d not in dims))
+
+
+def _partition_sums(dims, mesh, arg_shapes, result_shape):
+  del result_shape
+  reduced, kept = _split_specs(dims, arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
+
+  def per_shard(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    sums = _variadic_sums(arrays, dims)
+    return jax.lax.psum(sums, reduced) if reduced else sums
+
+  out = jax.sharding.NamedSharding(mesh, kept)
+  return mesh, per_shard, (out,) * len(arg_shapes), (arg_shapes[0].sharding,) * len(arg_shapes)
+
+
+def _infer_sums_sharding(dims, mesh, arg_shapes, result_shape):
+  del result_shape
+  _, kept = _split_specs(dims, arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
+  return (jax.sharding.NamedSharding(mesh, kept),) * len(arg_shapes)
+
+
+def _sums_sharding_rule(dims, mesh, value_types, result_types):
+  del mesh, result_types
+  factors = [f"d{i}" for i in range(len(value_types[0].shape))]
+  kept = ArrayMapping(*(f for i, f in enumerate(factors) if i not in dims))
+  operands = (ArrayMapping(*factors),) * len(value_types)
+  reduction = tuple(factors[i] for i in dims)
+  return SdyShardingRule(operands, (kept,) * len(value_types), reduction_factors=reduction)
+
+
+# XLA partitions a variadic reduce over a sharded dimension by gathering each of its
+# partial results; this one reduces each shard and all-reduces the partial sums
+# together: one all-reduce (of a few numbers per group) for the mesh axes that split
+# the reduced dimensions.
+def _three_sums(
+  a: jax.Array, b: jax.Array, c: jax.Array, dims: tuple[int, ...]
+) -> tuple[jax.Array, ...]:
+  return _variadic_sums((a, b, c), dims)
+
+
+_partitioned_sums = custom_partitioning(_three_sums, static_argnums=(3,))
+_partitioned_sums.def_partition(
+  partition=_partition_sums,
+  infer_sharding_from_operands=_infer_sums_sharding,
+  sharding_rule=_sums_sharding_rule,
+)
+
+
+def _one_all_reduce_sums(
+  arrays: tuple[jax.Array, ...], dims: tuple[int, ...]
+) -> tuple[jax.Array, ...]:
+  """The three sums of squares of ``_scaled_norm``, partitioned with one all-reduce."""
+
+  @jax.custom_batching.custom_vmap
+  def sums(a: jax.Array, b: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+    return _partitioned_sums(a, b, c, dims)
+
+  @sums.def_vmap
+  def sums_vmap(axis_size, in_batched, *arrays):
+    # custom_partitioning has no batching rule: a vmapped node reduces unpartitioned,
+    # its batch axis moved to the front.
+    arrays = tuple(
+      a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+      for a, batched in zip(arrays, in_batched, strict=True)
+    )
+    return _variadic_sums(arrays, tuple(d + 1 for d in dims)), (True,) * len(arrays)
+
+  return sums(*arrays)
+
+
 def _sums_of_squares(
   arrays: tuple[jax.Array, ...],
   axes: tuple[int, ...] | None,
@@ -488,13 +583,9 @@ def _sums_of_squares(
 
   def variadic(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     dims = tuple(range(arrays[0].ndim)) if axes is None else axes
-    zero = arrays[0].dtype.type(0)
-    sums = jax.lax.reduce(
-      tuple(v * v for v in arrays),
-      (zero,) * len(arrays),
-      lambda x, y: tuple(xi + yi for xi, yi in zip(x, y, strict=True)),
-      dims,
-    )
+    # Inside shard_map the mesh axes are manual and the psum below is explicit.
+    manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+    sums = (_variadic_sums if manual else _one_all_reduce_sums)(arrays, dims)
     kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
     return tuple(s.reshape(kept) for s in sums)
 

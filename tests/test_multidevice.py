@@ -99,6 +99,17 @@ def test_a_node_gathers_no_activation(errors, formulation, layout, options):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("options", ["whole", "per_example"])
+def test_the_gpu_tpu_formulation_adds_one_all_reduce_per_node(errors, layout, options):
+  # The three sums reduced on each shard, their partial sums all-reduced together: one
+  # collective for all the mesh axes that split the group, none where none does.
+  added = errors["collectives"]["variadic"][f"{layout}-{options}"]
+  assert set(added["ops"]) <= {"all-reduce"}, added
+  splits_group = not (layout == "batch" and options == "per_example")
+  assert added["per_node"] == (1 if splits_group else 0), added
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("options", ["whole", "per_example"])
 def test_the_cpu_formulation_adds_only_all_reduces(errors, layout, options):
   added = errors["collectives"]["platform"][f"{layout}-{options}"]
   assert set(added["ops"]) <= {"all-reduce"}, added
