@@ -790,9 +790,9 @@ class _Probe:
       if GRAD_NORMS_COLLECTION in module.variables:
         return outputs  # a trace whose variables the lifted transform discards
       raise ValueError(
-        f"grad_norms: no {GRAD_NORMS_COLLECTION!r} perturbation reached the module call "
-        f"at {joined!r}. loss_fn must pass the `variables` it receives to apply as they "
-        f"are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
+        f"bgn_jax.linen.grad_norms: no {GRAD_NORMS_COLLECTION!r} perturbation reached the "
+        f"module call at {joined!r}. loss_fn must pass the `variables` it receives to apply "
+        f"as they are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
       )
     perturbed = module.perturb(name, [leaves[i] for i in chosen], collection=GRAD_NORMS_COLLECTION)
     for i, leaf in zip(chosen, perturbed, strict=True):
@@ -805,7 +805,7 @@ def _uncarried_message(joined: str) -> str:
   transform, rnn = _enclosing_transform(sys._getframe(1))
   if rnn is not None:
     return (
-      f"grad_norms: the module call at {joined!r} runs inside the nn.RNN at "
+      f"bgn_jax.linen.grad_norms: the module call at {joined!r} runs inside the nn.RNN at "
       f"{module_path(rnn)!r}, whose scan does not carry the {GRAD_NORMS_COLLECTION!r} "
       f"collection. Give it one value per step: nn.RNN(cell, variable_axes="
       f"{{{GRAD_NORMS_COLLECTION!r}: 0}}) (the params stay broadcast), or select modules "
@@ -813,8 +813,8 @@ def _uncarried_message(joined: str) -> str:
     )
   name = f"nn.{transform}" if transform else "a lifted transform (nn.scan, nn.vmap, ...)"
   return (
-    f"grad_norms: the module call at {joined!r} runs inside {name}, which does not carry "
-    f"the {GRAD_NORMS_COLLECTION!r} collection. Add it with axis 0, e.g. "
+    f"bgn_jax.linen.grad_norms: the module call at {joined!r} runs inside {name}, which "
+    f"does not carry the {GRAD_NORMS_COLLECTION!r} collection. Add it with axis 0, e.g. "
     f"{name if transform else 'nn.scan'}(..., variable_axes={{'params': 0, "
     f"{GRAD_NORMS_COLLECTION!r}: 0}}) ({GRAD_NORMS_COLLECTION!r}: 0 alone where the "
     f"params are broadcast), or select modules outside the transform."
@@ -860,8 +860,8 @@ def _leading_axes(
   lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
   if any(n < 0 for n in lead):
     raise ValueError(
-      f"grad_norms: the {what} of {'/'.join(path)!r} have lower rank in the variables "
-      f"than in one call; list {GRAD_NORMS_COLLECTION!r} and 'params' with axis 0 in the "
+      f"bgn_jax.linen.grad_norms: the {what} of {'/'.join(path)!r} have lower rank in the "
+      f"variables than in one call; list {GRAD_NORMS_COLLECTION!r} and 'params' with axis 0 in the "
       f"lifted transform's variable_axes."
     )
   return lead

@@ -394,7 +394,9 @@ def test_scan_without_the_collection_is_a_clear_error():
   model = Scanned(length=3, collections=("params",))
   x = inputs()
   variables = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="variable_axes.*'grad_norms': 0"):
+  with pytest.raises(
+    ValueError, match=r"^bgn_jax.linen.grad_norms: .*variable_axes.*'grad_norms': 0"
+  ):
     grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   # Modules outside the scan still work.
   report = grad_norms(loss_of(model.apply), where="^Dense_0$")(variables, x)
@@ -470,7 +472,9 @@ def test_errors_name_the_argument(mlp):
   def drops_perturbations(variables, x):
     return jnp.sum(model.apply({"params": variables["params"]}, x))
 
-  with pytest.raises(ValueError, match="loss_fn must pass the `variables`"):
+  with pytest.raises(
+    ValueError, match=r"^bgn_jax.linen.grad_norms: .*loss_fn must pass the `variables`"
+  ):
     grad_norms(drops_perturbations, where=nn.Dense)(variables, x)
 
 
@@ -503,7 +507,11 @@ def test_rnn_needs_its_own_variable_axes_and_then_reports_every_step():
   x = jax.random.normal(jax.random.key(1), (BATCH, 3, WIDTH))
   model = Recurrent()
   variables = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=re.escape("nn.RNN(cell, variable_axes={'grad_norms': 0})")):
+  with pytest.raises(
+    ValueError,
+    match=r"^bgn_jax.linen.grad_norms: .*"
+    + re.escape("nn.RNN(cell, variable_axes={'grad_norms': 0})"),
+  ):
     grad_norms(loss_of(model.apply), where=nn.Dense)(variables, x)
   carried = Recurrent(variable_axes=((GRAD_NORMS_COLLECTION, 0),))
   report = grad_norms(loss_of(carried.apply), where=nn.Dense)(variables, x)
