@@ -201,3 +201,30 @@ def test_grad_norms_reports_at_bgn_for_a_node_before_the_module():
       rtol=1e-5,
       atol=1e-6,
     )
+
+
+class VmappedDense(nn.Module):
+  """A Dense mapped over the leading axis by nn.vmap: each call sees one (T, D) instance."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.vmap(
+      nn.Dense, variable_axes={"params": None}, split_rngs={"params": False}, in_axes=0
+    )
+    return dense(WIDTH, name="dense")(x)
+
+
+def test_a_node_inside_nn_vmap_is_one_group_per_instance_with_target_sqrt_d():
+  # docs/insert.md's nn.vmap row: for an instance of shape (T, D), one group per
+  # instance with target sqrt(D) (sqrt_units of the unbatched shape), not sqrt(T * D).
+  x = inputs((3, 5, WIDTH))
+  model = VmappedDense()
+  variables = model.init(jax.random.key(0), x)
+  inserted = bgn_jax.linen.insert(model.apply, where=nn.Dense)
+
+  def by_hand(v, x):
+    return bgn(model.apply(v, x), axes=(1, 2), target_norm=float(np.sqrt(WIDTH)))
+
+  chex.assert_trees_all_close(
+    grads(inserted, variables, x), grads(by_hand, variables, x), rtol=1e-5, atol=1e-6
+  )

@@ -9,6 +9,7 @@ import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from flax.nnx import bridge
@@ -105,6 +106,25 @@ def test_nnx_split_after_insert_trains_with_the_nodes():
   plain = nnx.Linear(WIDTH, WIDTH, rngs=nnx.Rngs(0))
   hand = nnx.grad(lambda m: jnp.sum(jnp.sin(bgn(m(x)))))(plain)
   chex.assert_trees_all_close(jax.grad(loss)(state), nnx.state(hand))
+
+
+def test_nnx_cached_partial_after_insert_trains_with_the_nodes():
+  # docs/insert.md: the order that works with nnx.cached_partial is insert, then cache.
+  model = bgn_jax.nnx.insert(nnx.Linear(WIDTH, WIDTH, rngs=nnx.Rngs(0)), where=nnx.Linear)
+  x = inputs((2, WIDTH))
+
+  @nnx.jit(graph=True, graph_updates=True)
+  def step(model, x):
+    return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model)
+
+  with nnx.set_graph_mode(True), nnx.set_graph_updates(True):
+    cached = nnx.cached_partial(step, model)
+  plain = nnx.Linear(WIDTH, WIDTH, rngs=nnx.Rngs(0))
+  hand = nnx.grad(lambda m: jnp.sum(jnp.sin(bgn(m(x)))))(plain)
+  without = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(plain)
+  got = cached(x)
+  chex.assert_trees_all_close(got, hand)
+  assert not np.allclose(got["kernel"][...], without["kernel"][...])
 
 
 def test_nnx_bgn_options_are_positional_like_linen_and_equinox():
