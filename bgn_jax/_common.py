@@ -654,3 +654,57 @@ def call_keys(paths: Sequence[str]) -> list[str]:
     counts[path] = index + 1
     keys.append(path if index == 0 else f"{path}#{index}")
   return keys
+
+
+# grad_norms's tap: a fixed-size array per probed call, whose gradient is the squared
+# norm of the gradient at the leaves it rides on (a few scalars, whatever their size).
+
+# Scales of the three sums of squares a tap returns: the largest scale whose sum
+# is finite gives the norm, so norms over the whole float32 range survive.
+TAP_SCALES = (2.0**62, 1.0, 2.0**-62)
+# Each call has two rows: at its output, and where a BGN node receives its gradient.
+TAP_OUTPUT, TAP_AT_BGN = 0, 1
+TAP_SHAPE = (2, len(TAP_SCALES))
+
+
+@jax.custom_vjp
+def _tap(outputs: list[jax.Array], tap: jax.Array) -> list[jax.Array]:
+  del tap
+  return outputs
+
+
+def _tap_fwd(outputs: list[jax.Array], tap: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+  return outputs, tap
+
+
+def _tap_bwd(tap: jax.Array, grads: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+  # The tap's cotangent is the squared norm of the leaves' gradient, at three
+  # scales. Under vmap the tap is shared by the batch, so these sums add up over
+  # the examples: the norm over the whole batch.
+  flat = flatten_leaves(grads, [0] * len(grads))
+  if flat is None:
+    return grads, jnp.zeros_like(tap)
+  norm = l2_norm(flat).astype(tap.dtype)
+  scales = jnp.asarray(TAP_SCALES, tap.dtype)
+  return grads, jnp.square(norm * scales)
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def tap_norm(sums: jax.Array) -> jax.Array:
+  """The norm from a tap row's gradient ``(..., 3)``: the largest finite scale's sum."""
+  scales = jnp.asarray(TAP_SCALES, sums.dtype)
+  norms = jnp.sqrt(sums) / scales
+  finite = jnp.isfinite(sums)
+  return jnp.where(
+    finite[..., 0], norms[..., 0], jnp.where(finite[..., 1], norms[..., 1], norms[..., 2])
+  )
+
+
+def with_tap(leaves: Sequence[Any], treedef: Any, chosen: Sequence[int], tap: jax.Array) -> Any:
+  """The tree of ``leaves`` with ``tap`` (one row of a call's tap) on the ``chosen`` ones."""
+  leaves = list(leaves)
+  for i, leaf in zip(chosen, _tap([leaves[i] for i in chosen], tap), strict=True):
+    leaves[i] = leaf
+  return jax.tree.unflatten(treedef, leaves)

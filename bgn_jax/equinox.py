@@ -36,6 +36,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
   ) from err
 
 from bgn_jax._common import (
+  TAP_AT_BGN,
+  TAP_OUTPUT,
+  TAP_SHAPE,
   Insertion,
   Placements,
   Position,
@@ -53,8 +56,10 @@ from bgn_jax._common import (
   options_text,
   place,
   recording,
+  tap_norm,
+  with_tap,
 )
-from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, l2_norm, make_config
+from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
 __all__ = ["BGN", "grad_norms", "insert", "placements", "remove"]
 
@@ -581,48 +586,6 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
 # ---------------------------------------------------------------------------
 # grad_norms: taps on the outputs, read by one jax.grad.
 
-# Scales of the three sums of squares a tap returns: the largest scale whose sum
-# is finite gives the norm, so norms over the whole float32 range survive.
-_TAP_SCALES = (2.0**62, 1.0, 2.0**-62)
-# Each call has two taps: at its output, and after a BGN node fed that output.
-_OUTPUT, _AT_BGN = 0, 1
-_TAP_SHAPE = (2, len(_TAP_SCALES))
-
-
-@jax.custom_vjp
-def _tap(outputs: list[jax.Array], tap: jax.Array) -> list[jax.Array]:
-  del tap
-  return outputs
-
-
-def _tap_fwd(outputs: list[jax.Array], tap: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-  return outputs, tap
-
-
-def _tap_bwd(tap: jax.Array, grads: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-  # The tap's cotangent is the squared norm of the output's gradient, at three
-  # scales. Under vmap the tap is shared by the batch, so these sums add up over
-  # the examples: the norm over the whole batch.
-  flat = flatten_leaves(grads, [0] * len(grads))
-  if flat is None:
-    return grads, jnp.zeros_like(tap)
-  norm = l2_norm(flat).astype(tap.dtype)
-  scales = jnp.asarray(_TAP_SCALES, tap.dtype)
-  return grads, jnp.square(norm * scales)
-
-
-_tap.defvjp(_tap_fwd, _tap_bwd)
-
-
-def _tap_norm(sums: jax.Array) -> jax.Array:
-  """The norm from a tap's gradient ``(..., 3)``: the largest finite scale's sum."""
-  scales = jnp.asarray(_TAP_SCALES, sums.dtype)
-  norms = jnp.sqrt(sums) / scales
-  finite = jnp.isfinite(sums)
-  return jnp.where(
-    finite[..., 0], norms[..., 0], jnp.where(finite[..., 1], norms[..., 1], norms[..., 2])
-  )
-
 
 def _param_leaves(module: eqx.Module) -> list[jax.Array]:
   """The module's inexact arrays, without the diagnostics' taps."""
@@ -673,7 +636,8 @@ class _Pass(_Listener):
   When the output goes through a BGN node (an inserted node of that module, a
   node that :func:`insert` inside ``loss_fn`` puts on it, or a :class:`BGN`
   layer fed it), the node's output gets the "at_bgn" tap: the raw gradient
-  arriving at the node. Both passes make the same decisions, so the shape pass
+  arriving at the node; so does the output of a node before the call (on its
+  inputs). Both passes make the same decisions, so the shape pass
   knows which taps the measured pass reads.
   """
 
@@ -726,7 +690,7 @@ class _Pass(_Listener):
     if tap is None:
       return inputs
     leaves, treedef = jax.tree.flatten(inputs)
-    return _with_tap(leaves, treedef, _tapped(leaves, _own_arrays(module)), tap[_AT_BGN])
+    return with_tap(leaves, treedef, _tapped(leaves, _own_arrays(module)), tap[TAP_AT_BGN])
 
   def node_applied(self, inputs: Any, outputs: Any) -> Any:
     tagged = self._tagged.get(id(inputs))
@@ -765,7 +729,7 @@ class _Pass(_Listener):
     tap = self._tap_of(module, path, index)
     if tap is None:
       return outputs, _Output(None, None, own)
-    return _with_tap(leaves, treedef, chosen, tap[_OUTPUT]), _Output(None, tap[_AT_BGN], own)
+    return with_tap(leaves, treedef, chosen, tap[TAP_OUTPUT]), _Output(None, tap[TAP_AT_BGN], own)
 
   def _tap_of(self, module: Any, path: str, index: int) -> jax.Array | None:
     """The tap of the ``index``-th call at ``path``, in the measured pass."""
@@ -774,7 +738,7 @@ class _Pass(_Listener):
     if tap is None:
       loose = self._loose.get(path, [])
       tap = loose[index] if index < len(loose) else None
-    if tap is not None and tap.shape != _TAP_SHAPE:  # a layer count taken wrongly
+    if tap is not None and tap.shape != TAP_SHAPE:  # a layer count taken wrongly
       raise ValueError(_stack_message(path, tap.shape))
     return tap
 
@@ -787,20 +751,13 @@ class _Pass(_Listener):
     if tapped.at_bgn_tap is None:
       return outputs
     leaves, treedef = jax.tree.flatten(outputs)
-    return _with_tap(leaves, treedef, _tapped(leaves, tapped.own), tapped.at_bgn_tap)
-
-
-def _with_tap(leaves: list[Any], treedef: Any, chosen: list[int], tap: jax.Array) -> Any:
-  leaves = list(leaves)
-  for i, leaf in zip(chosen, _tap([leaves[i] for i in chosen], tap), strict=True):
-    leaves[i] = leaf
-  return jax.tree.unflatten(treedef, leaves)
+    return with_tap(leaves, treedef, _tapped(leaves, tapped.own), tapped.at_bgn_tap)
 
 
 def _stack_message(path: str, shape: tuple[int, ...]) -> str:
   return (
     f"bgn_jax.equinox.grad_norms: the module at {path!r} has no parameters, and its diagnostic "
-    f"tap arrived with shape {shape} instead of {_TAP_SHAPE}: the layer count taken from "
+    f"tap arrived with shape {shape} instead of {TAP_SHAPE}: the layer count taken from "
     f"the modules around it does not fit how the model slices it (jax.lax.scan or vmap "
     f"over stacked arrays). Select the layer module that holds it instead."
   )
@@ -883,7 +840,7 @@ def _tap_shapes(
   """The shape of each call's tap as the call sees it, by a second abstract pass."""
   taps: dict[str, list[Any]] = {}
   for path, _, _, lead_shape, dtype, _, is_loose in plan:
-    shape = lead_shape + _TAP_SHAPE
+    shape = lead_shape + TAP_SHAPE
     taps.setdefault(path, []).append(None if is_loose or dtype is None else np.zeros(shape))
   probed = _map_modules(
     lambda path, module: _probe(module, path, tuple(taps[path])) if path in taps else module,
@@ -912,7 +869,7 @@ def _measured_norms(
   taps: dict[str, list[jax.Array | None]] = {}
   loose: dict[str, list[jax.Array | None]] = {}
   for path, _, _, lead_shape, dtype, _, is_loose in plan:
-    tap = None if dtype is None else jnp.zeros(lead_shape + _TAP_SHAPE, dtype)
+    tap = None if dtype is None else jnp.zeros(lead_shape + TAP_SHAPE, dtype)
     taps.setdefault(path, []).append(None if is_loose else tap)
     loose.setdefault(path, []).append(tap if is_loose else None)
 
@@ -933,8 +890,8 @@ def _measured_norms(
     shapes.append(lead_shape)
     tap = (grad_loose if is_loose else grad_taps)[path][index]
     zeros = jnp.zeros(lead_shape, jnp.float32)
-    outputs.append(zeros if tap is None else _tap_norm(tap[..., _OUTPUT, :]))
-    at_bgn.append(zeros if tap is None else _tap_norm(tap[..., _AT_BGN, :]))
+    outputs.append(zeros if tap is None else tap_norm(tap[..., TAP_OUTPUT, :]))
+    at_bgn.append(zeros if tap is None else tap_norm(tap[..., TAP_AT_BGN, :]))
   return list(zip(outputs, group_norms(flats, shapes), at_bgn, strict=True))
 
 
@@ -958,8 +915,10 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
   ``"at_bgn"`` is the raw gradient arriving at the node, before it normalizes it
   (the gradient at the node's output). With the node as the only consumer,
   ``"output"`` is then the normalized gradient and ``"at_bgn"`` the one the
-  layers above sent. A bare :func:`bgn_jax.bgn` call is not seen as a node: no
-  ``"at_bgn"`` there. Leaves of the output that are the module's own arrays,
+  layers above sent. A node that :func:`insert` put ``position="before"`` a
+  selected module sits on its inputs: its ``"at_bgn"`` is the gradient arriving
+  at that node (at the inputs the module sees). A bare :func:`bgn_jax.bgn` call is
+  not seen as a node: no ``"at_bgn"`` there. Leaves of the output that are the module's own arrays,
   passed through, are not measured.
 
   Under ``jax.vmap`` (a loss of per-example code) the norms are over the whole
@@ -993,7 +952,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
   Returns:
     A function of ``loss_fn``'s arguments, as ``jax.grad`` returns one, that
     returns ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
-    a BGN node sits on the output; each norm a float32 array (float64 for
+    a BGN node sits on the output or before the module; each norm a float32 array (float64 for
     float64 gradients), 0-d or one value per scanned layer. Modules without
     parameters have "params" zero; "output" is zero for a module whose output
     has no floating-point leaf.
@@ -1062,7 +1021,7 @@ def _measure(
     # taps that way (it may call the module outside its stack); if not, close over.
     tap_shapes = _tap_shapes(loss_fn, model, plan, args, kwargs)
     for i in borrowed:
-      if tap_shapes[i] != _TAP_SHAPE:
+      if tap_shapes[i] != TAP_SHAPE:
         path, index, lead, _, dtype, at_bgn, _ = plan[i]
         plan[i] = (path, index, lead, (), dtype, at_bgn, True)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)

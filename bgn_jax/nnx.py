@@ -647,8 +647,8 @@ def _leading(stacked: list[int], per_call: tuple[int, ...], what: str, path: str
   lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
   if any(n < 0 for n in lead):
     raise ValueError(
-      f"nnx.grad_norms: the {what} of {path!r} have lower rank outside the module call "
-      f"than in it; a transform around it changes their shapes in a way grad_norms "
+      f"bgn_jax.nnx.grad_norms: the {what} of {path!r} have lower rank outside the module "
+      f"call than in it; a transform around it changes their shapes in a way grad_norms "
       f"cannot read."
     )
   return lead
