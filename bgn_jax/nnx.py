@@ -33,6 +33,9 @@ from jax.core import Tracer
 
 from bgn_jax._common import (
   SEEN_LISTED,
+  TAP_AT_BGN,
+  TAP_OUTPUT,
+  TAP_SHAPE,
   Hook,
   Insertion,
   Placements,
@@ -54,6 +57,8 @@ from bgn_jax._common import (
   options_text,
   place,
   recording,
+  tap_norm,
+  with_tap,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
@@ -484,7 +489,7 @@ Report = dict[str, dict[str, jax.Array]]
 
 
 class GradProbe(nnx.Variable):
-  """A zero perturbation that :func:`grad_norms` adds to a module output leaf."""
+  """The tap (``_common.TAP_SHAPE`` zeros) that :func:`grad_norms` puts on a call."""
 
 
 @dataclasses.dataclass
@@ -492,10 +497,10 @@ class _ProbedCall:
   """One call of a probed module, as the shape pass saw it."""
 
   path: str
-  name: str  # the prefix of its GradProbe attributes
-  output_ndims: tuple[int, ...]  # rank of each probed leaf in one call
+  name: str  # the attribute of its GradProbe tap
   params_ndims: tuple[int, ...]  # rank of each Param leaf of the module in one call
-  at_bgn_ndims: tuple[int, ...] | None = None  # the same after a BGN node on the output
+  at_bgn: bool = False  # a BGN node got the output, or sits on the inputs
+  tapped: bool = False  # the call has a tap (a floating-point output, or at_bgn)
 
 
 _CallKey = tuple[str, str]  # (path, probe name) of one call
@@ -511,8 +516,8 @@ class _Pass(Hook):
   tagged: dict[int, tuple[Any, nnx.Module, _CallKey]] = dataclasses.field(default_factory=dict)
   at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
   found: dict[_CallKey, _ProbedCall] = dataclasses.field(default_factory=dict)
-  # The ranks of the at_bgn probes on the inputs of a call not yet returned.
-  inputs_at_bgn: dict[_CallKey, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  # The calls not yet returned whose inputs got a node (and its at_bgn tap).
+  inputs_at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
 
   def node_applied(
     self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
@@ -523,9 +528,9 @@ class _Pass(Hook):
       path = _probe_path(module)
       key = (path, f"grad_norms_{self.counts.get(path, 0)}")
       self.at_bgn.add(key)
-      name = f"{key[1]}_at_bgn"
-      outputs, ndims = _perturbed(self, module, outputs, name, _variable_values(module))
-      self.inputs_at_bgn[key] = tuple(ndims)
+      outputs, tapped = _tapped(self, module, outputs, key[1], TAP_AT_BGN, _variable_values(module))
+      if tapped:
+        self.inputs_at_bgn.add(key)
       return outputs
     return _probe_bgn_layer(self, inputs, outputs)
 
@@ -539,21 +544,22 @@ def _param_leaves(module: nnx.Module) -> list[jax.Array]:
   return jax.tree.leaves(nnx.state(module, nnx.Param))
 
 
-def _perturbed(
-  current: _Pass, owner: nnx.Module, tree: Any, name: str, owned: set[int]
-) -> tuple[Any, list[int]]:
-  """``tree`` plus the GradProbe Variables ``{name}_{n}`` of ``owner`` on its
-  floating-point leaves (made in the shape pass), and the ranks of those leaves."""
+def _tapped(
+  current: _Pass, owner: nnx.Module, tree: Any, name: str, row: int, owned: set[int]
+) -> tuple[Any, bool]:
+  """``tree`` with row ``row`` of ``owner``'s tap ``name`` (a GradProbe, made in the
+  shape pass) on its floating-point leaves, and whether it has any."""
   _, leaves, reasons, treedef = classify(tree, _owned(owned), is_leaf=_is_variable)
   chosen = [i for i, reason in enumerate(reasons) if reason is None]
-  for n, i in enumerate(chosen):
-    attribute = f"{name}_{n}"
-    if current.discover:
-      setattr(owner, attribute, GradProbe(jnp.zeros_like(leaves[i])))
-    probe = getattr(owner, attribute, None)
-    if probe is not None:  # None: a trace whose variables the transform discarded
-      leaves[i] = leaves[i] + probe[...]
-  return jax.tree.unflatten(treedef, leaves), [leaves[i].ndim for i in chosen]
+  if not chosen:
+    return tree, False
+  if current.discover and getattr(owner, name, None) is None:
+    dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
+    setattr(owner, name, GradProbe(jnp.zeros(TAP_SHAPE, dtype)))
+  probe = getattr(owner, name, None)
+  if probe is None:  # a trace whose variables the transform discarded
+    return tree, True
+  return with_tap(leaves, treedef, chosen, probe[...][row]), True
 
 
 def _probe_output(
@@ -565,13 +571,14 @@ def _probe_output(
   current.counts[path] = index + 1
   name = f"grad_norms_{index}"
   params_ndims = tuple(jnp.ndim(p) for p in _param_leaves(module))
-  outputs, ndims = _perturbed(current, module, outputs, name, owned)
+  outputs, tapped = _tapped(current, module, outputs, name, TAP_OUTPUT, owned)
   key = (path, name)
   if current.discover:
-    current.calls.append(_ProbedCall(path, name, tuple(ndims), params_ndims))
+    at_bgn = key in current.inputs_at_bgn
+    current.inputs_at_bgn.discard(key)
+    current.calls.append(_ProbedCall(path, name, params_ndims, at_bgn, tapped or at_bgn))
     current.found[key] = current.calls[-1]
-    current.found[key].at_bgn_ndims = current.inputs_at_bgn.pop(key, None)
-  if ndims:
+  if tapped:
     current.tagged[id(outputs)] = (outputs, module, key)
   return outputs, key
 
@@ -581,9 +588,9 @@ def _probe_at_bgn(
 ) -> Any:
   """A BGN node's output with the "at_bgn" probes of the call ``key`` (on ``owner``)."""
   current.at_bgn.add(key)
-  normalized, ndims = _perturbed(current, owner, normalized, f"{key[1]}_at_bgn", owned)
-  if current.discover and ndims:
-    current.found[key].at_bgn_ndims = tuple(ndims)
+  normalized, tapped = _tapped(current, owner, normalized, key[1], TAP_AT_BGN, owned)
+  if current.discover and tapped:
+    current.found[key].at_bgn = current.found[key].tapped = True
   return normalized
 
 
@@ -656,27 +663,21 @@ def _leading(stacked: list[int], per_call: tuple[int, ...], what: str, path: str
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _report_norms(grad_params: Any, grad_probes: Any, plan: tuple[Any, ...]) -> list:
-  flats, lead_shapes = [], []
-  for (
-    probe_keys,
-    output_lead,
-    module_parts,
-    params_lead,
-    lead_shape,
-    at_bgn_keys,
-    at_bgn_lead,
-  ) in plan:
-    outputs = [_state_at(grad_probes, keys) for keys in probe_keys]
+  flats, lead_shapes, taps = [], [], []
+  for probe_key, module_parts, params_lead, lead_shape in plan:
     params = jax.tree.leaves(_state_at(grad_params, module_parts) or {})
-    at_bgn = [_state_at(grad_probes, keys) for keys in at_bgn_keys]
-    flats += [
-      flatten_leaves(outputs, output_lead),
-      flatten_leaves(params, params_lead),
-      flatten_leaves(at_bgn, at_bgn_lead),
-    ]
-    lead_shapes += [lead_shape] * 3
-  norms = group_norms(flats, lead_shapes)
-  return list(zip(norms[::3], norms[1::3], norms[2::3], strict=True))
+    flats.append(flatten_leaves(params, params_lead))
+    lead_shapes.append(lead_shape)
+    taps.append(None if probe_key is None else _state_at(grad_probes, probe_key))
+  norms = []
+  for tap, param, lead_shape in zip(
+    taps, group_norms(flats, lead_shapes), lead_shapes, strict=True
+  ):
+    zeros = jnp.zeros(lead_shape, jnp.float32)
+    output = zeros if tap is None else tap_norm(tap[..., TAP_OUTPUT, :])
+    at_bgn = zeros if tap is None else tap_norm(tap[..., TAP_AT_BGN, :])
+    norms.append((output, param, at_bgn))
+  return norms
 
 
 def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
@@ -793,15 +794,10 @@ def _measure(
   calls = []
   for call in shapes_pass.calls:
     parts = module_parts[call.path]
-    keys = [parts + (f"{call.name}_{n}",) for n in range(len(call.output_ndims))]
-    shapes = [_state_at(probe_shapes, k) for k in keys]
-    if any(s is None for s in shapes):
+    shape = _state_at(probe_shapes, parts + (call.name,))
+    if shape is None and call.tapped:
       continue  # a trace whose variables the transform discarded
-    at_bgn = [parts + (f"{call.name}_at_bgn_{n}",) for n in range(len(call.at_bgn_ndims or ()))]
-    at_bgn_shapes = [_state_at(probe_shapes, k) for k in at_bgn]
-    if call.at_bgn_ndims is None or any(s is None for s in at_bgn_shapes):
-      at_bgn = None
-    calls.append((call, parts, keys, [s.shape for s in shapes], at_bgn, at_bgn_shapes))
+    calls.append((call, parts, None if shape is None else shape.shape))
   if not calls:
     raise ValueError(
       f"bgn_jax.nnx.grad_norms: `where` {where!r} selected "
@@ -819,29 +815,22 @@ def _measure(
   grad_probes = nnx.state(grads, GradProbe)
   params = nnx.state(work, nnx.Param)
   plan = []
-  for call, parts, keys, shapes, at_bgn, at_bgn_shapes in calls:
-    output_lead = _leading([len(s) for s in shapes], call.output_ndims, "outputs", call.path)
-    lead_shape = tuple(shapes[0][: output_lead[0]]) if shapes else ()
+  for call, parts, shape in calls:
+    lead_shape = () if shape is None else tuple(shape[: len(shape) - len(TAP_SHAPE)])
     stacked = [jnp.ndim(p) for p in jax.tree.leaves(_state_at(params, parts) or {})]
     params_lead = _leading(stacked, call.params_ndims, "parameters", call.path)
     if len(set(params_lead)) > 1 or (params_lead and params_lead[0] != len(lead_shape)):
       params_lead = (0,) * len(params_lead)  # shared and stacked mixed: one norm
-    at_bgn_lead = ()
-    if at_bgn is not None:
-      ranks = [len(s.shape) for s in at_bgn_shapes]
-      at_bgn_lead = _leading(ranks, call.at_bgn_ndims or (), "outputs", call.path)
-    at_bgn_keys = tuple(at_bgn or ())
-    plan.append(
-      (tuple(keys), output_lead, parts, params_lead, lead_shape, at_bgn_keys, at_bgn_lead)
-    )
+    probe_key = None if shape is None else parts + (call.name,)
+    plan.append((probe_key, parts, params_lead, lead_shape))
   norms = _report_norms(nnx.to_pure_dict(grad_params), nnx.to_pure_dict(grad_probes), tuple(plan))
   counts: dict[str, int] = {}
   report = collections.OrderedDict()
-  for (call, *_, at_bgn, _), (output, param, raw) in zip(calls, norms, strict=True):
+  for (call, _, shape), (output, param, raw) in zip(calls, norms, strict=True):
     index = counts.get(call.path, 0)
     counts[call.path] = index + 1
     key = call.path if index == 0 else f"{call.path}#{index}"
     report[key] = {"output": output, "params": param}
-    if at_bgn is not None:
+    if call.at_bgn and shape is not None:
       report[key]["at_bgn"] = raw
   return report
