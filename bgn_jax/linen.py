@@ -34,6 +34,7 @@ import numpy as np
 from flax.core import unfreeze
 
 from bgn_jax._common import (
+  TAP_SHAPE,
   CallCheck,
   Path,
   Placements,
@@ -53,6 +54,8 @@ from bgn_jax._common import (
   options_text,
   place,
   recording,
+  tap_norm,
+  with_tap,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
 
@@ -604,7 +607,7 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
 
 
 GRAD_NORMS_COLLECTION = "grad_norms"
-"""The collection of grad_norms's zero perturbations; list it in nn.scan's variable_axes."""
+"""The collection of grad_norms's taps; list it in nn.scan's variable_axes."""
 
 Report = dict[str, dict[str, jax.Array]]
 
@@ -614,10 +617,10 @@ class _Call:
   """One selected module call, as found by the shape pass."""
 
   path: Path  # the module path in the variable trees
-  location: Path  # where its output perturbation lies in the collection (path + name)
-  output_ndims: tuple[int, ...]  # rank of each perturbed leaf in one call
+  location: Path  # where its output tap lies in the collection (path + name)
+  output_ndims: tuple[int, ...]  # rank of its tap in one call; () without one
   params_ndims: Any  # rank of each params leaf in one call (inside any nn.scan)
-  at_bgn: Path | None = None  # the perturbation after a BGN node fed this output
+  at_bgn: Path | None = None  # the tap where a BGN node receives its gradient
 
 
 _PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("_PROBE", default=None)
@@ -627,21 +630,21 @@ class _Probe:
   """The interceptor of one :func:`grad_norms` pass.
 
   In the shape pass ("discover") each top-level module call is run again as
-  ``apply(..., mutable=True)``, so that ``Module.perturb`` creates the zero
-  perturbations and lifted transforms (``nn.scan``) stack them per iteration
-  as they stack parameters. In the gradient pass ("measure") the perturbations
-  come in with the variables and ``Module.perturb`` adds them.
+  ``apply(..., mutable=True)``, so that the zero taps are created as variables
+  and lifted transforms (``nn.scan``) stack them per iteration as they stack
+  parameters. In the gradient pass ("measure") the taps come in with the
+  variables.
 
-  Perturbations are numbered in call order, which both passes share. A body
-  that a lifted transform traces more than once (``nn.scan`` traces it twice)
-  takes a number per trace; the traces whose variables the transform discards
-  leave no perturbation, and the shape pass drops their calls.
+  Taps are numbered in call order, which both passes share. A body that a
+  lifted transform traces more than once (``nn.scan`` traces it twice) takes a
+  number per trace; the traces whose variables the transform discards leave no
+  tap, and the shape pass drops their calls.
 
-  A selected output gets its "output" perturbation where the module returns it,
-  before any BGN node: so its gradient is the one over all the output's consumers.
+  A selected output gets its "output" tap where the module returns it, before
+  any BGN node: so its gradient is the one over all the output's consumers.
   Where a BGN node sits on it (a :class:`BGN` layer fed the output, or a node of
   :func:`insert` inside ``loss_fn``, whose interceptor calls :meth:`before_node`),
-  a second perturbation after the node gets the raw gradient arriving there.
+  a second tap after the node gets the raw gradient arriving there.
   """
 
   def __init__(self, is_match: Callable[[Any, str], bool], discover: bool):
@@ -657,7 +660,7 @@ class _Probe:
     self._pending: dict[str, _Call] = {}  # calls whose output insert's node normalizes
     self._inputs_at_bgn: dict[str, Path] = {}  # calls whose inputs insert's node normalized
     self.calls: list[_Call] = []  # in call order
-    self.grafts: list[tuple[Path, Any]] = []  # (prefix, perturbation shapes) per apply
+    self.grafts: list[tuple[Path, Any]] = []  # (prefix, tap shapes) per apply
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
 
   def __call__(
@@ -691,15 +694,15 @@ class _Probe:
       if tagged is not None and tagged[0] is args[0] and tagged[1].at_bgn is None:
         # A BGN layer fed the selected output: the gradient at the BGN layer's
         # output is the raw one arriving at the node, before it normalizes it.
-        outputs = self._perturb_at_bgn(module, path, outputs, tagged[1])
+        outputs = self._tap_at_bgn(module, path, outputs, tagged[1])
     if self._is_match(module, joined):
       call = self._pending.pop(joined, None)
-      if call is not None:  # insert's node normalized the perturbed output
-        outputs = self._perturb_at_bgn(module, path, outputs, call)
+      if call is not None:  # insert's node normalized the tapped output
+        outputs = self._tap_at_bgn(module, path, outputs, call)
       else:
         name = self._next_name("output")
         call = self._record(module, path + (name,), outputs)
-        outputs = self._perturb(module, joined, outputs, name)
+        outputs = self._tap(module, joined, outputs, name)
       at_inputs = self._inputs_at_bgn.pop(joined, None)
       if at_inputs is not None:
         call.at_bgn = at_inputs
@@ -717,7 +720,7 @@ class _Probe:
       return args
     name = self._next_name("at_bgn")
     self._inputs_at_bgn[joined] = path + (name,)
-    return self._perturb(module, joined, args, name)
+    return self._tap(module, joined, args, name)
 
   def before_node(self, module: nn.Module, outputs: Any) -> Any:
     """Perturbs a selected output that insert's node is about to normalize.
@@ -731,12 +734,12 @@ class _Probe:
       return outputs
     name = self._next_name("output")
     self._pending[joined] = self._record(module, path + (name,), outputs)
-    return self._perturb(module, joined, outputs, name)
+    return self._tap(module, joined, outputs, name)
 
-  def _perturb_at_bgn(self, module: nn.Module, path: Path, outputs: Any, call: _Call) -> Any:
+  def _tap_at_bgn(self, module: nn.Module, path: Path, outputs: Any, call: _Call) -> Any:
     name = self._next_name("at_bgn")
     call.at_bgn = path + (name,)
-    return self._perturb(module, "/".join(path), outputs, name)
+    return self._tap(module, "/".join(path), outputs, name)
 
   def _next_name(self, kind: str) -> str:
     self._count += 1
@@ -771,17 +774,15 @@ class _Probe:
     call = _Call(
       path=location[:-1],
       location=location,
-      output_ndims=tuple(
-        x.ndim for x in jax.tree.leaves(outputs) if is_float_array(x, jnp.inexact)
-      ),
+      output_ndims=(1,) if any(is_float_array(x) for x in jax.tree.leaves(outputs)) else (),
       params_ndims=jax.tree.map(jnp.ndim, unfreeze(cast(dict, params))),
     )
     self.calls.append(call)
     return call
 
-  def _perturb(self, module: nn.Module, joined: str, outputs: Any, name: str) -> Any:
+  def _tap(self, module: nn.Module, joined: str, outputs: Any, name: str) -> Any:
     leaves, treedef = jax.tree.flatten(outputs)
-    chosen = [i for i, leaf in enumerate(leaves) if is_float_array(leaf, jnp.inexact)]
+    chosen = [i for i, leaf in enumerate(leaves) if is_float_array(leaf)]
     if not chosen:
       return outputs
     if self._discover and not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
@@ -790,18 +791,17 @@ class _Probe:
       if GRAD_NORMS_COLLECTION in module.variables:
         return outputs  # a trace whose variables the lifted transform discards
       raise ValueError(
-        f"bgn_jax.linen.grad_norms: no {GRAD_NORMS_COLLECTION!r} perturbation reached the "
+        f"bgn_jax.linen.grad_norms: no {GRAD_NORMS_COLLECTION!r} tap reached the "
         f"module call at {joined!r}. loss_fn must pass the `variables` it receives to apply "
         f"as they are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
       )
-    perturbed = module.perturb(name, [leaves[i] for i in chosen], collection=GRAD_NORMS_COLLECTION)
-    for i, leaf in zip(chosen, perturbed, strict=True):
-      leaves[i] = leaf
-    return jax.tree.unflatten(treedef, leaves)
+    dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
+    tap = module.variable(GRAD_NORMS_COLLECTION, name, jnp.zeros, TAP_SHAPE[-1:], dtype)
+    return with_tap(leaves, treedef, chosen, tap.value)
 
 
 def _uncarried_message(joined: str) -> str:
-  """The error for a selected call inside a lifted transform that drops the perturbations."""
+  """The error for a selected call inside a lifted transform that drops the taps."""
   transform, rnn = _enclosing_transform(sys._getframe(1))
   if rnn is not None:
     return (
@@ -867,9 +867,8 @@ def _leading_axes(
   return lead
 
 
-# (output perturbation location, its leading axes per leaf, module path, params
-# leading axes per leaf, the leading shape, the at_bgn perturbation location or
-# None) of one report entry. The at_bgn perturbation has the output's leaves.
+# (output tap location, its leading axes, module path, params leading axes per leaf,
+# the leading shape, the at_bgn tap location or None) of one report entry.
 _PlanEntry = tuple[Path, tuple[int, ...], Path, tuple[int, ...], tuple[int, ...], Path | None]
 
 
@@ -891,24 +890,30 @@ def _plan_entry(call: _Call, shapes: Mapping[str, Any], params: Mapping[str, Any
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _report_norms(
-  grad_params: Any, grad_perturbations: Any, plan: tuple[_PlanEntry, ...]
+  grad_params: Any, grad_taps: Any, plan: tuple[_PlanEntry, ...]
 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   # One compiled computation for all norms, cached per plan: eagerly, the
   # op-by-op version costs seconds of dispatch and compilation.
-  flats, lead_shapes = [], []
+  flats, lead_shapes, taps = [], [], []
   for location, output_lead, path, params_lead, lead_shape, at_bgn in plan:
-    output_leaves = jax.tree.leaves(get_path(grad_perturbations, location))
     param_leaves = jax.tree.leaves(get_path(grad_params, path) or {})
-    at_bgn_leaves = jax.tree.leaves(get_path(grad_perturbations, at_bgn)) if at_bgn else []
-    lead = output_lead[0] if output_lead else 0  # inputs have the output's leading axes
-    flats += [
-      flatten_leaves(output_leaves, output_lead),
-      flatten_leaves(param_leaves, params_lead),
-      flatten_leaves(at_bgn_leaves, [lead] * len(at_bgn_leaves)),
-    ]
-    lead_shapes += [lead_shape] * 3
-  norms = group_norms(flats, lead_shapes)
-  return list(zip(norms[::3], norms[1::3], norms[2::3], strict=True))
+    flats.append(flatten_leaves(param_leaves, params_lead))
+    lead_shapes.append(lead_shape)
+    output = get_path(grad_taps, location) if output_lead else None
+    taps.append((output, get_path(grad_taps, at_bgn) if at_bgn else None))
+  norms = []
+  for (output, at_bgn), param, lead_shape in zip(
+    taps, group_norms(flats, lead_shapes), lead_shapes, strict=True
+  ):
+    zeros = jnp.zeros(lead_shape, jnp.float32)
+    norms.append(
+      (
+        zeros if output is None else tap_norm(output),
+        param,
+        zeros if at_bgn is None else tap_norm(at_bgn),
+      )
+    )
+  return norms
 
 
 @contextlib.contextmanager
@@ -924,18 +929,19 @@ def _probing(probe: _Probe, token: object) -> Iterator[None]:
 def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
-  A zero perturbation is added to the output of every ``__call__`` of a bound
-  ``flax.linen`` module that ``where`` selects (like ``Module.perturb``, in the
-  collection ``GRAD_NORMS_COLLECTION``); one ``jax.grad`` with respect to the
-  parameters and the perturbations gives both kinds of gradient. The shapes of
-  the perturbations come from an abstract pass (``jax.eval_shape``), so the
-  arithmetic is one forward and one backward pass. ``grad_norms(loss_fn,
+  A tap rides on the output of every ``__call__`` of a bound ``flax.linen``
+  module that ``where`` selects: a variable of three zeros in the collection
+  ``GRAD_NORMS_COLLECTION``, whose gradient (a ``custom_vjp``) is the squared
+  norm of the gradient at that output, whatever its size. One ``jax.grad`` with
+  respect to the parameters and the taps gives both kinds of gradient. The taps
+  are made by an abstract pass (``jax.eval_shape``), so the arithmetic is one
+  forward and one backward pass. ``grad_norms(loss_fn,
   where=...)`` returns a function of the loss's arguments, as ``jax.grad`` does:
   ``jax.jit(grad_norms(loss_fn, where=nn.Dense))(variables, x, y)``.
 
   Two gradients are reported at an output. ``"output"`` is always the gradient of
   the loss with respect to the module's output, summed over all its consumers
-  (a residual path included): the perturbation sits where the module returns.
+  (a residual path included): the tap sits where the module returns.
   Where a BGN node sits directly on that output (a node of :func:`insert` inside
   ``loss_fn``, or a :class:`BGN` layer fed the output), ``"at_bgn"`` is the raw
   gradient arriving at the node, before it normalizes it (the gradient at the
@@ -958,7 +964,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
   leading axis per lifted transform, one value per iteration:
   ``report["layers/Dense_0"]["output"].shape == (length,)``, as do its "params"
   when the parameters are scanned (``variable_axes={"params": 0, ...}``; shared
-  parameters give one norm). The transform must carry the perturbations: add
+  parameters give one norm). The transform must carry the taps: add
   ``GRAD_NORMS_COLLECTION`` (``"grad_norms"``) with axis 0 to its
   ``variable_axes`` (for ``nn.RNN``, whose params are broadcast:
   ``nn.RNN(cell, variable_axes={"grad_norms": 0})``), otherwise ValueError.
@@ -990,7 +996,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     returns the report ``{path: {"output": norm, "params": norm}}``, plus ``"at_bgn": norm`` where
     a BGN node sits on the output; each norm a 0-d array, or one with a leading
     axis per enclosing ``nn.scan``. Modules without parameters have ``"params"``
-    zero. Only floating-point leaves of a module's output are perturbed;
+    zero. Only floating-point leaves of a module's output are tapped;
     "output" is their global norm.
 
   Raises:
@@ -998,7 +1004,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
       forms; from the returned function: ``variables`` is not a mapping.
     ValueError: from the returned function: ``where`` matches no module call,
       ``variables`` already holds a
-      ``"grad_norms"`` collection, ``loss_fn`` drops the perturbations, or an
+      ``"grad_norms"`` collection, ``loss_fn`` drops the taps, or an
       ``nn.scan`` that holds a selected module does not carry them.
   """
   if not callable(loss_fn):
@@ -1023,7 +1029,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     if GRAD_NORMS_COLLECTION in variables:
       raise ValueError(
         f"bgn_jax.linen.grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} "
-        f"collection; that name is reserved for the perturbations grad_norms adds."
+        f"collection; that name is reserved for the taps grad_norms adds."
       )
     return _measure(loss_fn, where, is_match, key, variables, args, kwargs)
 
@@ -1055,23 +1061,23 @@ def _measure(
   shapes: dict[str, Any] = {}
   for prefix, tree in discovery.grafts:
     _graft(shapes, prefix, tree)
-  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  # A call without a perturbation in the collection came from a trace whose
-  # variables a lifted transform discarded (or had no floating-point output).
+  taps = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  # A call without a tap in the collection came from a trace whose variables a
+  # lifted transform discarded (or had no floating-point output).
   calls = [c for c in discovery.calls if not c.output_ndims or get_path(shapes, c.location)]
 
-  def loss_of(params: Any, perturbations: Any) -> jax.Array:
+  def loss_of(params: Any, taps: Any) -> jax.Array:
     measured = dict(variables)
     measured["params"] = params
-    measured[GRAD_NORMS_COLLECTION] = perturbations
+    measured[GRAD_NORMS_COLLECTION] = taps
     with _probing(_Probe(is_match, discover=False), (key, "measure")):
       return loss_fn(measured, *args, **kwargs)
 
   params = variables.get("params", {})
-  grad_params, grad_perturbations = jax.grad(loss_of, argnums=(0, 1))(params, perturbations)
+  grad_params, grad_taps = jax.grad(loss_of, argnums=(0, 1))(params, taps)
 
   plan = tuple(_plan_entry(call, shapes, unfreeze(params)) for call in calls)
-  norms = _report_norms(unfreeze(grad_params), grad_perturbations, plan)
+  norms = _report_norms(unfreeze(grad_params), grad_taps, plan)
   # An OrderedDict keeps the call order through jit (pytree dicts sort their keys).
   report: Report = collections.OrderedDict()
   keys = call_keys(["/".join(call.path) for call in calls])

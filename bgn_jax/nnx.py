@@ -609,7 +609,7 @@ def _probe_path(module: nnx.Module) -> str:
 
 
 def _with_probe(cls: type, path: str) -> type:
-  """``cls`` with grad_norms's perturbations on the output, under any node of insert.
+  """``cls`` with grad_norms's tap on the output, under any node of insert.
 
   The probe sits below the classes insert made (rebuilt on top of it), so that
   "output" is taken before the node and "at_bgn" after it, through the hook.
@@ -684,12 +684,12 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
   The nnx version of :func:`bgn_jax.linen.grad_norms`. On a copy of the model
-  (``nnx.clone``: new Variable objects holding the same arrays), a
-  zero perturbation (a :class:`GradProbe` Variable, as ``Module.perturb`` does)
-  is added to each floating-point leaf of the output of every call of a
-  selected module, and one ``nnx.grad`` with respect to the ``nnx.Param``
-  Variables and the perturbations gives both kinds of gradient. Their shapes
-  come from an abstract pass (``nnx.eval_shape``), so the arithmetic is one
+  (``nnx.clone``: new Variable objects holding the same arrays), a tap (a
+  :class:`GradProbe` Variable of a few zeros, whose gradient is the squared norm
+  of the gradient at the leaves it rides on) is put on the floating-point leaves
+  of the output of every call of a selected module, and one ``nnx.grad`` with
+  respect to the ``nnx.Param`` Variables and the taps gives both kinds of
+  gradient. The taps come from an abstract pass (``nnx.eval_shape``), so the arithmetic is one
   forward and one backward pass. ``model`` is not modified: the state updates of
   the pass (BatchNorm statistics, RNG counts, Variables assigned in
   ``__call__``) are discarded, as in the linen version. Works under ``nnx.jit``
