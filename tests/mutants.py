@@ -111,6 +111,34 @@ MUTANTS = [
     "      args = noded(args)\n      kwargs = noded(kwargs)\n",
     ("tests/test_linen_insert.py", "-k", "keyword_arguments"),
   ),
+  Mutant(
+    "placements counts a node applied several times once (shared recorder)",
+    "bgn_jax/_common.py",
+    "self._counts[placement] = self._counts.get(placement, 0) + 1",
+    "self._counts[placement] = 1",
+    ("tests/test_frameworks.py", "-k", "scanned_stack"),
+  ),
+  Mutant(
+    "the whole-model check ignores a call where no selected module ran",
+    "bgn_jax/_common.py",
+    "elif not check.matched and not self.placed:",
+    "elif False:",
+    ("tests/test_nnx_equinox_api.py", "-k", "unused_selected"),
+  ),
+  Mutant(
+    "the grad_norms tap returns the norm instead of its square",
+    "bgn_jax/_common.py",
+    "return grads, jnp.square(norm * scales)",
+    "return grads, norm * scales",
+    ("tests/test_frameworks.py", "-k", "grad_norms"),
+  ),
+  Mutant(
+    "equinox grad_norms: no at_bgn for a node before a module",
+    "bgn_jax/equinox.py",
+    "return listener.before_call(module, noded)",
+    "return noded",
+    ("tests/test_frameworks.py", "-k", "read_what_reaches and before"),
+  ),
 ]
 
 
