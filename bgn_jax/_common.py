@@ -516,6 +516,9 @@ def place(
   False: a trace that only finds shapes), and the node to the :func:`listening`
   hook (grad_norms reads the gradient a node receives there).
   """
+  hook = _HOOK.get()
+  if hook is not None and position == "after":
+    tree = hook.before_node(module, tree)
   keys, leaves, reasons, treedef = classify(tree, owned, skip, is_leaf)
   recorder = _RECORDER.get() if record else None
   if recorder is not None:
@@ -531,12 +534,17 @@ def place(
   for i in chosen:
     noded[i] = bgn(leaves[i], **options)
   result = jax.tree_util.tree_unflatten(treedef, noded)
-  hook = _HOOK.get()
   return result if hook is None else hook.node_applied(tree, result, module, position)
 
 
 class Hook:
   """What a diagnostic hears of the nodes while it traces (see :func:`listening`)."""
+
+  def before_node(self, module: Any, outputs: Any) -> Any:
+    """The output of ``module``, about to get the nodes :func:`place` puts after it.
+    Returns the outputs to use."""
+    del module
+    return outputs
 
   def node_applied(
     self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"

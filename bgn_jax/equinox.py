@@ -18,7 +18,6 @@ References:
 from __future__ import annotations
 
 import collections
-import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Collection
@@ -39,6 +38,7 @@ from bgn_jax._common import (
   TAP_AT_BGN,
   TAP_OUTPUT,
   TAP_SHAPE,
+  Hook,
   Insertion,
   Placements,
   Position,
@@ -46,9 +46,11 @@ from bgn_jax._common import (
   check_axes_not_empty,
   check_framework,
   check_options,
+  current_hook,
   flatten_leaves,
   group_norms,
   has_call,
+  listening,
   marked_subclass,
   marker_of,
   matcher,
@@ -119,8 +121,8 @@ class BGN(eqx.Module):
       "axis_name": self.axis_name,
     }
     y = bgn(x, **options)
-    listener = _listener()
-    return y if listener is None else listener.node_applied(x, y)
+    hook = current_hook()
+    return y if hook is None else hook.node_applied(x, y)
 
 
 # ---------------------------------------------------------------------------
@@ -191,64 +193,6 @@ def _own_arrays(module: eqx.Module) -> set[int]:
 
 
 # ---------------------------------------------------------------------------
-# What the diagnostics listen to while they trace.
-
-
-class _Listener:
-  """Told of every node, every BGN layer and every probed call while a diagnostic traces."""
-
-  def enter(self, module: eqx.Module) -> None:
-    """A probed module's ``__call__`` starts."""
-    del module
-
-  def leave(self, module: eqx.Module) -> None:
-    """A probed module's ``__call__`` ends (also when it raises)."""
-    del module
-
-  def before_node(self, module: eqx.Module, outputs: Any) -> Any:
-    """The output of an inserted module, about to get its nodes."""
-    del module
-    return outputs
-
-  def before_call(self, module: eqx.Module, inputs: Any) -> Any:
-    """The positional inputs of an inserted module, out of its nodes before the call."""
-    del module
-    return inputs
-
-  def node_applied(self, inputs: Any, outputs: Any) -> Any:
-    """What a BGN node (a :class:`BGN` layer or an inserted node) got and returned."""
-    del inputs
-    return outputs
-
-  def after_call(self, module: eqx.Module, outputs: Any) -> Any:
-    """The output of a probed module's ``__call__``."""
-    del module
-    return outputs
-
-
-# The listener of the diagnostic tracing in this context (thread, task), if any.
-_LISTENER: contextvars.ContextVar[_Listener | None] = contextvars.ContextVar(
-  "bgn_jax_equinox_listener", default=None
-)
-
-
-class _Listening:
-  def __init__(self, listener: _Listener):
-    self._listener = listener
-    self._tokens: list[contextvars.Token] = []
-
-  def __enter__(self) -> None:
-    self._tokens.append(_LISTENER.set(self._listener))
-
-  def __exit__(self, *exc: Any) -> None:
-    _LISTENER.reset(self._tokens.pop())
-
-
-def _listener() -> _Listener | None:
-  return _LISTENER.get()
-
-
-# ---------------------------------------------------------------------------
 # The nodes that insert adds.
 
 
@@ -283,18 +227,10 @@ def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, 
   def owned(leaf: Any) -> str | None:
     return "a parameter of the module, passed through" if id(leaf) in own else None
 
-  listener = _listener()
-  # grad_norms taps what a node after the module gets, and what each node returns
-  # (see _Pass); the taps leave the module's own arrays as they are.
-  probing = listener is not None
-  fed = listener.before_node(module, tree) if probing and position == "after" else tree
   check = site.insertion.current_check()
-  noded = place(check, site.path, _base_name(type(module)), position, fed, options, owned)
-  if not probing:
-    return noded
-  if position == "before":
-    return listener.before_call(module, noded)
-  return listener.node_applied(fed, noded)
+  # grad_norms (a hook) taps what a node gets and what it returns (see _Pass).
+  name = _base_name(type(module))
+  return place(check, site.path, name, position, tree, options, owned, module=module)
 
 
 def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
@@ -340,8 +276,8 @@ def _probe_class(cls: type) -> type:
   """
 
   def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    listener = _listener()
-    if listener is None:
+    listener = current_hook()
+    if not isinstance(listener, _Pass):
       return cls.__call__(self, *args, **kwargs)
     listener.enter(self)
     try:
@@ -628,7 +564,7 @@ class _Output:
   fed: bool = False  # a BGN node got it already
 
 
-class _Pass(_Listener):
+class _Pass(Hook):
   """One pass of :func:`grad_norms`: the shape pass (``discover``) or the measured pass.
 
   A selected call's output gets its "output" tap where the module returns it,
@@ -676,7 +612,17 @@ class _Pass(_Listener):
     self._pending[id(module)] = tapped
     return outputs
 
-  def before_call(self, module: eqx.Module, inputs: Any) -> Any:
+  def node_applied(
+    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
+  ) -> Any:
+    if position == "before":
+      return self._before_call(module, outputs)
+    tagged = self._tagged.get(id(inputs))
+    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
+      return outputs
+    return self._at_bgn(outputs, tagged[1])
+
+  def _before_call(self, module: eqx.Module, inputs: Any) -> Any:
     # A node before a selected call: what reaches it is the call's "at_bgn", under the
     # key its output is about to take.
     path = getattr(module, "bgn_path", None)
@@ -691,12 +637,6 @@ class _Pass(_Listener):
       return inputs
     leaves, treedef = jax.tree.flatten(inputs)
     return with_tap(leaves, treedef, _tapped(leaves, _own_arrays(module)), tap[TAP_AT_BGN])
-
-  def node_applied(self, inputs: Any, outputs: Any) -> Any:
-    tagged = self._tagged.get(id(inputs))
-    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
-      return outputs
-    return self._at_bgn(outputs, tagged[1])
 
   def after_call(self, module: Any, outputs: Any) -> Any:
     path = module.bgn_path
@@ -847,7 +787,7 @@ def _tap_shapes(
     model,
   )
   check = _Pass(taps, discover=True)
-  with _Listening(check):
+  with listening(check):
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   return [call.tap_shape for call in check.calls]
 
@@ -877,7 +817,7 @@ def _measured_norms(
     def probe(path: str, module: eqx.Module) -> eqx.Module:
       return _probe(module, path, tuple(taps[path])) if path in taps else module
 
-    with _Listening(_Pass(taps, discover=False, loose=loose)):
+    with listening(_Pass(taps, discover=False, loose=loose)):
       return loss_fn(_map_modules(probe, eqx.combine(arrays, static)), *args, **kwargs)
 
   grads = jax.grad(loss_of, argnums=(0, 1, 2))(arrays, taps, loose)
@@ -1006,7 +946,7 @@ def _measure(
     lambda path, module: _probe(module, path) if has_call(type(module)) else module, model
   )
   discovery = _Pass(selected, discover=True)
-  with _Listening(discovery):
+  with listening(discovery):
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   if not discovery.calls:
     raise ValueError(

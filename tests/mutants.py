@@ -135,8 +135,8 @@ MUTANTS = [
   Mutant(
     "equinox grad_norms: no at_bgn for a node before a module",
     "bgn_jax/equinox.py",
-    "return listener.before_call(module, noded)",
-    "return noded",
+    "return self._before_call(module, outputs)",
+    "return outputs",
     ("tests/test_frameworks.py", "-k", "read_what_reaches and before"),
   ),
 ]
