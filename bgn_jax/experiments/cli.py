@@ -69,6 +69,14 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, lists: bool) -> None:
   parser.add_argument("--data-dir", help="folder with the data files (see docs)")
   parser.add_argument("--log-every", type=int, default=50, help="steps between metric records")
   parser.add_argument(
+    "--mesh",
+    default="data=-1",
+    help="device mesh data=N,model=M: batch over data, the MLP's hidden units over model",
+  )
+  parser.add_argument(
+    "--fsdp", action="store_true", help="also split each MLP kernel's input units over data"
+  )
+  parser.add_argument(
     "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)"
   )
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -152,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
   limit.add_argument("--out", help="the sweep folder (default: the file's or bgn-sweep)")
   limit.add_argument("--png", help="the figure (default OUT/depth_limit.png)")
   limit.add_argument("--title", help="the figure's title (default: the grid's size)")
+  # The sweep's flags, so that a sweep run with overrides is read with the same ones.
+  _add_model_flags(limit, lists=True)
+  limit.set_defaults(**{name: None for name in SCALAR_KEYS if name != "out"})
   return parser
 
 
@@ -206,6 +217,8 @@ def _run_train(args: argparse.Namespace) -> int:
     seed=args.seed,
     dtype=args.dtype,
     log_every=args.log_every,
+    mesh=args.mesh,
+    fsdp=args.fsdp,
     checkpoint_every=args.checkpoint_every,
     resume=args.resume,
     data_dir=args.data_dir,
@@ -237,7 +250,7 @@ def _run_depth_limit(args: argparse.Namespace) -> int:
   from bgn_jax.experiments.depth_limit import run_depth_limit
   from bgn_jax.experiments.sweep import SweepConfig
 
-  config = SweepConfig.from_args(argparse.Namespace(config=args.config, out=args.out))
+  config = SweepConfig.from_args(args)
   print(run_depth_limit(config, png=args.png, title=args.title), end="")
   return 0
 

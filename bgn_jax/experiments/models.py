@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import spmd as nn_spmd
 
 from bgn_jax.core import TargetNorm, bgn
 from bgn_jax.linen import GRAD_NORMS_COLLECTION, insert
@@ -104,6 +105,8 @@ class HiddenLayer(nn.Module):
     target_norm: the BGN node's ``target_norm``.
     residual: add the identity skip (the hidden layers after the first, whose
       input and output widths agree).
+    partitioned: box the kernel and bias with logical axis names ("in", "hidden"),
+      which the training's mesh rules map to mesh axes.
   """
 
   width: int
@@ -113,10 +116,19 @@ class HiddenLayer(nn.Module):
   dtype: Any = jnp.float32
   target_norm: TargetNorm = "sqrt_units"
   residual: bool = False
+  partitioned: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array | bool, train: bool) -> jax.Array:
-    y = nn.Dense(self.width, kernel_init=INITS[self.init_scheme], dtype=self.dtype, name="dense")(h)
+    kernel_init, bias_init = INITS[self.init_scheme], nn.initializers.zeros
+    if self.partitioned:
+      # Logical axis names: a --mesh with a model axis splits the hidden units over it
+      # (tensor parallel), --fsdp a kernel's input units over data (see train._Sharding).
+      kernel_init = nn.with_logical_partitioning(kernel_init, ("in", "hidden"))
+      bias_init = nn.with_logical_partitioning(bias_init, ("hidden",))
+    y = nn.Dense(
+      self.width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype, name="dense"
+    )(h)
     if self.method == "batchnorm":
       y = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(y)
     elif self.method == "layernorm":
@@ -128,7 +140,7 @@ class HiddenLayer(nn.Module):
     if self.method in BGN_METHODS:
       axes = (1,) if self.method == "bgn-per-example" else None
       y = _maybe_bgn(y, apply_bgn, axes, self.target_norm)
-    return y
+    return nn_spmd.with_logical_constraint(y, ("batch", "hidden"))
 
 
 class _ScanBody(nn.Module):
@@ -140,6 +152,7 @@ class _ScanBody(nn.Module):
   train: bool
   target_norm: TargetNorm
   every_layer: bool | None  # _stack_flag of the stack's layers; None: use the scanned flag
+  partitioned: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
@@ -151,6 +164,7 @@ class _ScanBody(nn.Module):
       self.dtype,
       self.target_norm,
       residual=self.method in ("residual", "bgn-residual"),
+      partitioned=self.partitioned,
       name="layer",
     )
     flag = apply_bgn if self.every_layer is None else self.every_layer
@@ -176,6 +190,7 @@ class DeepMLP(nn.Module):
     bgn_every: a BGN node after every ``bgn_every``-th hidden layer.
     dtype: the computation dtype.
     target_norm: the BGN nodes' ``target_norm``.
+    partitioned: box the hidden layers' parameters with logical axis names.
   """
 
   depth: int
@@ -187,6 +202,7 @@ class DeepMLP(nn.Module):
   bgn_every: int = 1
   dtype: Any = jnp.float32
   target_norm: TargetNorm = "sqrt_units"
+  partitioned: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -199,6 +215,7 @@ class DeepMLP(nn.Module):
       self.method,
       self.dtype,
       self.target_norm,
+      partitioned=self.partitioned,
       name="input_layer",
     )(h, flags[0], train)
     if self.depth > 1:
@@ -210,6 +227,7 @@ class DeepMLP(nn.Module):
         split_rngs={"params": True},
         in_axes=0,
         length=self.depth - 1,
+        metadata_params={nn.PARTITION_NAME: "layers"},  # the stacked axis, replicated
       )
       h, _ = stack(
         self.width,
@@ -220,6 +238,7 @@ class DeepMLP(nn.Module):
         train,
         self.target_norm,
         every_layer=_stack_flag(flags[1:]),
+        partitioned=self.partitioned,
         name="stack",
       )(h, jnp.asarray(flags[1:]))
     logits = nn.Dense(
@@ -317,6 +336,7 @@ class _ConvScanBody(nn.Module):
   train: bool
   target_norm: TargetNorm
   every_layer: bool | None  # _stack_flag of the stack's layers; None: use the scanned flag
+  partitioned: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, apply_bgn: jax.Array) -> tuple[jax.Array, None]:
@@ -356,6 +376,7 @@ class DeepCNN(nn.Module):
     bgn_every: a BGN node after every ``bgn_every``-th layer.
     dtype: the computation dtype.
     target_norm: the BGN nodes' ``target_norm``.
+    partitioned: box the hidden layers' parameters with logical axis names.
   """
 
   depth: int
@@ -367,6 +388,7 @@ class DeepCNN(nn.Module):
   bgn_every: int = 1
   dtype: Any = jnp.float32
   target_norm: TargetNorm = "sqrt_units"
+  partitioned: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.linen import spmd as nn_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bgn_jax.core import TargetNorm, make_config
@@ -121,6 +122,9 @@ class TrainConfig:
     seed: initialization and data-order seed.
     dtype: float32 or bfloat16 computation (parameters stay float32).
     log_every: steps between metrics.jsonl records (and the end of every epoch).
+    mesh: the device mesh, ``data=N,model=M`` (-1: the devices left); the batch is
+      split over data, the MLP's hidden units over model (tensor parallel).
+    fsdp: also split each MLP kernel's input units over data (fully sharded).
     checkpoint_every: steps between checkpoints; 0 for the final one only.
     resume: continue from the latest checkpoint in ``out/checkpoints``.
     data_dir: where the data files are, see :mod:`bgn_jax.experiments.data`.
@@ -151,6 +155,8 @@ class TrainConfig:
   seed: int = 0
   dtype: str = "float32"
   log_every: int = 50
+  mesh: str = "data=-1"
+  fsdp: bool = False
   checkpoint_every: int = 0
   resume: bool = False
   data_dir: str | None = None
@@ -188,6 +194,17 @@ class TrainConfig:
       raise ValueError(
         f"--width: {self.width} is not a multiple of --heads {self.heads}; the attention "
         "splits the width evenly over the heads."
+      )
+    model_axis = parse_mesh(self.mesh)["model"]
+    if (model_axis > 1 or self.fsdp) and self.arch != "mlp":
+      raise ValueError(
+        f"--mesh {self.mesh!r}, --fsdp {self.fsdp}: tensor parallelism and FSDP lay out the "
+        f"MLP's parameters; --arch {self.arch} runs data parallel (model=1, no --fsdp)."
+      )
+    if self.width % model_axis:
+      raise ValueError(
+        f"--mesh: model={model_axis} does not divide --width {self.width}, the hidden units "
+        "it splits."
       )
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"--weight-decay: must be >= 0 and finite; got {self.weight_decay}.")
@@ -255,8 +272,10 @@ def make_model(config: TrainConfig, num_classes: int) -> DeepMLP | DeepCNN | Tra
   )
   if config.arch == "transformer":
     return Transformer(heads=config.heads, **common)
-  cls = DeepCNN if config.arch == "cnn" else DeepMLP
-  return cls(bgn_every=config.bgn_every, target_norm=target_norm_value(config.bgn_target), **common)
+  options = dict(bgn_every=config.bgn_every, target_norm=target_norm_value(config.bgn_target))
+  if config.arch == "cnn":
+    return DeepCNN(**options, **common)
+  return DeepMLP(**options, partitioned=True, **common)
 
 
 def model_apply(config: TrainConfig, model: nn.Module) -> Callable[..., Any]:
@@ -334,17 +353,60 @@ def training_subset(data: Dataset, n: int) -> Dataset:
   return dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
-class _Sharding:
-  """The data-parallel layout: batch over every device, everything else replicated."""
+def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
+  """``data=4,model=2`` as {"data": 4, "model": 2}; ``-1`` takes the devices left."""
+  sizes = {"data": -1, "model": 1}
+  for part in filter(None, text.split(",")):
+    name, _, size = part.partition("=")
+    if name not in sizes or not size.lstrip("-").isdigit() or int(size) in (0,) or int(size) < -1:
+      raise ValueError(f"--mesh: expected data=N,model=M (N, M >= 1 or -1); got {text!r}.")
+    sizes[name] = int(size)
+  if sizes["model"] == -1:
+    raise ValueError(f"--mesh: give model a size; got {text!r}.")
+  if devices is not None:
+    if sizes["data"] == -1:
+      sizes["data"] = max(devices // sizes["model"], 1)
+    if sizes["data"] * sizes["model"] != devices:
+      raise ValueError(
+        f"--mesh {text!r}: {sizes['data']} x {sizes['model']} devices, but there are {devices}."
+      )
+  return sizes
 
-  def __init__(self) -> None:
-    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+
+class _Sharding:
+  """The layout: the batch over ``data``; the MLP's parameters by their logical axis names
+  (hidden units over ``model``, with FSDP a kernel's input units over ``data``);
+  everything else replicated."""
+
+  def __init__(self, mesh: str = "data=-1", fsdp: bool = False) -> None:
+    sizes = parse_mesh(mesh, jax.device_count())
+    devices = np.asarray(jax.devices()).reshape(sizes["data"], sizes["model"])
+    self.mesh = Mesh(devices, ("data", "model"))
     self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.rules = (("batch", "data"), ("hidden", "model"), ("in", "data" if fsdp else None))
 
   @property
   def size(self) -> int:
-    return self.mesh.size
+    return self.mesh.shape["data"]
+
+  def state(self, boxed_init: Callable[[], Any]) -> Any:
+    """The sharding of every array of the state that ``boxed_init`` makes (boxed with
+    logical names); a dimension the mesh axis does not divide stays whole."""
+    abstract = jax.eval_shape(boxed_init)
+    shardings = nn_spmd.logical_to_mesh_sharding(
+      nn.get_partition_spec(abstract), self.mesh, self.rules
+    )
+
+    def divisible(leaf: Any, sharding: NamedSharding) -> NamedSharding:
+      spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+      kept = [
+        entry if entry is None or n % self.mesh.shape[entry] == 0 else None
+        for n, entry in zip(leaf.shape, spec, strict=True)
+      ]
+      return NamedSharding(self.mesh, PartitionSpec(*kept))
+
+    return jax.tree.map(divisible, nn.unbox(abstract), shardings)
 
   def global_batch(self, array: np.ndarray) -> jax.Array:
     # Every process holds the same global batch; each fills its own devices.
@@ -454,10 +516,11 @@ def train(
   data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
   if config.train_examples:
     data = training_subset(data, config.train_examples)
-  layout = _Sharding()
+  layout = _Sharding(config.mesh, config.fsdp)
   if config.batch_size % layout.size:
     raise ValueError(
-      f"--batch-size: {config.batch_size} is not a multiple of the {layout.size} devices."
+      f"--batch-size: {config.batch_size} is not a multiple of the {layout.size} devices "
+      "of the mesh's data axis."
     )
   n_train = len(data.y_train)
   steps_per_epoch = n_train // config.batch_size
@@ -470,7 +533,7 @@ def train(
   tx = make_optimizer(config, total_steps)
   n_features = data.x_train.shape[1]
 
-  def init_state() -> dict[str, Any]:
+  def boxed_state() -> dict[str, Any]:
     variables = model.init(
       jax.random.key(config.seed), jnp.zeros((1, n_features), jnp.float32), train=False
     )
@@ -479,7 +542,8 @@ def train(
       state["batch_stats"] = variables["batch_stats"]
     return state
 
-  state = jax.jit(init_state, out_shardings=layout.replicated)()
+  state_sharding = layout.state(boxed_state)
+  state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=state_sharding)()
   # Nothing is donated, so the initial arrays stay valid for the final report.
   initial_state = state
   initial_first_kernel = _first_kernel(config, state["params"])
@@ -493,10 +557,11 @@ def train(
   def train_step(state, x, y):
     def loss_fn(params):
       variables = variables_of(state, params)
-      if "batch_stats" in state:
-        logits, updates = apply(variables, x, train=True, mutable=["batch_stats"])
-      else:
-        logits, updates = apply(variables, x, train=True), {}
+      with nn.logical_axis_rules(layout.rules):
+        if "batch_stats" in state:
+          logits, updates = apply(variables, x, train=True, mutable=["batch_stats"])
+        else:
+          logits, updates = apply(variables, x, train=True), {}
       return _cross_entropy(logits, y).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -515,8 +580,8 @@ def train(
 
   step_fn = jax.jit(
     train_step,
-    in_shardings=(layout.replicated, layout.batch, layout.batch),
-    out_shardings=(layout.replicated, layout.replicated),
+    in_shardings=(state_sharding, layout.batch, layout.batch),
+    out_shardings=(state_sharding, layout.replicated),
   )
 
   def eval_batch(state, x, y, weight):
@@ -527,7 +592,7 @@ def train(
 
   eval_fn = jax.jit(
     eval_batch,
-    in_shardings=(layout.replicated, layout.batch, layout.batch, layout.batch),
+    in_shardings=(state_sharding, layout.batch, layout.batch, layout.batch),
     out_shardings=layout.replicated,
   )
   eval_size = layout.size * max(1, 1024 // layout.size)
@@ -660,7 +725,14 @@ def train(
     "grad_norms_final": _host_copy(
       grad_norms(variables_of(state, state["params"]), probe_x, probe_y)
     ).tolist(),
-    "devices": layout.size,
+    "devices": layout.mesh.size,
+    "mesh": dict(layout.mesh.shape),
+    # The parameters the mesh splits, as "path: spec".
+    "split_params": sorted(
+      f"{jax.tree_util.keystr(path)}: {leaf.sharding.spec}"
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+      if any(entry is not None for entry in leaf.sharding.spec)
+    ),
     "processes": jax.process_count(),
     "platform": jax.devices()[0].platform,
     "wall_time_s": time.perf_counter() - started,

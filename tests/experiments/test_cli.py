@@ -215,3 +215,40 @@ def test_bad_flag_names_the_flag(tmp_path, capsys):
   assert status == 2
   assert "--batch-size" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+  ("mesh", "expected"),
+  [
+    (["--mesh", "data=4,model=2"], "['stack']['layer']['dense']['kernel']: P(None, None, 'model')"),
+    (
+      ["--mesh", "data=2,model=4", "--fsdp"],
+      "['stack']['layer']['dense']['kernel']: P(None, 'data', 'model')",
+    ),
+  ],
+  ids=["tensor_parallel", "tensor_parallel_fsdp"],
+)
+def test_a_sharded_mlp_gives_the_one_device_loss_curve(
+  reference_run, tmp_path, cli_env, mesh, expected
+):
+  out = tmp_path / "sharded"
+  result = run_cli(
+    ["train", *SMALL, "--epochs", "1", "--out", str(out), *mesh],
+    cli_env,
+    XLA_FLAGS=f"{cli_env['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert expected in results["split_params"], results["split_params"]  # the kernels are split
+  one = [r["train_loss"] for r in read_metrics(reference_run)][:20]
+  sharded = [r["train_loss"] for r in read_metrics(out)][:20]
+  for a, b in zip(one, sharded, strict=True):
+    assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_mesh_flags_are_checked(tmp_path, cli_env):
+  result = run_cli(
+    ["train", "--arch", "cnn", "--mesh", "data=1,model=1", "--fsdp", "--out", str(tmp_path)],
+    cli_env,
+  )
+  assert result.returncode != 0 and "--fsdp" in result.stderr
