@@ -330,6 +330,43 @@ def eqx_case(options):
 
 
 FRAMEWORK_OPTIONS = {"whole": {}, "per_example": {"axes": (-2, -1)}}
+MLP_INPUTS = (draws(BATCH, WIDTH, seed=30), draws(BATCH, WIDTH, seed=31))
+
+
+def linen_mlp_case(options):
+  model = nn.Sequential([nn.Dense(WIDTH), nn.tanh, nn.Dense(WIDTH), nn.tanh, nn.Dense(WIDTH)])
+  variables = model.init(jax.random.key(0), MLP_INPUTS[0])
+  apply = bgn_jax.linen.insert(model.apply, where=nn.Dense, **options)
+  return variables, lambda v, batch: mse(apply(v, batch[0]), batch[1])
+
+
+def nnx_mlp_case(options):
+  rngs = nnx.Rngs(0)
+  layers = [nnx.Linear(WIDTH, WIDTH, rngs=rngs) for _ in range(3)]
+  model = bgn_jax.nnx.insert(nnx.Sequential(*layers), where=nnx.Linear, **options)
+  graphdef, state = nnx.split(model)
+  return state, lambda s, batch: mse(nnx.merge(graphdef, s)(batch[0]), batch[1])
+
+
+def eqx_mlp_case(options):
+  if "axes" not in options:
+    options = {"axis_name": "batch", **options}
+  model = eqx.nn.MLP(WIDTH, WIDTH, WIDTH, depth=3, activation=jnp.tanh, key=jax.random.key(0))
+  model = bgn_jax.equinox.insert(model, where=eqx.nn.Linear, **options)
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  return params, lambda p, batch: mse(
+    jax.vmap(eqx.combine(p, static), axis_name="batch")(batch[0]), batch[1]
+  )
+
+
+@pytest.mark.parametrize(
+  "case", [linen_mlp_case, nnx_mlp_case, eqx_mlp_case], ids=["linen", "nnx", "equinox"]
+)
+@pytest.mark.parametrize("options", [{}, {"axes": -1}], ids=["whole", "per_example"])
+def test_an_mlp_through_insert_equals_the_full_batch(case, options):
+  params, loss = case(options)
+  want = jax.jit(jax.grad(loss))(params, MLP_INPUTS)
+  assert_close(jax.jit(microbatch_grad(loss, microbatches=4))(params, MLP_INPUTS), want)
 
 
 @pytest.mark.parametrize("case", [linen_case, nnx_case, eqx_case], ids=["linen", "nnx", "equinox"])
