@@ -155,6 +155,21 @@ def test_depth_limit_table_and_command(tmp_path, capsys):
   assert (tmp_path / "depth_limit.md").read_text() == printed
 
 
+def test_depth_limit_reads_the_sweep_with_its_overrides(tmp_path, capsys):
+  toml = tmp_path / "grid.toml"
+  toml.write_text('depths = [10]\nmethods = ["plain"]\nseeds = [0]\nlrs = [1e-3]\n')
+  config = SweepConfig(
+    out=str(tmp_path), depths=(10,), methods=("plain",), lrs=(1e-3,), train_examples=100
+  )
+  for run in config.runs():
+    write(run, 0.5)
+  args = ["depth-limit", "--config", str(toml), "--out", str(tmp_path)]
+  # Without the sweep's --train-examples the runs are other runs: none has finished.
+  assert main(args) == 2
+  assert main([*args, "--train-examples", "100"]) == 0
+  assert "| plain | 10 | 50.0% (50.0–50.0) | 0.001 | none run | 10 |" in capsys.readouterr().out
+
+
 def test_depth_limit_of_an_empty_folder_is_a_usage_error(tmp_path, capsys):
   toml = tmp_path / "grid.toml"
   toml.write_text('methods = ["plain"]\n')
