@@ -398,6 +398,16 @@ def test_variadic_formulation_reads_g_in_one_reduction(axes):
   assert len(reduces) == 1 and "(f32[" in reduces[0] and reduces[0].count("f32[") >= 3
 
 
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["vmap", "vmap_of_jit"])
+def test_variadic_formulation_under_vmap(wrap):
+  # The partitioned reduce has no batching rule of its own: a vmap reduces it unpartitioned.
+  g = random_cotangent((3, 4, 16), seed=21)
+  config = core.make_config((4, 16), axes=(1,))
+  got = jax.vmap(wrap(lambda row: core._normalize(row, config, "variadic")))(g)
+  want = np.stack([reference_backward(np.asarray(row), axes=(1,)) for row in g])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=F32_TINY)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_accumulates_in_float32(dtype, formulation):
   # 4096 equal bf16/fp16 entries: a sum of squares in the input dtype stalls far below 4096.
