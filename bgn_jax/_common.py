@@ -433,7 +433,7 @@ class Insertion:
 
   def __init__(self, framework: str, where: Any, position: str, every: int, options: Any):
     self.framework, self.where, self.position, self.every = framework, where, position, every
-    key = (framework, where, position, every, options)
+    key: tuple[Any, ...] = (framework, where, position, every, options)
     try:
       hash(key)
     except TypeError:
