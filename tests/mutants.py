@@ -42,6 +42,13 @@ class Mutant:
 
 MUTANTS = [
   Mutant(
+    "a microbatch's whole-batch node rescales with its own norm",
+    "bgn_jax/core.py",
+    "shared_t = t if share is None else t * share.astype(acc)",
+    "shared_t = t",
+    ("tests/test_microbatch.py::test_equals_the_full_batch_gradient",),
+  ),
+  Mutant(
     "psum in the norm's custom JVP removed",
     "bgn_jax/core.py",
     "      dr = jax.lax.psum(dr, axis_name)",
