@@ -68,8 +68,11 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-@pytest.mark.parametrize("residual", [False, True], ids=["chain", "residual"])
+@pytest.mark.parametrize(
+  ("options", "residual"),
+  [(options, True) for options in OPTIONS.values()] + [({}, False), ({"axes": (1,)}, False)],
+  ids=[f"{name}-residual" for name in OPTIONS] + ["whole-chain", "per_example-chain"],
+)
 def test_equals_the_full_batch_gradient(options, residual):
   loss = stack_loss(options, residual=residual)
   want = jax.grad(loss)(PARAMS, BATCH_XY)

@@ -74,17 +74,11 @@ def test_restore_continues_bitwise(eight_devices, tmp_path):
   assert resumed == {s: losses[s] for s in range(11, STEPS + 1)}
 
 
-@pytest.mark.parametrize(
-  ("flags", "kernel_spec"),
-  [
-    (["--mesh", "data=4,model=2"], "P(None, 'model')"),  # tensor parallel
-    (["--mesh", "data=2,model=4", "--fsdp"], "P('data', 'model')"),  # and FSDP
-  ],
-  ids=["tensor_parallel", "tensor_parallel_fsdp"],
-)
-def test_sharded_parameters_match_one_device(one_device, tmp_path, flags, kernel_spec):
+def test_tensor_parallel_fsdp_parameters_match_one_device(one_device, tmp_path):
+  # Hidden units over model (tensor parallel) and input units over data (FSDP) at once.
+  kernel_spec = "P('data', 'model')"
   printed = []
-  losses = _train(8, tmp_path, *flags, printed=printed)
+  losses = _train(8, tmp_path, "--mesh", "data=2,model=4", "--fsdp", printed=printed)
   assert f"hidden kernel {kernel_spec}" in printed[0]  # the kernels are split as asked
   got = np.array([float(losses[s]) for s in sorted(losses)])
   want = np.array([float(one_device[s]) for s in sorted(one_device)])

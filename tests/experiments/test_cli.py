@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -217,23 +218,14 @@ def test_bad_flag_names_the_flag(tmp_path, capsys):
   assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(
-  ("mesh", "expected"),
-  [
-    (["--mesh", "data=4,model=2"], "['stack']['layer']['dense']['kernel']: P(None, None, 'model')"),
-    (
-      ["--mesh", "data=2,model=4", "--fsdp"],
-      "['stack']['layer']['dense']['kernel']: P(None, 'data', 'model')",
-    ),
-  ],
-  ids=["tensor_parallel", "tensor_parallel_fsdp"],
-)
-def test_a_sharded_mlp_gives_the_one_device_loss_curve(
-  reference_run, tmp_path, cli_env, mesh, expected
+def test_a_tensor_parallel_fsdp_mlp_gives_the_one_device_loss_curve(
+  reference_run, tmp_path, cli_env
 ):
+  # Hidden units over model (tensor parallel) and input units over data (FSDP) at once.
+  expected = "['stack']['layer']['dense']['kernel']: P(None, 'data', 'model')"
   out = tmp_path / "sharded"
   result = run_cli(
-    ["train", *SMALL, "--epochs", "1", "--out", str(out), *mesh],
+    ["train", *SMALL, "--epochs", "1", "--out", str(out), "--mesh", "data=2,model=4", "--fsdp"],
     cli_env,
     XLA_FLAGS=f"{cli_env['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
   )
@@ -246,9 +238,16 @@ def test_a_sharded_mlp_gives_the_one_device_loss_curve(
     assert abs(a - b) <= 1e-4 * abs(a)
 
 
-def test_mesh_flags_are_checked(tmp_path, cli_env):
-  result = run_cli(
-    ["train", "--arch", "cnn", "--mesh", "data=1,model=1", "--fsdp", "--out", str(tmp_path)],
-    cli_env,
-  )
-  assert result.returncode != 0 and "--fsdp" in result.stderr
+@pytest.mark.parametrize(
+  ("flags", "message"),
+  [
+    ({"arch": "cnn", "fsdp": True}, "--arch cnn runs data parallel"),
+    ({"mesh": "data=2,model=3"}, "model=3 does not divide --width 32"),
+    ({"mesh": "model=two"}, "expected data=N,model=M"),
+  ],
+)
+def test_mesh_flags_are_checked(tmp_path, flags, message):
+  from bgn_jax.experiments.train import TrainConfig
+
+  with pytest.raises(ValueError, match=re.escape(message)):
+    TrainConfig(out=str(tmp_path), width=32, **flags).validate()
