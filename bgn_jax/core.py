@@ -484,16 +484,12 @@ def _variadic_sums(arrays: tuple[jax.Array, ...], dims: tuple[int, ...]) -> tupl
   )
 
 
-def _entry_names(entry: Any) -> tuple[Hashable, ...]:
-  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-
-
 def _split_specs(
   dims: tuple[int, ...], spec: PartitionSpec, ndim: int
 ) -> tuple[tuple[Hashable, ...], PartitionSpec]:
   """The mesh axes that split the reduced dims, and the spec of the kept ones."""
   entries = (*spec, *(None,) * (ndim - len(spec)))
-  reduced = tuple(name for d in dims for name in _entry_names(entries[d]))
+  reduced = tuple(name for d in dims for name in _names(entries[d]))
   return reduced, PartitionSpec(*(entries[d] for d in range(ndim) if d not in dims))
 
 
