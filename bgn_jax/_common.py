@@ -590,6 +590,22 @@ def marker_of(cls: type) -> tuple[Any, ...] | None:
   return vars(cls).get(_MARKER)
 
 
+def markers_of(cls: type) -> list[tuple[Any, ...]]:
+  """The markers of ``cls`` and of the marked subclasses it was made from, outermost first."""
+  found = []
+  while (marker := marker_of(cls)) is not None:
+    found.append(marker)
+    cls = cls.__mro__[1]
+  return found
+
+
+def unmarked_class(cls: type) -> type:
+  """The user's class under the marked subclasses made from it."""
+  while marker_of(cls) is not None:
+    cls = cls.__mro__[1]
+  return cls
+
+
 def options_text(marker: tuple[Any, ...]) -> str:
   """``"(position='after', target_norm=...)"`` for a node's marker ``(tag, position, options)``."""
   _, position, options = marker

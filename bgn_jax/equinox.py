@@ -53,12 +53,14 @@ from bgn_jax._common import (
   listening,
   marked_subclass,
   marker_of,
+  markers_of,
   matcher,
   no_match_message,
   options_text,
   place,
   recording,
   tap_norm,
+  unmarked_class,
   with_tap,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
@@ -177,15 +179,8 @@ def _subclass(cls: type, marker: tuple[Any, ...], name: str, namespace: dict[str
   )
 
 
-def _user_class(cls: type) -> type:
-  """The user's class, without the subclasses this module adds."""
-  while marker_of(cls) is not None:
-    cls = cls.__mro__[1]
-  return cls
-
-
 def _base_name(cls: type) -> str:
-  return _user_class(cls).__name__
+  return unmarked_class(cls).__name__
 
 
 def _own_arrays(module: eqx.Module) -> set[int]:
@@ -261,10 +256,8 @@ def _node_marker(module: eqx.Module) -> tuple[Any, ...] | None:
   """The marker of the node :func:`insert` gave ``module``, or None."""
   if getattr(module, "bgn_site", None) is None:
     return None
-  cls = type(module)
-  while (marker := marker_of(cls)) is not None and marker[0] != "insert":
-    cls = cls.__mro__[1]  # a diagnostics probe around the inserted class
-  return marker
+  # a diagnostics probe may sit around the inserted class
+  return next((marker for marker in markers_of(type(module)) if marker[0] == "insert"), None)
 
 
 def _probe_class(cls: type) -> type:
@@ -441,17 +434,9 @@ def insert(
   insertion.key = ("equinox", marker, tuple(added))
   if not matches:
     raise ValueError(no_match_message("bgn_jax.equinox.insert", where, seen, "module"))
-  if added and ("root", insertion) not in _markers(type(inserted)):
+  if added and ("root", insertion) not in markers_of(type(inserted)):
     inserted = _with_class(inserted, _with_check(type(inserted), insertion))
   return cast(M, inserted)
-
-
-def _markers(cls: type) -> list[tuple[Any, ...]]:
-  found = []
-  while (marker := marker_of(cls)) is not None:
-    found.append(marker)
-    cls = cls.__mro__[1]
-  return found
 
 
 def remove(model: M) -> M:
@@ -479,7 +464,7 @@ def remove(model: M) -> M:
     del path
     if marker_of(type(module)) is None:
       return module
-    plain = _with_class(module, _user_class(type(module)))
+    plain = _with_class(module, unmarked_class(type(module)))
     if "bgn_site" in vars(plain):
       object.__delattr__(plain, "bgn_site")
     return plain

@@ -52,12 +52,14 @@ from bgn_jax._common import (
   listening,
   marked_subclass,
   marker_of,
+  markers_of,
   matcher,
   no_match_message,
   options_text,
   place,
   recording,
   tap_norm,
+  unmarked_class,
   with_tap,
 )
 from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
@@ -138,11 +140,7 @@ def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc:
 
 def _marker(cls: type, kind: str) -> tuple[Any, ...] | None:
   """The first marker of ``kind`` among the subclasses made here that ``cls`` is."""
-  while (marker := marker_of(cls)) is not None:
-    if marker[0] == kind:
-      return marker
-    cls = cls.__mro__[1]
-  return None
+  return next((marker for marker in markers_of(cls) if marker[0] == kind), None)
 
 
 def _variable_values(module: nnx.Module) -> set[int]:
@@ -168,7 +166,7 @@ def _with_nodes(module: nnx.Module, tree: Any, owned: set[int]) -> Any:
   """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
   _, position, options, (path, insertion) = cast(tuple, _marker(type(module), "bgn"))
   check = insertion.current_check()
-  name = _original(type(module)).__name__
+  name = unmarked_class(type(module)).__name__
   owned_fn = _owned(owned)
 
   def reason(leaf: Any) -> str | None:  # Variables are kept whole
@@ -258,12 +256,6 @@ def _set_class(module: nnx.Module, cls: type) -> None:
   object.__setattr__(module, "__class__", cls)
 
 
-def _original(cls: type) -> type:
-  while marker_of(cls) is not None:
-    cls = cls.__mro__[1]
-  return cls
-
-
 def insert(
   model: M,
   *,
@@ -347,24 +339,16 @@ def insert(
     existing = _marker(type(module), "bgn")
     if existing is not None and existing[:3] != asked:
       raise ValueError(
-        f"bgn_jax.nnx.insert: the module at {path!r} ({_original(type(module)).__name__}) "
+        f"bgn_jax.nnx.insert: the module at {path!r} ({unmarked_class(type(module)).__name__}) "
         f"already has a BGN node with {options_text(existing[:3])}; asked now: "
         f"{options_text(asked)}. Call bgn_jax.nnx.remove(model) first to replace the nodes."
       )
   for path, module in chosen:
     if _marker(type(module), "bgn") is None:
       _set_class(module, _with_bgn(type(module), (*asked, (path, insertion))))
-  if ("root", insertion) not in _markers(type(model)):
+  if ("root", insertion) not in markers_of(type(model)):
     _set_class(model, _with_check(type(model), insertion))
   return model
-
-
-def _markers(cls: type) -> list[tuple[Any, ...]]:
-  found = []
-  while (marker := marker_of(cls)) is not None:
-    found.append(marker)
-    cls = cls.__mro__[1]
-  return found
 
 
 def _check_model(model: Any, fn_name: str) -> None:
@@ -410,7 +394,7 @@ def remove(model: M) -> M:
   _check_outside_transforms(model, "bgn_jax.nnx.remove")
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and marker_of(type(node)) is not None:
-      _set_class(node, _original(type(node)))
+      _set_class(node, unmarked_class(type(node)))
   return model
 
 
@@ -614,8 +598,8 @@ def _with_probe(cls: type, path: str) -> type:
   The probe sits below the classes insert made (rebuilt on top of it), so that
   "output" is taken before the node and "at_bgn" after it, through the hook.
   """
-  markers = _markers(cls)
-  original = _original(cls)
+  markers = markers_of(cls)
+  original = unmarked_class(cls)
 
   def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     owned = _variable_values(self)
