@@ -105,7 +105,7 @@ def plot_depth_limit(
       that starts with ``plain`` or is ``bgn``/``bgn (...)``).
     seeds: the seeds a depth should have; a point with fewer is drawn hollow.
   """
-  from bgn_jax.experiments.plots import _pyplot
+  from bgn_jax.experiments.plots import _pyplot, write_figure
 
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
@@ -183,10 +183,7 @@ def plot_depth_limit(
   right.set_title("first hidden layer's gradient at initialization (one batch)")
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return Path(path)
+  return write_figure(plt, fig, path)
 
 
 def run_depth_limit(

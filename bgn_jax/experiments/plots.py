@@ -26,6 +26,11 @@ def _pyplot():
 
 def _save(plt: Any, fig: Any, ax: Any, path: str | Path, title: str) -> Path:
   ax.set_title(title)
+  return write_figure(plt, fig, path)
+
+
+def write_figure(plt: Any, fig: Any, path: str | Path) -> Path:
+  """Lays ``fig`` out, writes it as a PNG at ``path`` and closes it."""
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
