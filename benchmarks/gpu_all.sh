@@ -3,14 +3,14 @@
 # hang loses only its own numbers, and each writes its JSON straight under $OUT, with
 # the log in $OUT/log.txt. PART picks the call:
 #
-# - models (the default, issue 15): models.py at the examples' sizes for lm1b's
+# - models (the default): models.py at the examples' sizes for lm1b's
 #   Transformer LM (two sizes) and imagenet's ResNet-18/50, with no node, a node after
 #   every block and a node after every Dense / convolution, whole batch and per
 #   example: bfloat16, then float32, each step at most 225 s, so 8 minutes with the
 #   start even if both run into their limits. Each (model, dtype) compiles its baseline
 #   alone and its four steps with nodes side by side (--compile-threads 4).
 #   3 files: models_bf16.json, models_f32.json, log.txt.
-# - micro (issue 6): the deep-MLP scripts, under 10 minutes; 9 files with the log and
+# - micro: the deep-MLP scripts, under 10 minutes; 9 files with the log and
 #   the optimized HLO, $OUT/hlo.txt.
 #
 #   OUT=/tmp/gpuout bash benchmarks/gpu_all.sh                     # on the GPU machine
@@ -52,7 +52,7 @@ if [ "$PART" = models ]; then
   # Each (model, dtype) is timed for 11 rounds of 3 steps per configuration; the records
   # of every finished (model, dtype) are written before the next starts, so a step cut
   # off by its limit keeps them, and the models run cheapest first. Compiling takes
-  # most of the time (RESULTS.md, "GPU: the next calls"), so the baseline is not
+  # most of the time (docs/results/speed-models/README.md), so the baseline is not
   # compiled twice here: its compile time includes the model's autotuning, and the
   # steps with nodes, compiled after it, reuse that autotuning. The JSON holds the
   # optimized HLO's counts of fusions and reductions (hlo_counts, hlo_added).

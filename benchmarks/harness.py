@@ -8,7 +8,7 @@ against :func:`bgn_jax.bgn` on the same machine:
 - ``naive``: a plain float32 sum of squares, no under/overflow safety;
 - ``two_pass``: the textbook robust norm, a max-abs pass, then the sum of squares
   of ``g / max``, then the multiply (three passes over ``g``);
-- ``masked_bands``: the library's backward before issue 6, Blue's three magnitude
+- ``masked_bands``: the library's backward up to commit c6882a3, Blue's three magnitude
   bands selected by masks (abs, two compares, three selects per entry);
 - ``three_sums``: the library's first GPU branch (commit a69a74b) on every platform:
   the plain sum and two scaled copies as three sibling sums, no masks, no conditional;
@@ -175,7 +175,7 @@ def _hypot(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _masked_bands(a: jax.Array, axes: tuple[int, ...] | None) -> tuple[jax.Array, jax.Array]:
-  # bgn_jax.core before issue 6 (float32 constants).
+  # bgn_jax.core up to commit c6882a3 (float32 constants).
   up, down = F32(2.0**90), F32(2.0**-90)
   a = jnp.abs(a)
   is_small, is_big = a < 2.0**-50, a > 2.0**40

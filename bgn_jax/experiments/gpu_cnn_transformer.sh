@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# Issue 14's CNN and post-LN Transformer grids on one GPU within one device call: sweeps
+# The deep plain CNN and post-LN Transformer grids on one GPU within one device call: sweeps
 # side by side (each a process of its own, sharing the GPU, compiling on its own CPU
 # cores), each stopped after LIMIT seconds with Ctrl-C semantics, then one archive.
 #
-#   DATA_DIR=<folder with the 4 Fashion-MNIST .gz> bash bgn_jax/experiments/gpu_issue14.sh OUT [LIMIT]
+#   DATA_DIR=<folder with the 4 Fashion-MNIST .gz> bash bgn_jax/experiments/gpu_cnn_transformer.sh OUT [LIMIT]
 #
 # CNN: depth 10/20/50 x 5 methods (a sweep each, so that a time limit cuts every method
 # alike) x LeCun/He x seeds 0, 1 x Adam {1e-3, 3e-4}; width 16, the whole training set,
 # 1 epoch. Transformer: 6/12/24 blocks x warm-up 0/200 steps (a sweep each) x plain,
 # bgn, pre-ln x seeds 0, 1 x Adam {1e-3, 3e-4}; width 32, 4 heads, the whole training
 # set, 1 epoch (469 steps).
-# Writes OUT/runs/<part>/ (summaries), OUT/logs/<part>.txt and OUT/issue14.tar.gz.
+# Writes OUT/runs/<part>/ (summaries), OUT/logs/<part>.txt and OUT/cnn-transformer.tar.gz.
 # ARCHS="cnn" (or "transformer") runs one grid only. A sweep folder already in OUT/runs
 # keeps its finished runs: only the rest run. RESUME_FROM=<folder of earlier sweep
-# folders> (e.g. docs/results/gpu-issue14) first copies the finished CNN runs found
+# folders> (e.g. docs/results/cnn/h200-1-epoch) first copies the finished CNN runs found
 # there into the parts they belong to.
 set -u
-OUT=${1:?usage: gpu_issue14.sh OUT [LIMIT]}
+OUT=${1:?usage: gpu_cnn_transformer.sh OUT [LIMIT]}
 LIMIT=${2:-0}
 cd "$(dirname "$0")/../.."
 mkdir -p "$OUT/logs" "$OUT/runs"
@@ -54,4 +54,4 @@ for depth in 6 12 24; do
   done
 done
 wait "${pids[@]}"
-tar czf "$OUT/issue14.tar.gz" --exclude=checkpoints --exclude=.jax_cache -C "$OUT" runs logs
+tar czf "$OUT/cnn-transformer.tar.gz" --exclude=checkpoints --exclude=.jax_cache -C "$OUT" runs logs
