@@ -484,6 +484,62 @@ def _variadic_sums(arrays: tuple[jax.Array, ...], dims: tuple[int, ...]) -> tupl
   )
 
 
+def _local_sums(
+  g: jax.Array, dims: tuple[int, ...], formulation: _Formulation
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Over ``dims`` (removed), in the accumulator dtype, the sums of a**2, (a * up)**2
+  and (a * down)**2 for a = g: of the whole group, or of one shard's part of it.
+
+  Off the CPU as one variadic reduce: one kernel that reads its inputs once, where XLA
+  on an H100 gave three sibling sums of a matmul's output three kernels; no
+  conditional, which on the GPU would copy its predicate to the host and wait. On the
+  CPU, where XLA vectorizes separate sums and runs a variadic reduce 2-3x slower, and
+  a conditional is cheap, the plain sum first, and the scaled sums from a second pass
+  over g only when some group here needs one.
+  """
+  acc = _accumulator_dtype(g.dtype)
+  scales = _SCALES[acc]
+  # XLA's simplifier rewrites (a * c)**2 as a**2 * c**2 when a or c is a constant,
+  # and up**2 overflows (down**2 flushes to 0): NaN. Behind a barrier the scales
+  # are no constants (else a group of one entry, where the reduction vanishes,
+  # gets NaN), and neither is a + zero, where g itself is one: a cotangent fixed
+  # at compile time (an unused output, a loss term times 0.0).
+  up, down, zero = jax.lax.optimization_barrier(
+    (jnp.asarray(2.0**scales.log2_up, acc), jnp.asarray(2.0**-scales.log2_down, acc), acc.type(0))
+  )
+
+  def three_sums(g: jax.Array, sums: Callable) -> tuple[jax.Array, ...]:
+    a = g.astype(acc) + zero
+    return sums((a, a * up, a * down))
+
+  def variadic(g: jax.Array) -> tuple[jax.Array, ...]:
+    return three_sums(g, lambda arrays: _variadic_sums(arrays, dims))
+
+  def separate(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(jnp.sum(v * v, axis=dims) for v in arrays)
+
+  def plain_first(a: jax.Array) -> tuple[jax.Array, ...]:
+    plain = jnp.sum(a * a, axis=dims)
+    safe = jnp.all(jnp.isfinite(plain) & (plain >= scales.floor))
+    # Where every plain sum here is safe, a group's whole sum, at least this part of
+    # it, is not below the floor: its scaled-up sum is never read. Its scaled-down
+    # one is where the parts of a group on several shards overflow together;
+    # multiplying by powers of two gives it exactly.
+    return jax.lax.cond(
+      safe, lambda a: (plain, plain * up * up, plain * down * down), separate_three, a
+    )
+
+  def separate_three(a: jax.Array) -> tuple[jax.Array, ...]:
+    return three_sums(a, separate)
+
+  if formulation == "variadic":
+    return variadic(g)
+  # The conditional's operand is the accumulator copy: for bf16 XLA on the CPU then
+  # hands over the float32 product it holds anyway, where g itself would be written
+  # out once more, at each node.
+  return jax.lax.platform_dependent(g.astype(acc), cpu=plain_first, default=variadic)
+
+
 def _split_specs(
   dims: tuple[int, ...], spec: PartitionSpec, ndim: int
 ) -> tuple[tuple[Hashable, ...], PartitionSpec]:
@@ -493,44 +549,39 @@ def _split_specs(
   return reduced, PartitionSpec(*(entries[d] for d in range(ndim) if d not in dims))
 
 
-def _partition_sums(dims, mesh, arg_shapes, result_shape):
+def _partition_sums(dims, formulation, mesh, arg_shapes, result_shape):
   del result_shape
   reduced, kept = _split_specs(dims, arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
 
-  def per_shard(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    sums = _variadic_sums(arrays, dims)
+  def per_shard(g: jax.Array) -> tuple[jax.Array, ...]:
+    sums = _local_sums(g, dims, formulation)
     return jax.lax.psum(sums, reduced) if reduced else sums
 
   out = jax.sharding.NamedSharding(mesh, kept)
-  return mesh, per_shard, (out,) * len(arg_shapes), (arg_shapes[0].sharding,) * len(arg_shapes)
+  return mesh, per_shard, (out,) * 3, (arg_shapes[0].sharding,)
 
 
-def _infer_sums_sharding(dims, mesh, arg_shapes, result_shape):
-  del result_shape
+def _infer_sums_sharding(dims, formulation, mesh, arg_shapes, result_shape):
+  del formulation, result_shape
   _, kept = _split_specs(dims, arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
-  return (jax.sharding.NamedSharding(mesh, kept),) * len(arg_shapes)
+  return (jax.sharding.NamedSharding(mesh, kept),) * 3
 
 
-def _sums_sharding_rule(dims, mesh, value_types, result_types):
-  del mesh, result_types
+def _sums_sharding_rule(dims, formulation, mesh, value_types, result_types):
+  del formulation, mesh, result_types
   factors = [f"d{i}" for i in range(len(value_types[0].shape))]
   kept = ArrayMapping(*(f for i, f in enumerate(factors) if i not in dims))
-  operands = (ArrayMapping(*factors),) * len(value_types)
   reduction = tuple(factors[i] for i in dims)
-  return SdyShardingRule(operands, (kept,) * len(value_types), reduction_factors=reduction)
+  return SdyShardingRule((ArrayMapping(*factors),), (kept,) * 3, reduction_factors=reduction)
 
 
-# XLA partitions a variadic reduce over a sharded dimension by gathering each of its
-# partial results; this one reduces each shard and all-reduces the partial sums
-# together: one all-reduce (of a few numbers per group) for the mesh axes that split
-# the reduced dimensions.
-def _three_sums(
-  a: jax.Array, b: jax.Array, c: jax.Array, dims: tuple[int, ...]
-) -> tuple[jax.Array, ...]:
-  return _variadic_sums((a, b, c), dims)
-
-
-_partitioned_sums = custom_partitioning(_three_sums, static_argnums=(3,))
+# Left to XLA, a reduction over a sharded dimension costs a collective per sum (the
+# variadic one an all-gather of each partial result per mesh axis), and the CPU's
+# conditional one more for its predicate and as many again in its branch. This one
+# reduces each shard on its own, conditional included, and all-reduces the three
+# partial sums together: one all-reduce (of three numbers per group) for the mesh
+# axes that split the reduced dimensions, none where none does.
+_partitioned_sums = custom_partitioning(_local_sums, static_argnums=(1, 2))
 _partitioned_sums.def_partition(
   partition=_partition_sums,
   infer_sharding_from_operands=_infer_sums_sharding,
@@ -538,59 +589,28 @@ _partitioned_sums.def_partition(
 )
 
 
-def _one_all_reduce_sums(
-  arrays: tuple[jax.Array, ...], dims: tuple[int, ...]
+def _sums_of_squares(
+  g: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName, formulation: _Formulation
 ) -> tuple[jax.Array, ...]:
-  """The three sums of squares of ``_scaled_norm``, partitioned with one all-reduce."""
+  """``_local_sums`` of the whole group over ``axes`` and ``axis_name``, dims kept."""
+  dims = tuple(range(g.ndim)) if axes is None else axes
 
   @jax.custom_batching.custom_vmap
-  def sums(a: jax.Array, b: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-    return _partitioned_sums(a, b, c, dims)
+  def partitioned(g: jax.Array) -> tuple[jax.Array, ...]:
+    return _partitioned_sums(g, dims, formulation)
 
-  @sums.def_vmap
-  def sums_vmap(axis_size, in_batched, *arrays):
+  @partitioned.def_vmap
+  def partitioned_vmap(axis_size, in_batched, g):
     # custom_partitioning has no batching rule: a vmapped node reduces unpartitioned,
     # its batch axis moved to the front.
-    arrays = tuple(
-      a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-      for a, batched in zip(arrays, in_batched, strict=True)
-    )
-    return _variadic_sums(arrays, tuple(d + 1 for d in dims)), (True,) * len(arrays)
+    del axis_size, in_batched
+    return _local_sums(g, tuple(d + 1 for d in dims), formulation), (True,) * 3
 
-  return sums(*arrays)
-
-
-def _sums_of_squares(
-  arrays: tuple[jax.Array, ...],
-  axes: tuple[int, ...] | None,
-  axis_name: AxisName,
-  formulation: _Formulation,
-) -> tuple[jax.Array, ...]:
-  """Sums of squares of same-shaped arrays over ``axes``, dims kept.
-
-  Off the CPU as one variadic reduce: one kernel that reads its inputs once,
-  where XLA on an H100 gave three sibling sums of a matmul's output three
-  kernels. On the CPU as separate sums, which XLA there vectorizes and a
-  variadic reduce it runs 2-3x slower.
-  """
-
-  def separate(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    return tuple(jnp.sum(v * v, axis=axes, keepdims=True) for v in arrays)
-
-  def variadic(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    dims = tuple(range(arrays[0].ndim)) if axes is None else axes
-    # Inside shard_map the mesh axes are manual and the psum below is explicit.
-    manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
-    sums = (_variadic_sums if manual else _one_all_reduce_sums)(arrays, dims)
-    kept = tuple(1 if i in dims else n for i, n in enumerate(arrays[0].shape))
-    return tuple(s.reshape(kept) for s in sums)
-
-  if len(arrays) == 1:
-    sums = separate(arrays)
-  elif formulation == "platform":
-    sums = jax.lax.platform_dependent(arrays, cpu=separate, default=variadic)
-  else:
-    sums = variadic(arrays)
+  # Inside shard_map the mesh axes are manual and the psum below is explicit.
+  manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+  sums = _local_sums(g, dims, formulation) if manual else partitioned(g)
+  kept = tuple(1 if i in dims else n for i, n in enumerate(g.shape))
+  sums = tuple(s.reshape(kept) for s in sums)
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
@@ -603,50 +623,15 @@ def _scaled_norm(
   """
   acc = _accumulator_dtype(g.dtype)
   scales = _SCALES[acc]
-  up = acc.type(2.0**scales.log2_up)
-  down = acc.type(2.0**-scales.log2_down)
-
-  def three_sums(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Three sums of one input, no masks, in one reduction that reads g once;
-    # memory-bound on the GPU, the extra arithmetic costs nothing there.
-    # XLA's simplifier rewrites (a * c)**2 as a**2 * c**2 when a or c is a constant,
-    # and up**2 overflows (down**2 flushes to 0): NaN. Behind a barrier the scales
-    # are no constants (else a group of one entry, where the reduction vanishes,
-    # gets NaN), and neither is a + zero, where g itself is one: a cotangent fixed
-    # at compile time (an unused output, a loss term times 0.0).
-    up_copy, down_copy, zero = jax.lax.optimization_barrier(
-      (jnp.asarray(up), jnp.asarray(down), jnp.zeros((), acc))
-    )
-    a = g.astype(acc) + zero
-    plain, small, large = _sums_of_squares(
-      (a, a * up_copy, a * down_copy), axes, axis_name, formulation
-    )
-    use_large = ~jnp.isfinite(plain)
-    use_small = plain < scales.floor
-    ss = jnp.where(use_large, large, jnp.where(use_small, small, plain))
-    k = jnp.where(use_large, down, jnp.where(use_small, up, acc.type(1)))
-    return ss, k
-
-  def plain_first(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # On the CPU a reduction costs time in proportion to its arithmetic, and
-    # XLA there runs each sum as its own pass, while a conditional is cheap: sum
-    # the plain squares, and go over g again only when a group needs a scale.
-    (plain,) = _sums_of_squares((g.astype(acc),), axes, axis_name, formulation)
-    safe = jnp.all(jnp.isfinite(plain) & (plain >= scales.floor))
-    return jax.lax.cond(safe, lambda g: (plain, jnp.ones_like(plain)), three_sums, g)
 
   @jax.custom_jvp
   def scaled_norm(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if axis_name is None:
-      # A conditional on the GPU would copy its predicate to the host and wait.
-      # The conditional's operand is the accumulator copy: for bf16 XLA on the
-      # CPU then hands over the float32 product it holds anyway, where g itself
-      # would be written out once more, at each node.
-      branches = {"cpu": plain_first} if formulation == "platform" else {}
-      ss, k = jax.lax.platform_dependent(g.astype(acc), **branches, default=three_sums)
-    else:
-      # A collective inside a conditional branch is avoided.
-      ss, k = three_sums(g)
+    plain, small, large = _sums_of_squares(g, axes, axis_name, formulation)
+    use_large = ~jnp.isfinite(plain)
+    use_small = plain < scales.floor
+    ss = jnp.where(use_large, large, jnp.where(use_small, small, plain))
+    up, down = acc.type(2.0**scales.log2_up), acc.type(2.0**-scales.log2_down)
+    k = jnp.where(use_large, down, jnp.where(use_small, up, acc.type(1)))
     return jnp.sqrt(ss), k
 
   @scaled_norm.defjvp

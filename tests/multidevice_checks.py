@@ -173,6 +173,48 @@ def sharded_errors():
   return results
 
 
+def split_group_extremes():
+  """Per-element relative errors against float64 of sharded-jit nodes whose groups span
+  shards (batch on "data", features on "model") with parts that overflow together
+  though each is finite, underflow on every shard, or fall in different bands on
+  different shards; per formulation, whole batch and per example."""
+  from bgn_jax import core
+
+  rng = np.random.default_rng(3)
+  normal = rng.standard_normal((8, 32))
+  rows = normal.copy()
+  rows[0] = 5e18  # each shard's part of the row 2e38, finite; the row's sum overflows
+  rows[1] *= 1e-30  # squares underflow on every shard
+  rows[2, :8] *= 1e-10  # one shard's part below the floor, the row's sum above it
+  rows[2, 8:] *= 1e-8
+  rows[3, :8], rows[3, 8:] = 1e-30, 0.0  # tiny on one shard, zero on the others
+  cases = {
+    "mixed_rows": rows,
+    "tiny": normal * 1e-30,
+    "tiny_half": np.concatenate([normal[:4], normal[4:] * 1e-30]),
+    # Every shard's part finite and above the floor, the group's sum inf: the whole
+    # batch (16 entries of 4e36 a shard, 8 shards); each example (8 of 2.5e37, 4 shards).
+    "overflow_together": np.full((8, 32), 2e18),
+    "rows_overflow_together": np.full((8, 32), 5e18),
+  }
+  sharding = NamedSharding(mesh_2x4(), PartitionSpec("data", "model"))
+  results = {}
+  for formulation in ("platform", "variadic"):
+    core._BACKWARD_FORMULATION = formulation
+    core._normalize_cotangent_jit.clear_cache()
+    for name, options in (("whole", {}), ("per_example", {"axes": (1,)})):
+      grad = jax.jit(jax.grad(functools.partial(loss, **options)))
+      for case, g in cases.items():
+        w = jax.device_put(jnp.asarray(g, jnp.float32), sharding)
+        got = np.asarray(grad(jnp.zeros_like(w), w), np.float64)
+        want = reference_backward(np.asarray(w, np.float64), **options)
+        error = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+        results[f"{formulation}-{name}-{case}"] = float(np.max(error))
+  core._BACKWARD_FORMULATION = "platform"
+  core._normalize_cotangent_jit.clear_cache()
+  return results
+
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -256,6 +298,7 @@ def main():
       results[f"{name}-{options}"] = error
   results["shard_map-grad_of_grad"] = grad_of_grad_error()
   results["sharded"] = sharded_errors()
+  results["split_group_extremes"] = split_group_extremes()
   results["collectives"] = {f: node_collectives(f) for f in ("platform", "variadic")}
   print(json.dumps(results))
 
