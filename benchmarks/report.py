@@ -1,4 +1,5 @@
-"""Markdown tables for RESULTS.md from the JSON records of the benchmark scripts.
+"""Markdown tables for the speed results pages (docs/results/speed-*) from the JSON
+records of the benchmark scripts.
 
 Usage::
 
