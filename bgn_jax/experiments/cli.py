@@ -135,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="one training run")
   _add_model_flags(train, lists=False)
   train.add_argument("--out", required=True, help="run folder")
-  train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  train.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from the latest checkpoint; the flags that change the result must be "
+    "the run's (--epochs may change under a constant LR schedule)",
+  )
   _add_distributed_flags(train)
 
   sweep = commands.add_parser(

@@ -9,7 +9,9 @@ holds the whole (small) data set and builds its shards of a global batch from it
 
 The order of the training examples is a pure function of (seed, epoch), and the
 step counter locates a batch inside it, so a run resumed from a checkpoint sees
-the same batches as an uninterrupted one and ends with the same parameters.
+the same batches as an uninterrupted one and ends with the same parameters. A run
+folder stores its configuration beside its checkpoints, and a resume with flags
+that change the result is refused (see :func:`result_fields`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +59,7 @@ __all__ = [
   "TrainConfig",
   "layer_grad_norms_fn",
   "params_sha256",
+  "result_fields",
   "train",
 ]
 
@@ -70,6 +74,20 @@ FIRST_KERNEL = {
   "cnn": ("input_layer", "conv", "kernel"),
   "transformer": ("input_layer", "kernel"),
 }
+# The fields of TrainConfig that leave what a run computes unchanged: where it reads and
+# writes, how often it logs and saves, what it shows, and the device layout (every mesh
+# computes the same function, bitwise equal only on the same one).
+NOT_RESULT_FIELDS = (
+  "out",
+  "data_dir",
+  "log_every",
+  "checkpoint_every",
+  "resume",
+  "progress",
+  "plots",
+  "mesh",
+  "fsdp",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -163,6 +181,16 @@ class TrainConfig:
   progress: bool = True
   plots: bool = True
 
+  @classmethod
+  def from_stored(cls, values: Mapping[str, Any]) -> TrainConfig:
+    """The config a run stored (``dataclasses.asdict``); unknown keys are ignored.
+
+    A field the stored config lacks, from a run written before the field existed,
+    takes its default, which is how that run ran.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{"out": "", **{k: v for k, v in values.items() if k in known}})
+
   def validate(self) -> None:
     """Raises ValueError naming the flag whose value is not allowed."""
     choices = {
@@ -216,6 +244,27 @@ class TrainConfig:
       raise ValueError(f"--lr: must be positive and finite; got {self.lr}.")
     if not 0 <= self.momentum < 1:
       raise ValueError(f"--momentum: must lie in [0, 1); got {self.momentum}.")
+
+
+def result_fields(config: TrainConfig) -> dict[str, Any]:
+  """The settings of ``config`` that change what the run computes, by field name.
+
+  Every field but those of ``NOT_RESULT_FIELDS`` and those the run ignores:
+  ``momentum`` without sgd, ``weight_decay`` without adamw, ``heads`` outside the
+  transformer. Float fields are floats, so a TOML file's ``0`` is the flag's ``0.0``.
+  """
+  ignored = {
+    "momentum": config.optimizer != "sgd",
+    "weight_decay": config.optimizer != "adamw",
+    "heads": config.arch != "transformer",
+  }
+  values = {}
+  for field in dataclasses.fields(config):
+    if field.name in NOT_RESULT_FIELDS or ignored.get(field.name, False):
+      continue
+    value = getattr(config, field.name)
+    values[field.name] = float(value) if field.type in ("float", float) else value
+  return values
 
 
 def target_norm_value(text: str) -> TargetNorm:
@@ -424,6 +473,15 @@ def _checkpoint_manager(folder: Path):
   )
 
 
+def _latest_step(folder: Path) -> int | None:
+  """The step of the latest finished checkpoint in ``folder``; None without one."""
+  import orbax.checkpoint as ocp
+
+  # Without a CheckpointManager, whose clean-up of a killed save runs in a background
+  # thread that an error raised next would leave running at exit.
+  return max(ocp.utils.checkpoint_steps(folder.absolute()), default=None)
+
+
 def _save(manager, step: int, state: dict[str, Any]) -> None:
   import orbax.checkpoint as ocp
 
@@ -440,6 +498,74 @@ def _restore(manager, step: int, state: dict[str, Any]) -> dict[str, Any]:
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
   )
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _store_config(folder: Path, config: TrainConfig) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / "config.json"
+  # Written whole, then renamed: a run killed meanwhile leaves the previous file.
+  partial = path.with_suffix(".json.partial")
+  partial.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+  os.replace(partial, path)
+
+
+def _check_resume(
+  config: TrainConfig, folder: Path, step: int, steps_per_epoch: int
+) -> TrainConfig:
+  """The stored config of the run whose checkpoint of ``step`` is in ``folder``.
+
+  Raises:
+    ValueError: ``config`` does not continue that run: a result field
+      (:func:`result_fields`) differs from the stored one, but ``epochs``, which may
+      change where the LR of a step does not depend on it.
+  """
+  path = folder / "config.json"
+  try:
+    stored = TrainConfig.from_stored(json.loads(path.read_text()))
+  except FileNotFoundError:
+    raise ValueError(
+      f"--resume: {folder} holds checkpoints but no config.json (they were written before "
+      "runs stored their configuration), so these flags cannot be checked against the run; "
+      f"start a new run with another --out, or delete {folder} to start this one over."
+    ) from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--resume: {path} is not valid JSON ({e}).") from None
+  before, now = result_fields(stored), result_fields(config)
+  # A field only one side has is ignored by the other, whose optimizer or arch differs.
+  differences = [name for name in now if name in before and before[name] != now[name]]
+  problems = [
+    f"--{name.replace('_', '-')}: stored {before[name]!r}, requested {now[name]!r}"
+    for name in differences
+    if name != "epochs"
+  ]
+  if "epochs" in differences:
+    reason = _epochs_fixed_by(config, stored.epochs, step, steps_per_epoch)
+    if reason:
+      problems.append(f"--epochs: stored {stored.epochs}, requested {config.epochs} ({reason})")
+  if problems:
+    raise ValueError(
+      f"--resume: {folder.parent} holds a run with other settings: {'; '.join(problems)}. "
+      "Resume it with the stored values, or start a new run with another --out."
+    )
+  return stored
+
+
+def _epochs_fixed_by(
+  config: TrainConfig, stored_epochs: int, step: int, steps_per_epoch: int
+) -> str | None:
+  """Why a resumed run may not change its epochs to ``config.epochs``; None where it may.
+
+  The batches of a step do not depend on the run's length; the LR does under a cosine
+  schedule, or a warm-up longer than the shorter of the two runs.
+  """
+  total = steps_per_epoch * config.epochs
+  if config.schedule != "constant":
+    return f"--schedule {config.schedule} sets the LR of each step from the run's length"
+  if config.warmup_steps > steps_per_epoch * min(config.epochs, stored_epochs):
+    return f"the {config.warmup_steps}-step warm-up is longer than the shorter run"
+  if step > total:
+    return f"the latest checkpoint, of step {step}, is past the requested last step {total}"
+  return None
 
 
 class _Metrics:
@@ -527,6 +653,27 @@ def train(
   if steps_per_epoch == 0:
     raise ValueError(f"--batch-size: {config.batch_size} exceeds the {n_train} training examples.")
   total_steps = steps_per_epoch * config.epochs
+
+  checkpoints = out / "checkpoints"
+  latest_step = _latest_step(checkpoints)
+  if latest_step is not None and not config.resume:
+    raise ValueError(
+      f"--out: {out} already holds checkpoints; pass --resume to continue that run "
+      "or choose an empty folder."
+    )
+  start_step = latest_step or 0
+  stored = None
+  if latest_step is not None:
+    stored = _check_resume(config, checkpoints, latest_step, steps_per_epoch)
+  if is_main:
+    if stored is not None and stored.epochs != config.epochs:
+      print(
+        f"bgn-jax: --epochs {stored.epochs} -> {config.epochs}: the training is otherwise "
+        f"identical, so {out} continues as a {config.epochs}-epoch run.",
+        file=sys.stderr,
+      )
+    # Stored before the first checkpoint, so that every checkpoint has its configuration.
+    _store_config(checkpoints, config)
 
   model = make_model(config, data.num_classes)
   apply = model_apply(config, model)
@@ -616,19 +763,20 @@ def train(
       loss += float(_host_copy(lo))
     return correct / n_test, loss / n_test
 
-  manager = _checkpoint_manager(out / "checkpoints")
-  start_step = 0
-  latest_step = manager.latest_step()
-  if config.resume and latest_step is not None:
-    start_step = int(latest_step)
-    state = _restore(manager, start_step, state)
+  manager = _checkpoint_manager(checkpoints)
+  if latest_step is not None:
+    try:
+      state = _restore(manager, start_step, state)
+    except ValueError:
+      manager.close()
+      # Orbax describes a mismatch as a dump of both trees; one sentence says what to do.
+      raise ValueError(
+        f"--resume: the checkpoint {checkpoints / str(start_step)} does not fit the model "
+        "and optimizer of these flags (other arrays or shapes); start a new run with another "
+        f"--out, or delete {checkpoints} to start this one over."
+      ) from None
     if is_main:
       print(f"bgn-jax: resumed {out} from the checkpoint of step {start_step}.", file=sys.stderr)
-  elif not config.resume and latest_step is not None:
-    raise ValueError(
-      f"--out: {out} already holds checkpoints; pass --resume to continue that run "
-      "or choose an empty folder."
-    )
 
   metrics = _Metrics(out / "metrics.jsonl", start_step, is_main)
   bar = _progress_bar(

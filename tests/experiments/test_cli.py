@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,3 +252,15 @@ def test_mesh_flags_are_checked(tmp_path, flags, message):
 
   with pytest.raises(ValueError, match=re.escape(message)):
     TrainConfig(out=str(tmp_path), width=32, **flags).validate()
+
+
+def test_resume_with_other_flags_is_a_usage_error_listing_them(reference_run, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(reference_run, out)
+  flags = [*SMALL, "--epochs", REFERENCE_EPOCHS, "--out", str(out), "--resume"]
+  other = [*flags, "--method", "plain", "--lr", "0.05"]  # the last of a repeated flag wins
+  assert main(["train", *other]) == 2
+  err = capsys.readouterr().err
+  assert "--method: stored 'bgn', requested 'plain'" in err
+  assert "--lr: stored 0.001, requested 0.05" in err
+  assert json.loads((out / "results.json").read_text())["config"]["method"] == "bgn"
