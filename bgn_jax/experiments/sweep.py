@@ -1,10 +1,13 @@
 """``bgn-jax sweep``: a resumable grid of training runs and its best-over-(init, LR) summary.
 
-Each run lives in ``OUT/runs/<name>/``; a run whose ``results.json`` exists is
-finished and skipped after a restart, and a run killed midway continues from its
-checkpoints. After every run the summary is rewritten (``summary.md``,
-``summary.csv``, ``accuracy_vs_depth.png``, ``grad_norms.png``), so whatever has
-finished is usable while the sweep goes on.
+Each run lives in ``OUT/runs/<name>/``, the name ending in a hash of every setting
+that changes the run's result (:func:`run_name`); a run whose ``results.json``
+exists is finished and skipped after a restart, and a run killed midway continues
+from its checkpoints. A sweep started again with other settings (more epochs,
+another batch size) gets other folders, so it never counts the earlier runs. After
+every run the summary is rewritten (``summary.md``, ``summary.csv``,
+``accuracy_vs_depth.png``, ``grad_norms.png``), so whatever has finished is usable
+while the sweep goes on.
 
 A cell is (dataset, depth, activation, optimizer, method), and with
 ``split_inits`` also the init. Its reported accuracy is the one of its best
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -31,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, train
+from bgn_jax.experiments.train import NonFiniteLossError, TrainConfig, result_fields, train
 
 __all__ = ["SweepConfig", "run_name", "run_sweep", "stable_seeds", "summarize"]
 
@@ -219,7 +223,7 @@ class SweepConfig:
         template = next(r for r in runs if r.init == init and r.lr == lr)
         for seed in follow_up:
           run = dataclasses.replace(template, seed=seed, out="")
-          configs.append(dataclasses.replace(run, out=str(Path(self.out) / "runs" / run_name(run))))
+          configs.append(dataclasses.replace(run, out=self._folder(run)))
     return configs
 
   def runs_planned(self, cell: tuple) -> int:
@@ -266,10 +270,22 @@ class SweepConfig:
           progress=True,
           plots=False,
         )
-        configs.append(
-          dataclasses.replace(config, out=str(Path(self.out) / "runs" / run_name(config)))
-        )
+        configs.append(dataclasses.replace(config, out=self._folder(config)))
     return configs
+
+  def _folder(self, run: TrainConfig) -> str:
+    """The folder of ``run``: ``OUT/runs/<run_name>``, or an earlier finished one.
+
+    Sweeps written before the names carried the hash named a run without it; such a
+    folder is the run's when its results.json holds the run's configuration.
+    """
+    runs = Path(self.out) / "runs"
+    earlier = runs / _readable_name(run)
+    result = _read_result(earlier / "results.json") or {}
+    stored = result.get("config")
+    if stored is not None and result_fields(TrainConfig.from_stored(stored)) == result_fields(run):
+      return str(earlier)
+    return str(runs / run_name(run))
 
   def validate(self) -> None:
     """Raises ValueError naming the key that is empty or out of range."""
@@ -289,11 +305,19 @@ class SweepConfig:
 
 
 def run_name(config: TrainConfig) -> str:
-  """The folder name of a run inside ``OUT/runs``.
+  """The folder name of a run inside ``OUT/runs``: its main settings, then a hash.
 
-  Settings at their defaults are left out, so the MLP runs of earlier sweeps keep
-  their names.
+  The hash is the first 8 hex digits of the SHA-256 of every setting that changes
+  the result (:func:`bgn_jax.experiments.train.result_fields`), so two runs share a
+  folder only when they compute the same thing.
   """
+  fields = json.dumps(result_fields(config), sort_keys=True)
+  return f"{_readable_name(config)}-{hashlib.sha256(fields.encode()).hexdigest()[:8]}"
+
+
+def _readable_name(config: TrainConfig) -> str:
+  # The whole name of a run before names carried the hash; settings at their
+  # defaults are left out.
   defaults = TrainConfig(out="")
   arch = "" if config.arch == "mlp" else f"{config.arch}-"
   name = (

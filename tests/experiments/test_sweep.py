@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bgn_jax.experiments import sweep
 from bgn_jax.experiments.cli import build_parser
-from bgn_jax.experiments.sweep import SweepConfig, run_name, stable_seeds, summarize
+from bgn_jax.experiments.sweep import SweepConfig, run_name, run_sweep, stable_seeds, summarize
 from bgn_jax.experiments.train import TrainConfig
 
 
@@ -151,25 +155,97 @@ def test_inits_from_flags_and_toml(tmp_path):
     build_parser().parse_args(["sweep", "--inits", "zeros"])
 
 
-def test_run_names_keep_the_earlier_mlp_names_and_tell_new_settings_apart():
+def test_run_names_tell_apart_every_setting_that_changes_the_result():
   default = TrainConfig(out="")
-  assert run_name(default) == "digits-d10-w64-relu-lecun-plain-k1-adam-lr0.001-s0"
-  names = {
-    run_name(TrainConfig(out="", **change))
-    for change in (
-      {},
-      {"arch": "cnn"},
-      {"arch": "transformer"},
-      {"arch": "transformer", "heads": 2},
-      {"warmup_steps": 100},
-      {"schedule": "cosine"},
-      {"train_examples": 1000},
-      {"bgn_target": "1.0"},
-      {"optimizer": "adamw"},
-      {"optimizer": "adamw", "weight_decay": 0.1},
-    )
-  }
-  assert len(names) == 10
+  assert re.fullmatch(
+    r"digits-d10-w64-relu-lecun-plain-k1-adam-lr0\.001-s0-[0-9a-f]{8}", run_name(default)
+  )
+  changes: tuple[dict[str, Any], ...] = (
+    {},
+    {"arch": "cnn"},
+    {"arch": "transformer"},
+    {"arch": "transformer", "heads": 2},
+    {"warmup_steps": 100},
+    {"schedule": "cosine"},
+    {"train_examples": 1000},
+    {"bgn_target": "1.0"},
+    {"optimizer": "adamw"},
+    {"optimizer": "adamw", "weight_decay": 0.1},
+    {"optimizer": "sgd"},
+    {"optimizer": "sgd", "momentum": 0.5},
+    {"epochs": 5},
+    {"batch_size": 32},
+    {"dtype": "bfloat16"},
+  )
+  names = {run_name(TrainConfig(out="", **change)) for change in changes}
+  assert len(names) == len(changes)
+  # What the run ignores or only affects where files go and how often: the same run.
+  for same in (
+    {"momentum": 0.5},  # Adam has no momentum setting
+    {"heads": 2},  # the MLP has no heads
+    {"log_every": 7, "checkpoint_every": 3, "data_dir": "elsewhere", "progress": False},
+    {"out": "elsewhere", "resume": True, "plots": False, "mesh": "data=1", "fsdp": True},
+  ):
+    assert run_name(TrainConfig(**{"out": "", **same})) == run_name(default)
+  # A TOML file's `momentum = 0` is the flag's 0.0.
+  assert run_name(TrainConfig(out="", optimizer="sgd", momentum=0)) == run_name(
+    TrainConfig(out="", optimizer="sgd", momentum=0.0)
+  )
+
+
+def one_run_grid(tmp_path: Path, **changes) -> SweepConfig:
+  config = SweepConfig(
+    out=str(tmp_path), depths=(2,), methods=("plain",), lrs=(1e-2,), epochs=1, batch_size=128
+  )
+  return dataclasses.replace(config, **changes)
+
+
+def finish(run: TrainConfig, accuracy: float) -> None:
+  Path(run.out).mkdir(parents=True, exist_ok=True)
+  result = {"config": dataclasses.asdict(run), "method": run.method, "test_accuracy": accuracy}
+  (Path(run.out) / "results.json").write_text(json.dumps(result))
+
+
+def test_a_sweep_rerun_with_other_epochs_and_batch_size_does_not_reuse_the_earlier_runs(
+  tmp_path, monkeypatch
+):
+  earlier = one_run_grid(tmp_path)
+  for run in earlier.runs():
+    finish(run, 0.5)
+  again = one_run_grid(tmp_path, epochs=5, batch_size=32)
+  assert summarize(again) == []
+  trained = []
+
+  def fake_train(run: TrainConfig, dataset=None) -> dict:
+    trained.append(run)
+    finish(run, 0.9)
+    return {}
+
+  monkeypatch.setattr(sweep, "train", fake_train)
+  monkeypatch.setattr("bgn_jax.experiments.data.load_dataset", lambda *args: None)
+  rows = run_sweep(again, progress=False)
+  assert [(r.epochs, r.batch_size) for r in trained] == [(5, 32)]
+  assert [(r["method"], r["mean"]) for r in rows] == [("plain", 0.9)]
+  # The earlier run is kept, and is again the result of the earlier grid.
+  assert [r["mean"] for r in summarize(earlier)] == [0.5]
+
+
+def test_a_finished_run_under_its_earlier_name_is_reused_only_with_the_same_configuration(
+  tmp_path,
+):
+  # Sweep folders written before the names carried a hash of the configuration.
+  grid = one_run_grid(tmp_path)
+  (run,) = grid.runs()
+  earlier = dataclasses.replace(
+    run, out=str(tmp_path / "runs" / "digits-d2-w128-relu-lecun-plain-k1-adam-lr0.01-s0")
+  )
+  finish(earlier, 0.5)
+  assert [r["mean"] for r in summarize(grid)] == [0.5]
+  assert [r.out for r in grid.runs()] == [earlier.out]
+  assert summarize(one_run_grid(tmp_path, epochs=5)) == []
+  legacy_without_config = Path(earlier.out) / "results.json"
+  legacy_without_config.write_text(json.dumps({"method": "plain", "test_accuracy": 0.5}))
+  assert summarize(grid) == []
 
 
 @pytest.mark.parametrize(
