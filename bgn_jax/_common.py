@@ -1,5 +1,15 @@
-"""What the framework adapters share: option checks, ``where`` matching, messages,
-the placement records and the batched norms behind the diagnostics.
+"""What the framework adapters share: the logic of each verb, written once.
+
+``insert``, ``placements`` and ``grad_norms`` all run something around the ``__call__``
+of selected modules, a module being known by its path. Here are the option checks and
+``where`` matching, the insertion record (:class:`Insertion`: ``every``, the nodes, the
+check of each call of the whole model), the placement records, the hook that diagnostics
+listen through, grad_norms's fixed-size tap and the pass that places it
+(:class:`TapPass`), the report, and the messages, all of the shape
+``bgn_jax.<framework>.<verb>: ...``. An adapter supplies only what differs: how to walk
+a model's modules with their paths, how to install the hook around a selected call (an
+interceptor in linen, a marked subclass in nnx and equinox), how a tap rides through a
+scanned stack, and which arrays a module owns.
 
 Private to the package: the adapters (:mod:`bgn_jax.linen`, :mod:`bgn_jax.nnx`,
 :mod:`bgn_jax.equinox`) import it; it imports only JAX and the core.
@@ -7,14 +17,16 @@ Private to the package: the adapters (:mod:`bgn_jax.linen`, :mod:`bgn_jax.nnx`,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import re
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +37,8 @@ from bgn_jax.core import bgn, l2_norm, make_config
 Position = Literal["after", "before"]
 Where = type | tuple[type, ...] | Callable[[Any], bool] | str | re.Pattern
 Path = tuple[str, ...]
+Owned = Callable[[Any], str | None]  # leaf -> why it is the module's own array, or None
+Report = dict[str, dict[str, jax.Array]]
 
 BGN_OPTIONS = ("axes", "target_norm", "power", "eps", "axis_name")
 SEEN_LISTED = 40  # how many seen module calls a no-match error lists
@@ -34,7 +48,7 @@ _MAX_RANK = 64  # axes entries checked at insert time; the rank itself is known 
 def check_options(
   fn_name: str, position: Any, every: Any, bgn_options: dict[str, Any]
 ) -> dict[str, Any]:
-  """Validates the arguments shared by the linen and nnx ``insert``.
+  """Validates the arguments that every framework's ``insert`` takes.
 
   Args:
     fn_name: the public name, for the messages.
@@ -92,6 +106,21 @@ def check_axes_not_empty(fn_name: str, axes: Any) -> None:
     )
 
 
+def check_layer(fn_name: str, layer: Any) -> None:
+  """Checks a BGN layer's options at construction, as far as they do not depend on the
+  input (``axes`` entries and a shape-dependent target are checked at the call)."""
+  check_axes_not_empty(fn_name, layer.axes)
+  make_config((), **{name: getattr(layer, name) for name in BGN_OPTIONS if name != "axes"})
+
+
+def layer_bgn(layer: Any, x: jax.Array) -> jax.Array:
+  """The call of a BGN layer: :func:`bgn_jax.bgn` with the layer's options, told to the
+  hook in place (grad_norms reads the gradient that reaches the node there)."""
+  y = bgn(x, **{name: getattr(layer, name) for name in BGN_OPTIONS})
+  hook = _HOOK.get()
+  return y if hook is None else hook.node_applied(x, y)
+
+
 def describe(leaf: Any) -> tuple[tuple[Any, ...], str]:
   """The shape (symbolic dimensions kept, as under ``jax.export``) and dtype name of a leaf
   (the type name for a non-array)."""
@@ -99,25 +128,9 @@ def describe(leaf: Any) -> tuple[tuple[Any, ...], str]:
   return tuple(getattr(leaf, "shape", ())), type(leaf).__name__ if dtype is None else str(dtype)
 
 
-def is_float_array(leaf: Any, kind: Any = jnp.floating) -> bool:
-  """A ``jax.Array`` whose dtype is of ``kind`` (floating; ``jnp.inexact`` adds complex)."""
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, kind)
-
-
-def apply_bgn(tree: Any, options: dict[str, Any]) -> Any:
-  """Applies :func:`bgn_jax.bgn` to every floating-point ``jax.Array`` leaf of ``tree``.
-
-  Other leaves (integer and boolean arrays, NumPy arrays, Python scalars,
-  non-array objects) are returned as they are.
-
-  Args:
-    tree: any pytree.
-    options: keyword options for :func:`bgn_jax.bgn`.
-
-  Returns:
-    ``tree`` with the same structure and values.
-  """
-  return jax.tree.map(lambda leaf: bgn(leaf, **options) if is_float_array(leaf) else leaf, tree)
+def is_float_array(leaf: Any) -> bool:
+  """A ``jax.Array`` of a floating-point dtype."""
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def no_match_message(
@@ -201,6 +214,32 @@ def matcher(
     f"{fn_name}: `where` must be a Module class, a tuple of Module classes, a predicate "
     f"module -> bool, or a regular expression on the module path; got {where!r}."
   )
+
+
+def select(
+  fn_name: str,
+  where: Where,
+  modules: Iterable[tuple[str, Any]],
+  is_match: Callable[[Any, str], bool],
+) -> list[tuple[str, Any]]:
+  """The ``(path, module)`` pairs of ``modules`` that ``where`` selects, in their order.
+
+  Only modules that define ``__call__`` are tested (containers are not).
+
+  Raises:
+    ValueError: none is selected; the message lists what was tested.
+  """
+  seen: dict[tuple[str, str], None] = {}
+  chosen = []
+  for path, module in modules:
+    if not has_call(type(module)):
+      continue
+    seen[(unmarked_class(type(module)).__name__, path)] = None
+    if is_match(module, path):
+      chosen.append((path, module))
+  if not chosen:
+    raise ValueError(no_match_message(fn_name, where, seen, "module"))
+  return chosen
 
 
 def get_path(tree: Any, path: Path) -> Any:
@@ -385,6 +424,10 @@ class CallCheck:
     kept: a matched call was not left out by ``every``.
     placed: a node was placed.
     matched: ``(class name, path) -> what its leaves were``, in call order.
+    seen: the ``(class name, path)`` of the module calls tested, where the adapter
+      finds the matches as they are called (linen), for the no-match message.
+    hook: the hook in place as the call began: a diagnostic hears of the nodes of a
+      call that runs inside it, not of one that wraps it.
   """
 
   def __init__(self, fn_name: str, where: Any, position: str, every: int, report: str):
@@ -393,6 +436,8 @@ class CallCheck:
     self.kept = False
     self.placed = False
     self.matched: dict[tuple[str, str], str] = {}
+    self.seen: dict[tuple[str, str], None] = {}
+    self.hook = _HOOK.get()
 
   def note(self, name: str, path: str, leaves: Sequence[Any], reasons: Sequence[str | None]):
     """Records one matched call's leaves and reasons."""
@@ -423,23 +468,39 @@ class CallCheck:
 
 
 class Insertion:
-  """What one ``insert`` selected, and whether some call of the whole model placed a node.
+  """What one ``insert`` asked for, and whether some call of the whole model placed a node.
 
-  Compares by its description (framework, where, position, every, options), so that
-  equal inserts share their subclasses and jit traces. Each call of the whole model
-  runs inside :meth:`whole_call`, which gives the nodes one :class:`CallCheck` and
-  raises at the end where that call placed no node.
+  Made from ``insert``'s arguments, which it checks. It numbers the matches for
+  ``every`` (:meth:`skipped`), places the nodes (:meth:`place`) and checks each call of
+  the whole model (:meth:`whole_call`). Compares by its description (framework, where,
+  position, every, options and the adapter's ``extra``), so that equal inserts share
+  their subclasses and jit traces.
   """
 
-  def __init__(self, framework: str, where: Any, position: str, every: int, options: Any):
-    self.framework, self.where, self.position, self.every = framework, where, position, every
-    key: tuple[Any, ...] = (framework, where, position, every, options)
+  argument = "model"  # what the framework's verbs call the thing insert returns
+
+  def __init__(
+    self,
+    framework: str,
+    where: Any,
+    position: Any,
+    every: Any,
+    bgn_options: dict[str, Any],
+    extra: tuple[Any, ...] = (),
+  ):
+    self.framework, self.fn_name = framework, f"bgn_jax.{framework}.insert"
+    self.options = check_options(self.fn_name, position, every, bgn_options)
+    self.where, self.position, self.every = where, position, int(every)
+    # The marker of a module's node: equal nodes are one node, other options an error.
+    self.node_marker = ("bgn", position, tuple(sorted(self.options.items())))
+    key: tuple[Any, ...] = (framework, where, position, self.every, self.node_marker[2], *extra)
     try:
       hash(key)
-    except TypeError:
+    except TypeError:  # an unhashable `where` or option: traces of its own
       key = (id(self),)
     self.key = key
     self.placed = False  # some call of the whole model placed a node
+    self._numbers: dict[str, int] = {}  # path -> match number, for `every`
 
   def __eq__(self, other: object) -> bool:
     return isinstance(other, Insertion) and self.key == other.key
@@ -447,10 +508,32 @@ class Insertion:
   def __hash__(self) -> int:
     return hash(self.key)
 
+  def skipped(self, path: str) -> str | None:
+    """Why the match at ``path`` gets no node (left out by ``every``); None: it gets one.
+
+    Matches are numbered by path in the order they are first seen, once for the life
+    of the insertion: all calls of a module share its decision.
+    """
+    index = self._numbers.setdefault(path, len(self._numbers))
+    return None if index % self.every == 0 else f"every={self.every} (match {index})"
+
+  def has_node(self, path: str, module: Any, existing: tuple[Any, ...] | None) -> bool:
+    """Whether ``module`` at ``path`` already has this node (``existing``, its node's
+    marker, or None); a ValueError where it has a node with other options."""
+    if existing is None:
+      return False
+    if existing[:3] != self.node_marker:
+      raise ValueError(
+        f"{self.fn_name}: the module at {path!r} ({unmarked_class(type(module)).__name__}) "
+        f"already has a BGN node with {options_text(existing)}; asked now: "
+        f"{options_text(self.node_marker)}. Call bgn_jax.{self.framework}.remove(model) "
+        f"first to replace the nodes."
+      )
+    return True
+
   def new_check(self) -> CallCheck:
-    report = f"bgn_jax.{self.framework}.placements(model, *args)"
-    fn_name = f"bgn_jax.{self.framework}.insert"
-    return CallCheck(fn_name, self.where, self.position, self.every, report)
+    report = f"bgn_jax.{self.framework}.placements({self.argument}, *args)"
+    return CallCheck(self.fn_name, self.where, self.position, self.every, report)
 
   def current_check(self) -> CallCheck:
     """The check of the whole-model call in progress (a fresh one for a module called
@@ -458,9 +541,10 @@ class Insertion:
     return (_CHECKS.get() or {}).get(self) or self.new_check()
 
   @contextlib.contextmanager
-  def whole_call(self) -> Iterator[None]:
+  def whole_call(self, verify: bool = True) -> Iterator[CallCheck]:
     """Runs one call of the whole model; raises after it where it placed no node (and
-    none ever did). A call inside a call of the same model is part of the outer one."""
+    none ever did). A call inside a call of the same model is part of the outer one.
+    With ``verify`` False, matches with nothing to normalize are not an error."""
     checks = _CHECKS.get()
     reset = None
     if checks is None:
@@ -469,26 +553,74 @@ class Insertion:
     outer = checks.get(self)
     check = checks[self] = self.new_check() if outer is None else outer
     try:
-      yield
+      yield check
     finally:
       if outer is None:
         del checks[self]
       if reset is not None:
         _CHECKS.reset(reset)
     if outer is None:
-      self._finish(check)
+      self._finish(check, verify)
 
-  def _finish(self, check: CallCheck) -> None:
-    check.check()
+  def _finish(self, check: CallCheck, verify: bool) -> None:
+    if verify:
+      check.check()
     if check.placed:
       self.placed = True
     elif not check.matched and not self.placed:
-      raise ValueError(
-        f"bgn_jax.{self.framework}.insert: the model was called, but none of the modules "
-        f"`where` {self.where!r} selected ran in the call (an unused head, a branch not "
-        f"taken), so no BGN node was placed. Select modules that the call runs; "
-        f"bgn_jax.{self.framework}.placements(model, *args) lists the nodes a call places."
-      )
+      raise ValueError(self.no_call_message(check))
+
+  def no_call_message(self, check: CallCheck) -> str:
+    """The error for a call of the whole model in which no selected module ran."""
+    del check
+    return (
+      f"{self.fn_name}: the model was called, but none of the modules `where` "
+      f"{self.where!r} selected ran in the call (an unused head, a branch not taken), so "
+      f"no BGN node was placed. Select modules that the call runs; "
+      f"bgn_jax.{self.framework}.placements(model, *args) lists the nodes a call places."
+    )
+
+  def place(
+    self,
+    path: str,
+    name: str,
+    tree: Any,
+    owned: Owned,
+    *,
+    module: Any,
+    skip: str | None = None,
+    is_leaf: Any = None,
+    record: bool = True,
+  ) -> Any:
+    """``tree`` (a call's output, or its positional inputs) with a node on each leaf
+    that :func:`classify` keeps.
+
+    Each leaf is reported to the :func:`recording` in progress (unless ``record`` is
+    False: a trace that only finds shapes) and noted in the whole call's check. The
+    hook in place as the whole call began hears of an output about to get nodes, and
+    of the nodes (grad_norms taps there).
+    """
+    keys, leaves, reasons, treedef = classify(tree, owned, skip, is_leaf)
+    recorder = _RECORDER.get() if record else None
+    if recorder is not None:
+      for key, leaf, reason in zip(keys, leaves, reasons, strict=True):
+        shape, dtype = describe(leaf)
+        leaf_name = jax.tree_util.keystr(key)
+        recorder.add(Placement(path, name, self.position, leaf_name, shape, dtype, reason))
+    check = self.current_check()
+    check.note(name, path, leaves, reasons)
+    chosen = [i for i, reason in enumerate(reasons) if reason is None]
+    if not chosen:
+      return tree
+    hook = check.hook
+    if hook is not None and self.position == "after":
+      tree = hook.before_node(module, tree)
+      leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_leaf)
+    noded = list(leaves)
+    for i in chosen:
+      noded[i] = bgn(leaves[i], **self.options)
+    result = jax.tree_util.tree_unflatten(treedef, noded)
+    return result if hook is None else hook.node_applied(tree, result, module, self.position)
 
 
 # The checks of the whole-model calls in progress, by insertion.
@@ -497,52 +629,12 @@ _CHECKS: contextvars.ContextVar[dict[Insertion, CallCheck] | None] = contextvars
 )
 
 
-def place(
-  check: CallCheck,
-  path: str,
-  name: str,
-  position: str,
-  tree: Any,
-  options: dict[str, Any],
-  owned: Callable[[Any], str | None],
-  skip: str | None = None,
-  is_leaf: Any = None,
-  module: Any = None,
-  record: bool = True,
-) -> Any:
-  """``tree`` with a node on each leaf that :func:`classify` keeps; recorded and checked.
-
-  Each leaf is reported to the :func:`recording` in progress (unless ``record`` is
-  False: a trace that only finds shapes), and the node to the :func:`listening`
-  hook (grad_norms reads the gradient a node receives there).
-  """
-  hook = _HOOK.get()
-  if hook is not None and position == "after":
-    tree = hook.before_node(module, tree)
-  keys, leaves, reasons, treedef = classify(tree, owned, skip, is_leaf)
-  recorder = _RECORDER.get() if record else None
-  if recorder is not None:
-    for key, leaf, reason in zip(keys, leaves, reasons, strict=True):
-      shape, dtype = describe(leaf)
-      leaf_name = jax.tree_util.keystr(key)
-      recorder.add(Placement(path, name, position, leaf_name, shape, dtype, reason))
-  check.note(name, path, leaves, reasons)
-  chosen = [i for i, reason in enumerate(reasons) if reason is None]
-  if not chosen:
-    return tree
-  noded = list(leaves)
-  for i in chosen:
-    noded[i] = bgn(leaves[i], **options)
-  result = jax.tree_util.tree_unflatten(treedef, noded)
-  return result if hook is None else hook.node_applied(tree, result, module, position)
-
-
 class Hook:
   """What a diagnostic hears of the nodes while it traces (see :func:`listening`)."""
 
   def before_node(self, module: Any, outputs: Any) -> Any:
-    """The output of ``module``, about to get the nodes :func:`place` puts after it.
-    Returns the outputs to use."""
+    """The output of ``module``, about to get the nodes :meth:`Insertion.place` puts
+    after it. Returns the outputs to use."""
     del module
     return outputs
 
@@ -550,7 +642,8 @@ class Hook:
     self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
   ) -> Any:
     """A node took ``inputs`` to ``outputs``: a layer's (``module`` None), or one that
-    :func:`place` put ``position`` the call of ``module``. Returns the outputs to use."""
+    :meth:`Insertion.place` put ``position`` the call of ``module``. Returns the outputs
+    to use."""
     del inputs, module, position
     return outputs
 
@@ -558,8 +651,11 @@ class Hook:
 _HOOK: contextvars.ContextVar[Hook | None] = contextvars.ContextVar("bgn_jax_hook", default=None)
 
 
+H = TypeVar("H", bound=Hook)
+
+
 @contextlib.contextmanager
-def listening(hook: Hook) -> Iterator[Hook]:
+def listening(hook: H) -> Iterator[H]:
   """Installs ``hook`` for this context (thread, task) only."""
   token = _HOOK.set(hook)
   try:
@@ -607,8 +703,9 @@ def unmarked_class(cls: type) -> type:
 
 
 def options_text(marker: tuple[Any, ...]) -> str:
-  """``"(position='after', target_norm=...)"`` for a node's marker ``(tag, position, options)``."""
-  _, position, options = marker
+  """``"(position='after', target_norm=...)"`` for a node's marker ``(tag, position,
+  options, ...)``."""
+  _, position, options = marker[:3]
   named = ", ".join(f"{k}={v!r}" for k, v in options) or "the default BGN options"
   return f"(position={position!r}, {named})"
 
@@ -636,6 +733,42 @@ def marked_subclass(
     body[_MARKER] = marker_value
 
   return types.new_class(name, (cls,), keywords or {}, fill)
+
+
+def node_call(
+  cls: type,
+  site_of: Callable[[Any], tuple[Insertion, str]],
+  owned_of: Callable[[Any], Owned],
+  is_leaf: Any = None,
+) -> Callable[..., Any]:
+  """The ``__call__`` of a subclass of ``cls`` with a node: ``cls.__call__``, with the
+  nodes of the insertion and path ``site_of(module)`` on its positional inputs or its
+  output. ``owned_of(module)`` says which leaves are the module's own arrays (taken as
+  the call begins: a value the call stores is an output it computed)."""
+
+  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    insertion, path = site_of(self)
+    owned = owned_of(self)
+    name = unmarked_class(type(self)).__name__
+    if insertion.position == "before":
+      args = insertion.place(path, name, args, owned, module=self, is_leaf=is_leaf)
+    outputs = cls.__call__(self, *args, **kwargs)
+    if insertion.position == "after":
+      outputs = insertion.place(path, name, outputs, owned, module=self, is_leaf=is_leaf)
+    return outputs
+
+  return __call__
+
+
+def checked_call(cls: type, insertion: Insertion) -> Callable[..., Any]:
+  """The ``__call__`` of the model's subclass: ``cls.__call__`` as one call of the whole
+  model, which raises where it placed no node (:meth:`Insertion.whole_call`)."""
+
+  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    with insertion.whole_call():
+      return cls.__call__(self, *args, **kwargs)
+
+  return __call__
 
 
 _MODULE_BASES = (("nnx", "flax.nnx", "Module"), ("equinox", "equinox", "Module"))
@@ -666,6 +799,39 @@ def check_framework(fn_name: str, argument: str, value: Any, expected: str) -> N
     f"{fn_name}: `{argument}` is a {found} model ({type(value).__name__}), not a "
     f"{expected} one; use bgn_jax.{found}.{verb} (or bgn_jax.{verb}, which picks the "
     f"framework)."
+  )
+
+
+def check_model(fn_name: str, value: Any, framework: str, base: type, what: str) -> None:
+  """Raises TypeError where ``value``, the ``model`` argument, is not a ``base``
+  (``what`` names it), naming the right verb for another framework's model."""
+  check_framework(fn_name, "model", value, framework)
+  if not isinstance(value, base):
+    raise TypeError(f"{fn_name}: `model` must be {what}; got {type(value).__name__}.")
+
+
+def no_nodes_message(fn_name: str, argument: str, value: Any) -> str:
+  """The error of ``placements`` given something ``insert`` did not return."""
+  framework = fn_name.split(".")[1]
+  given = getattr(value, "__qualname__", type(value).__name__)
+  inserted = "model.apply" if framework == "linen" else "model"
+  return (
+    f"{fn_name}: `{argument}` ({given}) has no BGN node; pass what "
+    f"bgn_jax.{framework}.insert({inserted}, where=...) returns."
+  )
+
+
+def check_loss_fn(fn_name: str, loss_fn: Any) -> None:
+  if not callable(loss_fn):
+    raise TypeError(f"{fn_name}: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
+
+
+def none_called_message(fn_name: str, where: Any, paths: Sequence[str]) -> str:
+  """The error of ``grad_norms`` whose ``loss_fn`` called none of the selected modules."""
+  listed = ", ".join(repr(path) for path in paths[:SEEN_LISTED])
+  return (
+    f"{fn_name}: `where` {where!r} selected {listed}, but loss_fn called none of them; it "
+    f"must call the model it receives."
   )
 
 
@@ -732,3 +898,257 @@ def with_tap(leaves: Sequence[Any], treedef: Any, chosen: Sequence[int], tap: ja
   for i, leaf in zip(chosen, _tap([leaves[i] for i in chosen], tap), strict=True):
     leaves[i] = leaf
   return jax.tree.unflatten(treedef, leaves)
+
+
+@dataclasses.dataclass
+class TapCall:
+  """One call of a selected module, as the shape pass of ``grad_norms`` saw it."""
+
+  path: str
+  index: int  # its number among the calls at `path` in the pass: names its tap
+  params_ndims: tuple[int, ...]  # the rank of each parameter leaf in the call
+  dtype: Any = None  # of its tap; None without one (nothing floating-point to measure)
+  at_bgn: bool = False  # a BGN node receives its output's gradient, or sits on its inputs
+
+
+@dataclasses.dataclass
+class _Tapped:
+  """A selected call's output, as one pass tapped it."""
+
+  call: TapCall
+  tap: jax.Array | None  # the call's tap in this pass (TAP_SHAPE), None without one
+  owned: Owned  # the module's own arrays, which the taps leave out
+  fed: bool = False  # its at_bgn row is taken: a node got the output, or sits on the inputs
+
+
+def _chosen(tree: Any, owned: Owned, is_leaf: Any) -> tuple[list[Any], Any, list[int]]:
+  """The leaves of ``tree``, its treedef, and which leaves a tap measures."""
+  _, leaves, reasons, treedef = classify(tree, owned, is_leaf=is_leaf)
+  return leaves, treedef, [i for i, reason in enumerate(reasons) if reason is None]
+
+
+def _tap_dtype(leaves: Sequence[Any], chosen: Sequence[int]) -> Any:
+  return jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
+
+
+class TapPass(Hook):
+  """One pass of ``grad_norms`` over ``loss_fn``: the shape pass (``discover``) or the
+  measured one.
+
+  Each call of a selected module has a tap (``TAP_SHAPE``, found by the adapter's
+  :meth:`tap_of`) with two rows. ``TAP_OUTPUT`` rides on the output where the module
+  returns it, before any node, so its gradient is the one over all the output's
+  consumers. ``TAP_AT_BGN`` rides where a BGN node receives its gradient: on the
+  output of a node fed that output (the module's inserted node, the node of an
+  ``insert`` inside ``loss_fn``, a BGN layer), or of a node on the module's inputs
+  (``position="before"``). Both passes make the same decisions in the same order, so
+  the calls the shape pass records are the taps the measured pass reads.
+
+  The adapter says which modules are selected (:meth:`path_of`), their parameters
+  (:meth:`params_of`), their own arrays (:meth:`owned_of`, never measured) and where a
+  call's tap is (:meth:`tap_of`); its probe runs each call through :meth:`probed`.
+  """
+
+  is_leaf: Any = None  # the adapter's leaves kept whole, as for jax.tree_util
+
+  def __init__(self, discover: bool):
+    self.discover = discover
+    self.calls: list[TapCall] = []  # the shape pass's, in the order their outputs are tapped
+    self._counts: collections.Counter[str] = collections.Counter()
+    self._active: dict[int, Owned] = {}  # by module id: the calls running in probed()
+    self._pending: dict[int, _Tapped] = {}  # by module id: tapped before a node inside
+    # Tapped outputs by id (the object kept, so no id is reused): a node fed one is known.
+    self._tagged: dict[int, tuple[Any, _Tapped]] = {}
+    self._before: dict[tuple[str, int], Any] = {}  # (path, index) -> dtype: inputs' node
+
+  def path_of(self, module: Any) -> str | None:
+    """The path of a selected module; None for others."""
+    raise NotImplementedError
+
+  def params_of(self, module: Any) -> list[Any]:
+    """The module's parameter leaves, as its call sees them."""
+    raise NotImplementedError
+
+  def owned_of(self, module: Any) -> Owned:
+    """Which leaves are the module's own arrays, as its call begins."""
+    raise NotImplementedError
+
+  def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
+    """The tap of the ``index``-th call at ``path``, as the call sees it (made in the
+    shape pass where the adapter makes it there); None where there is none."""
+    raise NotImplementedError
+
+  def probed(self, module: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``method(module, *args, **kwargs)``, with the taps where ``module`` is selected."""
+    path = self.path_of(module)
+    if path is None:
+      return method(module, *args, **kwargs)
+    owned = self.owned_of(module)
+    self._active[id(module)] = owned
+    try:
+      outputs = method(module, *args, **kwargs)
+    finally:
+      del self._active[id(module)]
+    pending = self._pending.pop(id(module), None)
+    if pending is not None:  # a node inside the call got the tapped output
+      return self._at_bgn(outputs, pending)
+    outputs, tapped = self._output(module, path, outputs, owned)
+    self._tagged[id(outputs)] = (outputs, tapped)
+    return outputs
+
+  def before_node(self, module: Any, outputs: Any) -> Any:
+    # Only a call that probed() wraps from outside the node: an insert inside loss_fn
+    # (or in nnx, any insert) wraps the probe instead, which has tapped the output.
+    owned = self._active.get(id(module))
+    path = None if owned is None else self.path_of(module)
+    if path is None or owned is None:
+      return outputs
+    outputs, self._pending[id(module)] = self._output(module, path, outputs, owned)
+    return outputs
+
+  def node_applied(
+    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
+  ) -> Any:
+    if position == "before":
+      path = None if module is None else self.path_of(module)
+      return outputs if path is None else self._before_call(module, path, outputs)
+    tagged = self._tagged.get(id(inputs))
+    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
+      return outputs
+    return self._at_bgn(outputs, tagged[1])
+
+  def _before_call(self, module: Any, path: str, inputs: Any) -> Any:
+    # A node on the inputs of a selected call: what reaches it is the call's at_bgn, in
+    # the tap of the call about to run.
+    index = self._counts[path]
+    owned = self._active.get(id(module)) or self.owned_of(module)
+    leaves, treedef, chosen = _chosen(inputs, owned, self.is_leaf)
+    if not chosen:
+      return inputs
+    self._before[(path, index)] = dtype = _tap_dtype(leaves, chosen)
+    tap = self.tap_of(module, path, index, dtype)
+    return inputs if tap is None else with_tap(leaves, treedef, chosen, tap[TAP_AT_BGN])
+
+  def _output(self, module: Any, path: str, outputs: Any, owned: Owned) -> tuple[Any, _Tapped]:
+    index = self._counts[path]
+    self._counts[path] += 1
+    leaves, treedef, chosen = _chosen(outputs, owned, self.is_leaf)
+    before = (path, index) in self._before
+    dtype = _tap_dtype(leaves, chosen) if chosen else self._before.get((path, index))
+    self._before.pop((path, index), None)
+    params = tuple(jnp.ndim(p) for p in self.params_of(module)) if self.discover else ()
+    call = TapCall(path, index, params, dtype, at_bgn=before)
+    if self.discover:
+      self.calls.append(call)
+    tap = None if dtype is None else self.tap_of(module, path, index, dtype)
+    if tap is not None and chosen:
+      outputs = with_tap(leaves, treedef, chosen, tap[TAP_OUTPUT])
+    return outputs, _Tapped(call, tap, owned, fed=before)
+
+  def _at_bgn(self, outputs: Any, tapped: _Tapped) -> Any:
+    tapped.fed = tapped.call.at_bgn = True
+    if tapped.tap is None:
+      return outputs
+    leaves, treedef, chosen = _chosen(outputs, tapped.owned, self.is_leaf)
+    return with_tap(leaves, treedef, chosen, tapped.tap[TAP_AT_BGN]) if chosen else outputs
+
+
+def stacked_axes(
+  fn_name: str, path: str, stored: Sequence[int], per_call: Sequence[int], lead: int
+) -> tuple[int, ...]:
+  """How many leading axes of each parameter leaf the norm keeps: ``lead`` (the tap's,
+  one value per layer of a stacked module) where every leaf has that many axes beyond
+  its rank in one call, else none (shared and stacked parameters mixed: one norm).
+
+  Args:
+    fn_name: the public name, for the message.
+    path: the module's path, for the message.
+    stored: the rank of each parameter leaf in the model.
+    per_call: the rank of each in one call.
+    lead: the number of leading axes of the call's tap.
+  """
+  extra = tuple(s - c for s, c in zip(stored, per_call, strict=True))
+  if any(n < 0 for n in extra):
+    raise ValueError(
+      f"{fn_name}: the parameters of {path!r} have lower rank in the model than in one "
+      f"call; a transform around the call changes their shapes in a way grad_norms "
+      f"cannot read. Select modules outside that transform."
+    )
+  return extra if set(extra) <= {lead} else (0,) * len(extra)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def call_norms(
+  params: list[list[jax.Array]],
+  params_lead: tuple[tuple[int, ...], ...],
+  taps: list[jax.Array | None],
+  lead_shapes: tuple[tuple[int, ...], ...],
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+  """The ``(output, params, at_bgn)`` norms of each call, from its tap's gradient (None:
+  zeros) and its parameters' gradients (each leaf keeping ``params_lead`` leading axes).
+
+  One compiled computation for all of them, cached per layout: eagerly, the op-by-op
+  version costs seconds of dispatch and compilation.
+  """
+  flats = [flatten_leaves(leaves, lead) for leaves, lead in zip(params, params_lead, strict=True)]
+  norms = []
+  for tap, param, lead_shape in zip(
+    taps, group_norms(flats, lead_shapes), lead_shapes, strict=True
+  ):
+    if tap is None:
+      zeros = jnp.zeros(lead_shape, jnp.float32)
+      norms.append((zeros, param, zeros))
+    else:
+      norms.append((tap_norm(tap[..., TAP_OUTPUT, :]), param, tap_norm(tap[..., TAP_AT_BGN, :])))
+  return norms
+
+
+def read_report(
+  fn_name: str,
+  calls: Sequence[TapCall],
+  at: Callable[[Any, TapCall, bool], Any],
+  shapes: Any,
+  params: Any,
+  grad_params: Any,
+  grad_taps: Any,
+) -> Report:
+  """The report of ``calls`` from the gradients, where the taps are variables in trees.
+
+  Args:
+    fn_name: the public name, for the messages.
+    calls: the calls the measured pass tapped, in order.
+    at: ``at(tree, call, tap)``: in one of the trees below, the call's tap (``tap``
+      True), or the subtree of its module (False); None where there is none.
+    shapes: the taps' shapes, as the shape pass made them (stacked by transforms).
+    params: the parameters.
+    grad_params: their gradients.
+    grad_taps: the taps' gradients.
+  """
+  tap_shapes = [None if call.dtype is None else at(shapes, call, True).shape for call in calls]
+  lead_shapes = tuple(() if s is None else tuple(s[: -len(TAP_SHAPE)]) for s in tap_shapes)
+  leads = []
+  for call, lead_shape in zip(calls, lead_shapes, strict=True):
+    stored = [jnp.ndim(p) for p in jax.tree.leaves(at(params, call, False) or {})]
+    leads.append(stacked_axes(fn_name, call.path, stored, call.params_ndims, len(lead_shape)))
+  param_grads = [jax.tree.leaves(at(grad_params, call, False) or {}) for call in calls]
+  taps = [None if s is None else at(grad_taps, c, True) for c, s in zip(calls, tap_shapes)]
+  norms = call_norms(param_grads, tuple(leads), taps, lead_shapes)
+  return make_report(calls, norms, [tap is not None for tap in taps])
+
+
+def make_report(
+  calls: Sequence[TapCall],
+  norms: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+  tapped: Sequence[bool],
+) -> Report:
+  """``{key: {"output": norm, "params": norm}}`` in call order, keys from
+  :func:`call_keys`, plus ``"at_bgn"`` where a node receives a call's gradient and the
+  call has a tap (``tapped``). An OrderedDict keeps the call order through jit (pytree
+  dicts sort their keys)."""
+  report: Report = collections.OrderedDict()
+  keys = call_keys([call.path for call in calls])
+  for key, call, (output, params, at_bgn), has_tap in zip(keys, calls, norms, tapped, strict=True):
+    report[key] = {"output": output, "params": params}
+    if call.at_bgn and has_tap:
+      report[key]["at_bgn"] = at_bgn
+  return report

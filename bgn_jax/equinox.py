@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Collection
@@ -34,41 +33,13 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
     'bgn_jax.equinox needs equinox, an optional extra: pip install "bgn_jax[equinox]".'
   ) from err
 
-from bgn_jax._common import (
-  TAP_AT_BGN,
-  TAP_OUTPUT,
-  TAP_SHAPE,
-  Hook,
-  Insertion,
-  Placements,
-  Position,
-  Where,
-  check_axes_not_empty,
-  check_framework,
-  check_options,
-  current_hook,
-  flatten_leaves,
-  group_norms,
-  has_call,
-  listening,
-  marked_subclass,
-  marker_of,
-  markers_of,
-  matcher,
-  no_match_message,
-  options_text,
-  place,
-  recording,
-  tap_norm,
-  unmarked_class,
-  with_tap,
-)
-from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
+from bgn_jax import _common
+from bgn_jax._common import TAP_SHAPE, Insertion, Placements, Position, Report, Where
+from bgn_jax.core import Axes, AxisName, TargetNorm
 
 __all__ = ["BGN", "grad_norms", "insert", "placements", "remove"]
 
 M = TypeVar("M", bound=eqx.Module)
-Report = dict[str, dict[str, jax.Array]]
 
 DEFAULT_TARGET = "sqrt_size"
 
@@ -106,25 +77,11 @@ class BGN(eqx.Module):
   axis_name: AxisName = eqx.field(static=True, default=None)
 
   def __check_init__(self) -> None:
-    # Options that do not depend on the input shape are checked at construction;
-    # axes and the shape-dependent targets are checked at the call.
-    check_axes_not_empty("bgn_jax.equinox.BGN", self.axes)
-    make_config(
-      (), target_norm=self.target_norm, power=self.power, eps=self.eps, axis_name=self.axis_name
-    )
+    _common.check_layer("bgn_jax.equinox.BGN", self)
 
   def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
     """Applies the node; ``key`` is accepted (and unused) for ``eqx.nn.Sequential``."""
-    options = {
-      "axes": self.axes,
-      "target_norm": self.target_norm,
-      "power": self.power,
-      "eps": self.eps,
-      "axis_name": self.axis_name,
-    }
-    y = bgn(x, **options)
-    hook = current_hook()
-    return y if hook is None else hook.node_applied(x, y)
+    return _common.layer_bgn(self, x)
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +120,18 @@ def _map_modules(
   return fn("/".join(path), rebuilt) if isinstance(rebuilt, eqx.Module) else rebuilt
 
 
+def _modules(tree: Any) -> dict[str, eqx.Module]:
+  """The modules of ``tree`` by path, in the order of :func:`_map_modules`."""
+  found: dict[str, eqx.Module] = {}
+
+  def note(path: str, module: eqx.Module) -> eqx.Module:
+    found[path] = module
+    return module
+
+  _map_modules(note, tree)
+  return found
+
+
 def _with_class(module: eqx.Module, cls: type, **fields: Any) -> eqx.Module:
   """``module`` as an instance of ``cls`` (a subclass of its class), fields shared."""
   swapped = object.__new__(cls)
@@ -174,33 +143,23 @@ def _with_class(module: eqx.Module, cls: type, **fields: Any) -> eqx.Module:
 
 def _subclass(cls: type, marker: tuple[Any, ...], name: str, namespace: dict[str, Any]) -> type:
   """The subclass of ``cls`` made for ``marker``, made once (see ``marked_subclass``)."""
-  return marked_subclass(
+  return _common.marked_subclass(
     cls, marker, name, {**namespace, "__module__": __name__, "__qualname__": name}
   )
 
 
-def _base_name(cls: type) -> str:
-  return unmarked_class(cls).__name__
+def _owned(module: eqx.Module) -> _common.Owned:
+  """Which leaves are the module's own arrays (a parameter passed through)."""
+  own = {id(leaf) for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.Array)}
+  return lambda leaf: "a parameter of the module, passed through" if id(leaf) in own else None
 
 
-def _own_arrays(module: eqx.Module) -> set[int]:
-  return {id(leaf) for leaf in jax.tree.leaves(module) if isinstance(leaf, jax.Array)}
+def _check_model(model: Any, fn_name: str) -> None:
+  _common.check_model(fn_name, model, "equinox", eqx.Module, "an eqx.Module")
 
 
 # ---------------------------------------------------------------------------
 # The nodes that insert adds.
-
-
-def _with_check(cls: type, insertion: Insertion) -> type:
-  """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
-
-  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    with insertion.whole_call():
-      return cls.__call__(self, *args, **kwargs)
-
-  name = f"{cls.__name__}WithBGNCheck"
-  namespace = {"__call__": __call__, "__doc__": f"{cls.__name__}, checking its nodes."}
-  return _subclass(cls, ("root", insertion), name, namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,42 +173,29 @@ class _Site:
     return f"<BGN node of {self.path!r}>"
 
 
-def _apply_nodes(module: Any, tree: Any, position: Position, options: dict[str, Any]) -> Any:
-  """BGN on the floating-point array leaves of ``tree`` that are not ``module``'s own arrays."""
-  site: _Site = module.bgn_site
-  own = _own_arrays(module)
-
-  def owned(leaf: Any) -> str | None:
-    return "a parameter of the module, passed through" if id(leaf) in own else None
-
-  check = site.insertion.current_check()
-  # grad_norms (a hook) taps what a node gets and what it returns (see _Pass).
-  name = _base_name(type(module))
-  return place(check, site.path, name, position, tree, options, owned, module=module)
+def _site(module: Any) -> tuple[Insertion, str]:
+  return module.bgn_site.insertion, module.bgn_site.path
 
 
-def _with_bgn(cls: type, position: Position, options: dict[str, Any]) -> type:
-  """The subclass of ``cls`` whose ``__call__`` adds the BGN node."""
-
-  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    if position == "before":
-      args = _apply_nodes(self, args, position, options)
-    outputs = cls.__call__(self, *args, **kwargs)
-    if position == "after":
-      outputs = _apply_nodes(self, outputs, position, options)
-    return outputs
-
+def _with_bgn(cls: type, marker: tuple[Any, ...]) -> type:
+  """The subclass of ``cls`` whose ``__call__`` adds the BGN node (``bgn_site`` says
+  where and for which insertion)."""
   namespace = {
     "__annotations__": {"bgn_site": "Any"},
     "bgn_site": eqx.field(static=True, default=None),
-    "__call__": __call__,
-    "__doc__": f"{cls.__name__} with a BGN node {position} its __call__ ({options}).",
+    "__call__": _common.node_call(cls, _site, _owned),
+    "__doc__": f"{cls.__name__} with a BGN node {marker[1]} its __call__ ({dict(marker[2])}).",
   }
-  return _subclass(cls, _insert_marker(position, options), f"{cls.__name__}WithBGN", namespace)
+  return _subclass(cls, marker, f"{cls.__name__}WithBGN", namespace)
 
 
-def _insert_marker(position: Position, options: dict[str, Any]) -> tuple[Any, ...]:
-  return ("insert", position, tuple(sorted(options.items())))
+def _with_check(cls: type, insertion: Insertion) -> type:
+  """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
+  namespace = {
+    "__call__": _common.checked_call(cls, insertion),
+    "__doc__": f"{cls.__name__}, checking its nodes.",
+  }
+  return _subclass(cls, ("root", insertion), f"{cls.__name__}WithBGNCheck", namespace)
 
 
 def _node_marker(module: eqx.Module) -> tuple[Any, ...] | None:
@@ -257,7 +203,11 @@ def _node_marker(module: eqx.Module) -> tuple[Any, ...] | None:
   if getattr(module, "bgn_site", None) is None:
     return None
   # a diagnostics probe may sit around the inserted class
-  return next((marker for marker in markers_of(type(module)) if marker[0] == "insert"), None)
+  return next((m for m in _common.markers_of(type(module)) if m[0] == "bgn"), None)
+
+
+def _has_nodes(model: eqx.Module) -> bool:
+  return any(getattr(m, "bgn_site", None) is not None for m in _modules(model).values())
 
 
 def _probe_class(cls: type) -> type:
@@ -269,15 +219,10 @@ def _probe_class(cls: type) -> type:
   """
 
   def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-    listener = current_hook()
-    if not isinstance(listener, _Pass):
+    current = _common.current_hook()
+    if not isinstance(current, _Pass):
       return cls.__call__(self, *args, **kwargs)
-    listener.enter(self)
-    try:
-      outputs = cls.__call__(self, *args, **kwargs)
-    finally:
-      listener.leave(self)
-    return listener.after_call(self, outputs)
+    return current.probed(self, cls.__call__, *args, **kwargs)
 
   namespace = {
     "__annotations__": {"bgn_path": "str", "bgn_taps": "tuple"},
@@ -291,24 +236,6 @@ def _probe_class(cls: type) -> type:
 
 def _probe(module: eqx.Module, path: str, taps: tuple[jax.Array | None, ...] = ()) -> eqx.Module:
   return _with_class(module, _probe_class(type(module)), bgn_path=path, bgn_taps=taps)
-
-
-def _sites(model: eqx.Module) -> list[str]:
-  found: list[str] = []
-
-  def note(path: str, module: eqx.Module) -> eqx.Module:
-    if getattr(module, "bgn_site", None) is not None:
-      found.append(path)
-    return module
-
-  _map_modules(note, model)
-  return found
-
-
-def _check_model(model: Any, fn_name: str) -> None:
-  check_framework(fn_name, "model", model, "equinox")
-  if not isinstance(model, eqx.Module):
-    raise TypeError(f"{fn_name}: `model` must be an eqx.Module; got {type(model).__name__}.")
 
 
 # ---------------------------------------------------------------------------
@@ -390,51 +317,28 @@ def insert(
       a node with other options. Later, from a call of the result: none of the
       selected modules had a floating-point leaf to normalize.
   """
-  _check_model(model, "bgn_jax.equinox.insert")
-  is_match = matcher(where, fn_name="bgn_jax.equinox.insert", module_type=eqx.Module)
+  fn_name = "bgn_jax.equinox.insert"
+  _check_model(model, fn_name)
+  is_match = _common.matcher(where, fn_name=fn_name, module_type=eqx.Module)
   # The default target is the whole example's; with `axes`, each group's own
   # (sqrt of its size), which is what a per-token `axes=-1` means.
   default = "sqrt_units" if bgn_options.get("axes") is not None else DEFAULT_TARGET
-  options = check_options(
-    "bgn_jax.equinox.insert", position, every, {"target_norm": default, **bgn_options}
-  )
-  insertion = Insertion("equinox", where, position, int(every), _insert_marker(position, options))
-  marker = _insert_marker(position, options)
-  added: list[str] = []
-  seen: dict[tuple[str, str], None] = {}
-  matches = 0
+  insertion = Insertion("equinox", where, position, every, {"target_norm": default, **bgn_options})
+  chosen = _common.select(fn_name, where, _modules(model).items(), is_match)
+  kept = [(path, module) for path, module in chosen if insertion.skipped(path) is None]
+  added = [p for p, m in kept if not insertion.has_node(p, m, _node_marker(m))]
+  node_class = functools.partial(_with_bgn, marker=insertion.node_marker)
 
   def add_bgn(path: str, module: eqx.Module) -> eqx.Module:
-    nonlocal matches
-    if not has_call(type(module)):
+    if path not in added:
       return module
-    seen[(type(module).__name__, path)] = None
-    if not is_match(module, path):
-      return module
-    matches += 1
-    if (matches - 1) % every:
-      return module
-    existing = _node_marker(module)
-    if existing is not None:
-      if existing != marker:
-        raise ValueError(
-          f"bgn_jax.equinox.insert: the module at {path!r} ({_base_name(type(module))}) "
-          f"already has a BGN node with {options_text(existing)}; asked now: "
-          f"{options_text(marker)}. Call bgn_jax.equinox.remove(model) first to replace "
-          f"the nodes."
-        )
-      return module  # the same node again: kept as it is, not a second one
-    added.append(path)
-    cls = _with_bgn(type(module), position, options)
-    return _with_class(module, cls, bgn_site=_Site(path, insertion))
+    return _with_class(module, node_class(type(module)), bgn_site=_Site(path, insertion))
 
   inserted = _map_modules(add_bgn, model)
   # Known now, the modules with a node describe the insertion better than `where`:
   # a predicate and a class that select the same modules give equal structures.
-  insertion.key = ("equinox", marker, tuple(added))
-  if not matches:
-    raise ValueError(no_match_message("bgn_jax.equinox.insert", where, seen, "module"))
-  if added and ("root", insertion) not in markers_of(type(inserted)):
+  insertion.key = ("equinox", insertion.node_marker, tuple(added))
+  if added and ("root", insertion) not in _common.markers_of(type(inserted)):
     inserted = _with_class(inserted, _with_check(type(inserted), insertion))
   return cast(M, inserted)
 
@@ -457,14 +361,14 @@ def remove(model: M) -> M:
     TypeError: ``model`` is not an ``eqx.Module``.
   """
   _check_model(model, "bgn_jax.equinox.remove")
-  if not _sites(model):
+  if not _has_nodes(model):
     return model
 
   def original(path: str, module: eqx.Module) -> eqx.Module:
     del path
-    if marker_of(type(module)) is None:
+    if _common.marker_of(type(module)) is None:
       return module
-    plain = _with_class(module, unmarked_class(type(module)))
+    plain = _with_class(module, _common.unmarked_class(type(module)))
     if "bgn_site" in vars(plain):
       object.__delattr__(plain, "bgn_site")
     return plain
@@ -493,13 +397,11 @@ def placements(model: eqx.Module, *args: Any, **kwargs: Any) -> Placements:
     ValueError: ``model`` has no inserted node, or none of the selected modules
       has a floating-point leaf to normalize.
   """
-  _check_model(model, "bgn_jax.equinox.placements")
-  if not _sites(model):
-    raise ValueError(
-      "bgn_jax.equinox.placements: `model` has no BGN node inserted; pass the model that "
-      "bgn_jax.equinox.insert returns."
-    )
-  with recording() as recorder:
+  fn_name = "bgn_jax.equinox.placements"
+  _check_model(model, fn_name)
+  if not _has_nodes(model):
+    raise ValueError(_common.no_nodes_message(fn_name, "model", model))
+  with _common.recording() as recorder:
     eqx.filter_eval_shape(lambda m, a, k: m(*a, **k), model, args, kwargs)
   return recorder.placements()
 
@@ -518,49 +420,11 @@ def _param_leaves(module: eqx.Module) -> list[jax.Array]:
   ]
 
 
-def _tapped(leaves: list[Any], own: set[int]) -> list[int]:
-  """The leaves a tap measures: inexact arrays, less the module's own arrays passed through."""
-  return [i for i, leaf in enumerate(leaves) if eqx.is_inexact_array(leaf) and id(leaf) not in own]
-
-
-@dataclasses.dataclass
-class _Call:
-  """One call of a selected module, as the shape pass saw it."""
-
-  path: str
-  index: int
-  params_ndims: list[int]  # rank of each parameter in this call (per layer inside a scan)
-  dtype: Any  # of the tapped leaves; None when the output has none
-  at_bgn: bool = False  # a BGN node was fed the output
-  tap_shape: tuple[int, ...] | None = None  # of its tap as the call sees it, if it has one
-
-  @property
-  def key(self) -> str:
-    return self.path if self.index == 0 else f"{self.path}#{self.index}"
-
-
-@dataclasses.dataclass
-class _Output:
-  """A selected call's output, as one pass tapped it."""
-
-  call: _Call | None  # in the shape pass
-  at_bgn_tap: jax.Array | None  # in the measured pass
-  own: set[int]  # ids of the module's own arrays, which the taps leave out
-  fed: bool = False  # a BGN node got it already
-
-
-class _Pass(Hook):
-  """One pass of :func:`grad_norms`: the shape pass (``discover``) or the measured pass.
-
-  A selected call's output gets its "output" tap where the module returns it,
-  before any node: so its gradient is the one over all the output's consumers.
-  When the output goes through a BGN node (an inserted node of that module, a
-  node that :func:`insert` inside ``loss_fn`` puts on it, or a :class:`BGN`
-  layer fed it), the node's output gets the "at_bgn" tap: the raw gradient
-  arriving at the node; so does the output of a node before the call (on its
-  inputs). Both passes make the same decisions, so the shape pass
-  knows which taps the measured pass reads.
-  """
+class _Pass(_common.TapPass):
+  """A pass of :func:`grad_norms`: a call's tap is carried by its module (the field
+  ``bgn_taps``, so a stack of layers slices it with its arrays) or, where the layers
+  are not known, closed over (``loose``). The shape passes place no tap; they record the
+  parameters' ranks of every probed module and how the carried taps arrive."""
 
   def __init__(
     self,
@@ -568,98 +432,29 @@ class _Pass(Hook):
     discover: bool,
     loose: dict[str, list[jax.Array | None]] | None = None,
   ):
+    super().__init__(discover)
     self._selected = selected
-    self._discover = discover
-    self._loose = loose or {}  # taps closed over, for calls whose layers are not known
-    self._counts: collections.Counter[str] = collections.Counter()
-    self._active: set[int] = set()  # ids of the probed modules inside their __call__
-    self._pending: dict[int, _Output] = {}  # by module id: tapped before an inserted node
-    # Tapped outputs by id (the object kept, so no id is reused), so that a node
-    # fed one is recognised.
-    self._tagged: dict[int, tuple[Any, _Output]] = {}
-    self._before: set[tuple[str, int]] = set()  # calls with a node before them (shape pass)
-    self.calls: list[_Call] = []
+    self._loose = loose or {}
     self.first_ndims: dict[str, list[int]] = {}  # per probed path: its first call's params
+    self.tap_shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # carried, as a call sees it
 
-  def enter(self, module: eqx.Module) -> None:
-    self._active.add(id(module))
-
-  def leave(self, module: eqx.Module) -> None:
-    self._active.discard(id(module))
-
-  def before_node(self, module: eqx.Module, outputs: Any) -> Any:
-    # Only when the probe wraps the inserted node from outside: an insert inside
-    # loss_fn wraps the probe instead, which has already tapped the output.
+  def path_of(self, module: Any) -> str | None:
     path = getattr(module, "bgn_path", None)
-    if not isinstance(path, str) or path not in self._selected or id(module) not in self._active:
-      return outputs
-    outputs, tapped = self._output(module, path, outputs)
-    self._pending[id(module)] = tapped
-    return outputs
+    return path if isinstance(path, str) and path in self._selected else None
 
-  def node_applied(
-    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
-  ) -> Any:
-    if position == "before":
-      return self._before_call(module, outputs)
-    tagged = self._tagged.get(id(inputs))
-    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
-      return outputs
-    return self._at_bgn(outputs, tagged[1])
+  def params_of(self, module: Any) -> list[Any]:
+    return _param_leaves(module)
 
-  def _before_call(self, module: eqx.Module, inputs: Any) -> Any:
-    # A node before a selected call: what reaches it is the call's "at_bgn", under the
-    # key its output is about to take.
-    path = getattr(module, "bgn_path", None)
-    if not isinstance(path, str) or path not in self._selected:
-      return inputs
-    index = self._counts[path]
-    if self._discover:
-      self._before.add((path, index))
-      return inputs
-    tap = self._tap_of(module, path, index)
-    if tap is None:
-      return inputs
-    leaves, treedef = jax.tree.flatten(inputs)
-    return with_tap(leaves, treedef, _tapped(leaves, _own_arrays(module)), tap[TAP_AT_BGN])
+  def owned_of(self, module: Any) -> _common.Owned:
+    return _owned(module)
 
-  def after_call(self, module: Any, outputs: Any) -> Any:
-    path = module.bgn_path
-    if self._discover:
-      self.first_ndims.setdefault(path, [jnp.ndim(p) for p in _param_leaves(module)])
-    if path not in self._selected:
-      return outputs
-    pending = self._pending.pop(id(module), None)
-    if pending is not None:
-      return self._at_bgn(outputs, pending)
-    outputs, tapped = self._output(module, path, outputs)
-    self._tagged[id(outputs)] = (outputs, tapped)
-    return outputs
-
-  def _output(self, module: Any, path: str, outputs: Any) -> tuple[Any, _Output]:
-    index = self._counts[path]
-    self._counts[path] += 1
-    leaves, treedef = jax.tree.flatten(outputs)
-    own = _own_arrays(module)
-    chosen = _tapped(leaves, own)
-    if self._discover:
-      dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32) if chosen else None
-      params = [jnp.ndim(p) for p in _param_leaves(module)]
-      taps = module.bgn_taps
-      tap_shape = tuple(jnp.shape(taps[index])) if index < len(taps) else None
-      at_bgn = (path, index) in self._before
-      call = _Call(path, index, params, dtype, at_bgn=at_bgn, tap_shape=tap_shape)
-      self.calls.append(call)
-      return outputs, _Output(call, None, own)
-    tap = self._tap_of(module, path, index)
-    if tap is None:
-      return outputs, _Output(None, None, own)
-    return with_tap(leaves, treedef, chosen, tap[TAP_OUTPUT]), _Output(None, tap[TAP_AT_BGN], own)
-
-  def _tap_of(self, module: Any, path: str, index: int) -> jax.Array | None:
-    """The tap of the ``index``-th call at ``path``, in the measured pass."""
+  def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
     taps = module.bgn_taps
     tap = taps[index] if index < len(taps) else None
+    if self.discover:
+      if tap is not None:
+        self.tap_shapes[(path, index)] = tuple(jnp.shape(tap))
+      return None
     if tap is None:
       loose = self._loose.get(path, [])
       tap = loose[index] if index < len(loose) else None
@@ -667,16 +462,10 @@ class _Pass(Hook):
       raise ValueError(_stack_message(path, tap.shape))
     return tap
 
-  def _at_bgn(self, outputs: Any, tapped: _Output) -> Any:
-    tapped.fed = True
-    if self._discover:
-      if tapped.call is not None:
-        tapped.call.at_bgn = True
-      return outputs
-    if tapped.at_bgn_tap is None:
-      return outputs
-    leaves, treedef = jax.tree.flatten(outputs)
-    return with_tap(leaves, treedef, _tapped(leaves, tapped.own), tapped.at_bgn_tap)
+  def probed(self, module: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if self.discover:
+      self.first_ndims.setdefault(module.bgn_path, [jnp.ndim(p) for p in _param_leaves(module)])
+    return super().probed(module, method, *args, **kwargs)
 
 
 def _stack_message(path: str, shape: tuple[int, ...]) -> str:
@@ -688,7 +477,9 @@ def _stack_message(path: str, shape: tuple[int, ...]) -> str:
   )
 
 
-def _stack_lead(module: eqx.Module, per_call: list[int]) -> tuple[int, tuple[int, ...]] | None:
+def _stack_lead(
+  module: eqx.Module, per_call: tuple[int, ...] | list[int]
+) -> tuple[int, tuple[int, ...]] | None:
   """The leading (stacked) axes of ``module``'s parameters beyond their rank in one
   call, and their shape; None without parameters or when the leaves disagree."""
   stored = _param_leaves(module)
@@ -699,17 +490,6 @@ def _stack_lead(module: eqx.Module, per_call: list[int]) -> tuple[int, tuple[int
     return None
   lead = leads.pop()
   return lead, tuple(stored[0].shape[:lead])
-
-
-def _modules_by_path(tree: Any) -> dict[str, eqx.Module]:
-  found: dict[str, eqx.Module] = {}
-
-  def note(path: str, module: eqx.Module) -> eqx.Module:
-    found[path] = module
-    return module
-
-  _map_modules(note, tree)
-  return found
 
 
 # (path, call index, leading axes of the parameters, leading shape, tap dtype or
@@ -740,7 +520,7 @@ def _layers_around(path: str, modules: dict[str, eqx.Module], first_ndims: dict[
 
 
 def _plan_entry(
-  call: _Call, modules: dict[str, eqx.Module], first_ndims: dict[str, list[int]]
+  call: _common.TapCall, modules: dict[str, eqx.Module], first_ndims: dict[str, list[int]]
 ) -> _PlanEntry:
   """What the measured pass needs of one call: its taps, and how to read its norms."""
   module = modules[call.path]
@@ -755,6 +535,14 @@ def _plan_entry(
   return call.path, call.index, lead, lead_shape or (), dtype, call.at_bgn, loose
 
 
+def _probed(model: eqx.Module, taps: dict[str, list[Any]]) -> eqx.Module:
+  """``model`` with a probe, carrying ``taps[path]``, on each module at a path of ``taps``."""
+  return _map_modules(
+    lambda path, module: _probe(module, path, tuple(taps[path])) if path in taps else module,
+    model,
+  )
+
+
 def _tap_shapes(
   loss_fn: Callable[..., jax.Array],
   model: eqx.Module,
@@ -767,14 +555,9 @@ def _tap_shapes(
   for path, _, _, lead_shape, dtype, _, is_loose in plan:
     shape = lead_shape + TAP_SHAPE
     taps.setdefault(path, []).append(None if is_loose or dtype is None else np.zeros(shape))
-  probed = _map_modules(
-    lambda path, module: _probe(module, path, tuple(taps[path])) if path in taps else module,
-    model,
-  )
-  check = _Pass(taps, discover=True)
-  with listening(check):
-    eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
-  return [call.tap_shape for call in check.calls]
+  with _common.listening(_Pass(taps, discover=True)) as check:
+    eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), _probed(model, taps), args, kwargs)
+  return [check.tap_shapes.get((path, index)) for path, index, *_ in plan]
 
 
 @eqx.filter_jit
@@ -799,25 +582,18 @@ def _measured_norms(
     loose.setdefault(path, []).append(tap if is_loose else None)
 
   def loss_of(arrays: Any, taps: Any, loose: Any) -> jax.Array:
-    def probe(path: str, module: eqx.Module) -> eqx.Module:
-      return _probe(module, path, tuple(taps[path])) if path in taps else module
+    with _common.listening(_Pass(taps, discover=False, loose=loose)):
+      return loss_fn(_probed(eqx.combine(arrays, static), taps), *args, **kwargs)
 
-    with listening(_Pass(taps, discover=False, loose=loose)):
-      return loss_fn(_map_modules(probe, eqx.combine(arrays, static)), *args, **kwargs)
-
-  grads = jax.grad(loss_of, argnums=(0, 1, 2))(arrays, taps, loose)
-  grad_arrays, grad_taps, grad_loose = grads
-  grad_modules = _modules_by_path(grad_arrays)
-  flats, shapes, outputs, at_bgn = [], [], [], []
-  for path, index, lead, lead_shape, _, _, is_loose in plan:
+  grad_arrays, grad_taps, grad_loose = jax.grad(loss_of, argnums=(0, 1, 2))(arrays, taps, loose)
+  grad_modules = _modules(grad_arrays)
+  params, leads, tapped = [], [], []
+  for path, index, lead, _, _, _, is_loose in plan:
     leaves = _param_leaves(grad_modules[path]) if path in grad_modules else []
-    flats.append(flatten_leaves(leaves, [lead] * len(leaves)))
-    shapes.append(lead_shape)
-    tap = (grad_loose if is_loose else grad_taps)[path][index]
-    zeros = jnp.zeros(lead_shape, jnp.float32)
-    outputs.append(zeros if tap is None else tap_norm(tap[..., TAP_OUTPUT, :]))
-    at_bgn.append(zeros if tap is None else tap_norm(tap[..., TAP_AT_BGN, :]))
-  return list(zip(outputs, group_norms(flats, shapes), at_bgn, strict=True))
+    params.append(leaves)
+    leads.append((lead,) * len(leaves))
+    tapped.append((grad_loose if is_loose else grad_taps)[path][index])
+  return _common.call_norms(params, tuple(leads), tapped, tuple(entry[3] for entry in plan))
 
 
 def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
@@ -888,11 +664,8 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     ValueError: from the returned function: ``where`` matches no module, or
       ``loss_fn`` calls none of the selected modules.
   """
-  if not callable(loss_fn):
-    raise TypeError(
-      f"bgn_jax.equinox.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
-    )
-  is_match = matcher(where, fn_name="bgn_jax.equinox.grad_norms", module_type=eqx.Module)
+  _common.check_loss_fn("bgn_jax.equinox.grad_norms", loss_fn)
+  is_match = _common.matcher(where, fn_name="bgn_jax.equinox.grad_norms", module_type=eqx.Module)
 
   @functools.wraps(loss_fn)
   def measure(model: eqx.Module, *args: Any, **kwargs: Any) -> Report:
@@ -910,34 +683,16 @@ def _measure(
   args: tuple[Any, ...],
   kwargs: dict[str, Any],
 ) -> Report:
-  seen: dict[tuple[str, str], None] = {}
-  selected: dict[str, eqx.Module] = {}
-
-  def select(path: str, module: eqx.Module) -> eqx.Module:
-    if has_call(type(module)):
-      seen[(_base_name(type(module)), path)] = None
-      if is_match(module, path):
-        selected[path] = module
-    return module
-
-  _map_modules(select, model)
-  if not selected:
-    raise ValueError(no_match_message("bgn_jax.equinox.grad_norms", where, seen, "module"))
-  modules = _modules_by_path(model)
-
+  fn_name = "bgn_jax.equinox.grad_norms"
+  modules = _modules(model)
+  selected = dict(_common.select(fn_name, where, modules.items(), is_match))
   # The shape pass probes every module: the parameters of those that are called
   # give a stacked module without parameters its layer count.
-  probed = _map_modules(
-    lambda path, module: _probe(module, path) if has_call(type(module)) else module, model
-  )
-  discovery = _Pass(selected, discover=True)
-  with listening(discovery):
+  probed = _probed(model, {path: [] for path, m in modules.items() if _common.has_call(type(m))})
+  with _common.listening(_Pass(selected, discover=True)) as discovery:
     eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
   if not discovery.calls:
-    raise ValueError(
-      f"bgn_jax.equinox.grad_norms: loss_fn called none of the modules `where` {where!r} selected "
-      f"({', '.join(repr(p) for p in selected)}); it must call the model it receives."
-    )
+    raise ValueError(_common.none_called_message(fn_name, where, list(selected)))
 
   plan = [_plan_entry(call, modules, discovery.first_ndims) for call in discovery.calls]
   borrowed = [i for i, e in enumerate(plan) if e[3] and not _param_leaves(modules[e[0]])]
@@ -951,9 +706,4 @@ def _measure(
         plan[i] = (path, index, lead, (), dtype, at_bgn, True)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)
   norms = _measured_norms(loss_fn, arrays, static, tuple(plan), args, kwargs)
-  report: Report = collections.OrderedDict()
-  for call, entry, (output, params, at_bgn) in zip(discovery.calls, plan, norms, strict=True):
-    report[call.key] = {"output": output, "params": params}
-    if entry[5]:
-      report[call.key]["at_bgn"] = at_bgn
-  return report
+  return _common.make_report(discovery.calls, norms, [entry[4] is not None for entry in plan])

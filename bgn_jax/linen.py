@@ -15,14 +15,12 @@ References:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import flax.core.axes_scan
@@ -33,31 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from bgn_jax._common import (
-  TAP_SHAPE,
-  CallCheck,
-  Path,
-  Placements,
-  Position,
-  Where,
-  call_keys,
-  check_axes_not_empty,
-  check_framework,
-  check_options,
-  flatten_leaves,
-  get_path,
-  group_norms,
-  is_float_array,
-  is_recording,
-  matcher,
-  no_match_message,
-  options_text,
-  place,
-  recording,
-  tap_norm,
-  with_tap,
-)
-from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
+from bgn_jax import _common
+from bgn_jax._common import TAP_SHAPE, Path, Placements, Position, Report, Where
+from bgn_jax.core import Axes, AxisName, TargetNorm
 
 __all__ = ["BGN", "GRAD_NORMS_COLLECTION", "grad_norms", "insert", "placements", "remove"]
 
@@ -90,24 +66,14 @@ class BGN(nn.Module):
   axis_name: AxisName = None
 
   def __post_init__(self) -> None:
-    # Options that do not depend on the input shape are checked at construction, as
-    # in the nnx and equinox layers; axes and the shape-dependent target at the call.
-    check_axes_not_empty("bgn_jax.linen.BGN", self.axes)
-    make_config(
-      (), target_norm=self.target_norm, power=self.power, eps=self.eps, axis_name=self.axis_name
-    )
+    # Options that do not depend on the input shape are checked at construction, as in
+    # the nnx and equinox layers; axes and the shape-dependent target at the call.
+    _common.check_layer("bgn_jax.linen.BGN", self)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return bgn(
-      x,
-      axes=self.axes,
-      target_norm=self.target_norm,
-      power=self.power,
-      eps=self.eps,
-      axis_name=self.axis_name,
-    )
+    return _common.layer_bgn(self, x)
 
 
 def module_path(module: Any) -> str:
@@ -208,7 +174,7 @@ def _variable_names(module: nn.Module) -> dict[int, str]:
   return names
 
 
-def _owned(module: nn.Module, before: dict[int, str]) -> Callable[[Any], str | None]:
+def _owned(module: nn.Module, before: dict[int, str]) -> _common.Owned:
   """The reason a leaf is one of the model's variables: one of ``before`` (the variables
   as the call began) or a parameter (one that ``init`` creates in the call and returns)."""
   variables: dict[int, str] | None = None
@@ -224,103 +190,63 @@ def _owned(module: nn.Module, before: dict[int, str]) -> Callable[[Any], str | N
   return owned
 
 
-# Match numbers by insertion description (apply_fn, where, position, every, options,
-# scan_body), shared by equal inserts: they share jit traces, so they must choose the
-# same modules. (Held for the process's life, as jit holds its traces.)
-_NUMBERS: dict[Any, dict[str, int]] = {}
-# The descriptions whose calls placed a node: a later call that sees no module call
-# at all reused a trace (jax.jit), and is not a call that matched nothing.
-_PLACED: set[Any] = set()
-# The module objects whose current call an insert has claimed: (its node's options, where).
+# The module objects whose current call an insert has claimed: (its node's marker, where).
 _CLAIMS: contextvars.ContextVar[dict[int, tuple[Any, Any]] | None] = contextvars.ContextVar(
   "bgn_jax_linen_claims", default=None
 )
 
 
-class _Insertion:
-  """What one :func:`insert` keeps across the calls of the function it returns.
+class _Insertion(_common.Insertion):
+  """What one :func:`insert` keeps across the calls of the function it returns; called
+  by flax as the interceptor of those calls, it puts the nodes.
 
-  Matches are numbered once, in the order of their first call, and the numbers are
-  kept: a call that reuses a cached trace (``jax.jit``, ``nn.jit``) does not run the
-  module calls inside it, so numbering afresh would shift the later ones.
+  Equal inserts (the same ``apply_fn``, ``where``, position, every, options and
+  ``scan_body``) share one, held for the process's life as jit holds its traces: they
+  share jit traces, so they must choose the same modules, and a call that sees no
+  module call at all reused a trace in which an equal insert placed nodes. Matches are
+  numbered once, in the order of their first call, and the numbers are kept: a call
+  that reuses a cached trace (``jax.jit``, ``nn.jit``) does not run the module calls
+  inside it, so numbering afresh would shift the later ones.
   """
+
+  argument = "fn"
 
   def __init__(
     self,
+    apply_fn: Callable[..., Any],
     where: Where,
-    is_match: Callable[[Any, str], bool],
     position: Position,
     every: int,
-    options: dict[str, Any],
+    bgn_options: dict[str, Any],
     scan_body: str,
-    apply_fn: Callable[..., Any],
   ):
-    self.where = where
-    self.is_match = is_match
-    self.position = position
-    self.every = every
-    self.options = options
+    super().__init__("linen", where, position, every, bgn_options, extra=(apply_fn, scan_body))
+    self.is_match = _common.matcher(where, fn_name=self.fn_name, module_type=nn.Module)
     self.scan_body = scan_body
-    self.marker = (position, tuple(sorted(options.items())))
-    key = ("insert", apply_fn, where, position, every, self.marker[1], scan_body)
-    try:
-      hash(key)
-    except TypeError:  # an unhashable predicate: traces of its own
-      key = object()
-    self.token = key  # this insert's jit cache entries, shared by equal inserts
-    self.match_index = _NUMBERS.setdefault(key, {})  # path -> match number, over all calls
 
   def run(
-    self, apply_fn: Callable[..., Any], args: Any, kwargs: Any, token: object, check: bool = True
+    self, apply_fn: Callable[..., Any], args: Any, kwargs: Any, token: object, verify: bool = True
   ) -> Any:
-    interceptor = _Interceptor(self)
     claims = _CLAIMS.get()
     reset = _CLAIMS.set({}) if claims is None else None
     try:
-      with _own_traces(token), nn.intercept_methods(interceptor):
-        outputs = apply_fn(*args, **kwargs)
+      with self.whole_call(verify), _own_traces(token), nn.intercept_methods(self):
+        return apply_fn(*args, **kwargs)
     finally:
       if reset is not None:
         _CLAIMS.reset(reset)
-    # A call that matched nothing is fine once an equal insert placed nodes: its
-    # matches ran in traces that jax.jit (or nn.jit) reuses now.
-    if not interceptor.matched and self.token not in _PLACED:
-      hint = (
-        ""
-        if interceptor.seen
-        else " No linen module __call__ ran: `apply_fn` must call linen modules "
-        "(model.apply, or a function that calls it)."
-      )
-      raise ValueError(
-        no_match_message(
-          "bgn_jax.linen.insert",
-          self.where,
-          interceptor.seen,
-          "module __call__",
-          "bgn_jax.linen.placements(fn, *args)",
-        )
-        + hint
-      )
-    if check:
-      interceptor.check.check()
-    if interceptor.check.placed:
-      _PLACED.add(self.token)
-    return outputs
 
-
-class _Interceptor:
-  """The interceptor of one call of an inserted function; checks what it placed."""
-
-  def __init__(self, insertion: _Insertion):
-    self._insertion = insertion
-    self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s, in order
-    self.matched = False
-    self.check = CallCheck(
-      "bgn_jax.linen.insert",
-      insertion.where,
-      insertion.position,
-      insertion.every,
-      "bgn_jax.linen.placements(fn, *args)",
+  def no_call_message(self, check: _common.CallCheck) -> str:
+    hint = (
+      ""
+      if check.seen
+      else " No linen module __call__ ran: `apply_fn` must call linen modules "
+      "(model.apply, or a function that calls it)."
+    )
+    report = "bgn_jax.linen.placements(fn, *args)"
+    seen = check.seen
+    return (
+      _common.no_match_message(self.fn_name, self.where, seen, "module __call__", report) + hint
     )
 
   def __call__(
@@ -332,51 +258,49 @@ class _Interceptor:
   ) -> Any:
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    insertion = self._insertion
     module = context.module
     path = module_path(module)
-    self.seen[(type(module).__name__, path)] = None
-    if not insertion.is_match(module, path):
+    name = type(module).__name__
+    check = self.current_check()
+    check.seen[(name, path)] = None
+    if not self.is_match(module, path):
       return next_fun(*args, **kwargs)
-    self.matched = True
     # Matches are counted by path, not by call: a lifted transform may trace its
     # body more than once (nn.scan does, by default), and a retrace cannot be told
     # apart from a second call. So a module called twice is one match, and all of
     # its calls share the decision.
-    index = insertion.match_index.setdefault(path, len(insertion.match_index))
-    skip = None if index % insertion.every == 0 else f"every={insertion.every} (match {index})"
+    skip = self.skipped(path)
     if skip is not None:
       return self._call(module, path, next_fun, args, kwargs, skip)
     transform = _per_step_body(module, context.orig_method.func)
-    if transform is not None and insertion.scan_body != "per_step":
+    if transform is not None and self.scan_body != "per_step":
       raise ValueError(
-        f"bgn_jax.linen.insert: `where` {insertion.where!r} matched "
-        f"{type(module).__name__} at {path!r}, whose __call__ is the body of an "
-        f"nn.{transform}: flax calls it once per step, inside the loop. For a node on "
-        f"each step's output (a node after every layer of a scanned stack), pass "
-        f"scan_body='per_step'. For nodes on the values the loop returns, apply "
-        f"bgn_jax.bgn (or bgn_jax.linen.BGN) to them in the calling module; for nodes "
-        f"inside each step, select the modules the body calls (e.g. its cell); to leave "
-        f"it out, narrow `where` (a path regex or a predicate)."
+        f"bgn_jax.linen.insert: `where` {self.where!r} matched {name} at {path!r}, whose "
+        f"__call__ is the body of an nn.{transform}: flax calls it once per step, inside "
+        f"the loop. For a node on each step's output (a node after every layer of a "
+        f"scanned stack), pass scan_body='per_step'. For nodes on the values the loop "
+        f"returns, apply bgn_jax.bgn (or bgn_jax.linen.BGN) to them in the calling "
+        f"module; for nodes inside each step, select the modules the body calls (e.g. its "
+        f"cell); to leave it out, narrow `where` (a path regex or a predicate)."
       )
-    claims = _CLAIMS.get()
-    claimed = None if claims is None else claims.get(id(module))
+    claims = cast(dict, _CLAIMS.get())
+    claimed = claims.get(id(module))
     if claimed is not None:
-      if claimed[0] != insertion.marker:
+      if claimed[0] != self.node_marker:
         raise ValueError(
-          f"bgn_jax.linen.insert: the module call at {path!r} ({type(module).__name__}) "
-          f"already gets a BGN node from the insert with `where` {claimed[1]!r} and "
-          f"{_options_text(claimed[0])}; this insert (`where` {insertion.where!r}) asks "
-          f"for {_options_text(insertion.marker)}. Insert once, with the options you mean."
+          f"bgn_jax.linen.insert: the module call at {path!r} ({name}) already gets a BGN "
+          f"node from the insert with `where` {claimed[1]!r} and "
+          f"{_common.options_text(claimed[0])}; this insert (`where` {self.where!r}) asks "
+          f"for {_common.options_text(self.node_marker)}. Insert once, with the options "
+          f"you mean."
         )
+      check.matched.setdefault((name, path), "its node placed by an enclosing insert")
       return next_fun(*args, **kwargs)  # the same node: the outer insert places it
-    if claims is not None:
-      claims[id(module)] = (insertion.marker, insertion.where)
+    claims[id(module)] = (self.node_marker, self.where)
     try:
       return self._call(module, path, next_fun, args, kwargs, None)
     finally:
-      if claims is not None:
-        claims.pop(id(module), None)
+      claims.pop(id(module), None)
 
   def _call(
     self,
@@ -387,42 +311,22 @@ class _Interceptor:
     kwargs: dict[str, Any],
     skip: str | None,
   ) -> Any:
-    insertion = self._insertion
     # The variables as the call begins: a value the call stores in one (`sow`, an
     # assigned variable) is an output it computed, not a variable passed through.
     owned = _owned(module, _variable_names(module) if skip is None else {})
     name = type(module).__name__
-
-    record = not (is_recording() and _in_shape_trace())
+    record = not (_common.is_recording() and _in_shape_trace())
 
     def noded(tree: Any) -> Any:
-      return place(
-        self.check,
-        path,
-        name,
-        insertion.position,
-        tree,
-        insertion.options,
-        owned,
-        skip,
-        module=module,
-        record=record,
-      )
+      return self.place(path, name, tree, owned, module=module, skip=skip, record=record)
 
-    probe = _PROBE.get() if skip is None else None
-    if insertion.position == "before":
+    if self.position == "before":
       args = noded(args)
-      if probe is not None:
-        args = probe.after_input_node(module, args)
       return next_fun(*args, **kwargs)
-    outputs = next_fun(*args, **kwargs)
-    if probe is not None:
-      outputs = probe.before_node(module, outputs)
-    return noded(outputs)
+    return noded(next_fun(*args, **kwargs))
 
 
-def _options_text(marker: tuple[Any, ...]) -> str:
-  return options_text((None, *marker))
+_INSERTIONS: dict[Any, _Insertion] = {}  # equal inserts, by key (see _Insertion)
 
 
 def insert(
@@ -500,7 +404,7 @@ def insert(
       (or ``nn.while_loop``), where a node would land on every step's carry
       instead of on the values the loop returns.
   """
-  check_framework("bgn_jax.linen.insert", "apply_fn", apply_fn, "linen")
+  _common.check_framework("bgn_jax.linen.insert", "apply_fn", apply_fn, "linen")
   if isinstance(apply_fn, nn.Module):
     raise TypeError(
       f"bgn_jax.linen.insert: `apply_fn` is the module {type(apply_fn).__name__}; pass "
@@ -515,28 +419,24 @@ def insert(
     raise ValueError(
       f"bgn_jax.linen.insert: `scan_body` must be 'error' or 'per_step'; got {scan_body!r}."
     )
-  is_match = matcher(where, fn_name="bgn_jax.linen.insert", module_type=nn.Module)
-  options = check_options("bgn_jax.linen.insert", position, every, bgn_options)
-  insertion = _Insertion(where, is_match, position, int(every), options, scan_body, apply_fn)
+  made = _Insertion(apply_fn, where, position, every, bgn_options, scan_body)
+  insertion = _INSERTIONS.setdefault(made.key, made)
 
   @functools.wraps(apply_fn)
   def apply_with_bgn(*args: P.args, **kwargs: P.kwargs) -> R:
-    return insertion.run(apply_fn, args, kwargs, insertion.token)
+    return insertion.run(apply_fn, args, kwargs, insertion.key)
 
   apply_with_bgn._bgn_insert = (insertion, apply_fn)  # type: ignore[attr-defined]
   return apply_with_bgn
 
 
 def _inserted(fn: Any, fn_name: str) -> tuple[_Insertion, Callable[..., Any]]:
-  check_framework(fn_name, "fn", fn, "linen")
+  _common.check_framework(fn_name, "fn", fn, "linen")
   if not callable(fn):
     raise TypeError(f"{fn_name}: `fn` must be a function; got {type(fn).__name__}.")
   inserted = getattr(fn, "_bgn_insert", None)
   if not isinstance(inserted, tuple) or not isinstance(inserted[0], _Insertion):
-    raise ValueError(
-      f"{fn_name}: `fn` {getattr(fn, '__qualname__', type(fn).__name__)!r} has no BGN "
-      f"node; pass the function bgn_jax.linen.insert(model.apply, where=...) returns."
-    )
+    raise ValueError(_common.no_nodes_message(fn_name, "fn", fn))
   return inserted
 
 
@@ -552,7 +452,7 @@ def remove(fn: Callable[P, R]) -> Callable[P, R]:
   Raises:
     TypeError: ``fn`` is not callable, or is an nnx or equinox model.
   """
-  check_framework("bgn_jax.linen.remove", "fn", fn, "linen")
+  _common.check_framework("bgn_jax.linen.remove", "fn", fn, "linen")
   if not callable(fn):
     raise TypeError(f"bgn_jax.linen.remove: `fn` must be a function; got {type(fn).__name__}.")
   while isinstance(inserted := getattr(fn, "_bgn_insert", None), tuple):
@@ -599,9 +499,9 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
       treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
     )
     # A token of its own: cached traces would skip the module calls it records.
-    return insertion.run(apply_fn, call_args, call_kwargs, object(), check=False)
+    return insertion.run(apply_fn, call_args, call_kwargs, object(), verify=False)
 
-  with recording() as recorder:
+  with _common.recording() as recorder:
     jax.eval_shape(trace, *[leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
   return recorder.placements()
 
@@ -609,59 +509,61 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
 GRAD_NORMS_COLLECTION = "grad_norms"
 """The collection of grad_norms's taps; list it in nn.scan's variable_axes."""
 
-Report = dict[str, dict[str, jax.Array]]
 
+class _Probe(_common.TapPass):
+  """A pass of :func:`grad_norms`; called by flax as the interceptor of ``loss_fn``'s
+  module calls, it runs the selected ones through :meth:`probed`.
 
-@dataclasses.dataclass
-class _Call:
-  """One selected module call, as found by the shape pass."""
-
-  path: Path  # the module path in the variable trees
-  location: Path  # where its output tap lies in the collection (path + name)
-  output_ndims: tuple[int, ...]  # rank of its tap in one call; () without one
-  params_ndims: Any  # rank of each params leaf in one call (inside any nn.scan)
-  at_bgn: Path | None = None  # the tap where a BGN node receives its gradient
-
-
-_PROBE: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("_PROBE", default=None)
-
-
-class _Probe:
-  """The interceptor of one :func:`grad_norms` pass.
-
-  In the shape pass ("discover") each top-level module call is run again as
-  ``apply(..., mutable=True)``, so that the zero taps are created as variables
-  and lifted transforms (``nn.scan``) stack them per iteration as they stack
-  parameters. In the gradient pass ("measure") the taps come in with the
-  variables.
-
-  Taps are numbered in call order, which both passes share. A body that a
-  lifted transform traces more than once (``nn.scan`` traces it twice) takes a
-  number per trace; the traces whose variables the transform discards leave no
-  tap, and the shape pass drops their calls.
-
-  A selected output gets its "output" tap where the module returns it, before
-  any BGN node: so its gradient is the one over all the output's consumers.
-  Where a BGN node sits on it (a :class:`BGN` layer fed the output, or a node of
-  :func:`insert` inside ``loss_fn``, whose interceptor calls :meth:`before_node`),
-  a second tap after the node gets the raw gradient arriving there.
+  A call's tap is a variable of its module in the collection
+  ``GRAD_NORMS_COLLECTION``, so that lifted transforms (``nn.scan``) stack it per
+  iteration as they stack parameters. In the shape pass ("discover") each top-level
+  module call is run again as ``apply(..., mutable=True)``, so that the zero taps are
+  created as variables; in the measured pass they come in with the variables. A body
+  that a lifted transform traces more than once (``nn.scan`` traces it twice) takes a
+  tap per trace; the traces whose variables the transform discards leave no tap, and
+  the shape pass drops their calls. Every floating-point leaf of an output is
+  measured, the model's variables passed through included.
   """
 
   def __init__(self, is_match: Callable[[Any, str], bool], discover: bool):
+    super().__init__(discover)
     self._is_match = is_match
-    self._discover = discover
     self._depth = 0  # nesting of intercepted calls; 0 is a top-level call
     self._reapplying = False  # the next call is the shape pass's re-applied top call
     self._prefix: Path = ()  # path of the module the shape pass re-applies
-    self._count = 0
-    # Outputs of selected calls, by id, so that a BGN layer fed one is recognised.
-    self._tagged: dict[int, tuple[Any, _Call]] = {}
-    self._active: set[str] = set()  # paths of the calls this probe is wrapping now
-    self._pending: dict[str, _Call] = {}  # calls whose output insert's node normalizes
-    self._inputs_at_bgn: dict[str, Path] = {}  # calls whose inputs insert's node normalized
-    self.calls: list[_Call] = []  # in call order
+    self.parts: dict[str, Path] = {}  # the scope names of each selected path
     self.grafts: list[tuple[Path, Any]] = []  # (prefix, tap shapes) per apply
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
+
+  def path_of(self, module: Any) -> str | None:
+    parts = self._prefix + tuple(str(p) for p in module.path)
+    path = "/".join(parts)
+    if not self._is_match(module, path):
+      return None
+    self.parts[path] = parts
+    return path
+
+  def params_of(self, module: Any) -> list[Any]:
+    return jax.tree.leaves(unfreeze(cast(dict, module.variables.get("params", {}))))
+
+  def owned_of(self, module: Any) -> _common.Owned:
+    return lambda leaf: None
+
+  def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
+    name = f"call_{index}"
+    if module.has_variable(GRAD_NORMS_COLLECTION, name):
+      return module.get_variable(GRAD_NORMS_COLLECTION, name)
+    if self.discover:
+      if not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
+        raise ValueError(_uncarried_message(path))
+      return module.variable(GRAD_NORMS_COLLECTION, name, jnp.zeros, TAP_SHAPE, dtype).value
+    if GRAD_NORMS_COLLECTION in module.variables:
+      return None  # a trace whose variables the lifted transform discards
+    raise ValueError(
+      f"bgn_jax.linen.grad_norms: no {GRAD_NORMS_COLLECTION!r} tap reached the module "
+      f"call at {path!r}. loss_fn must pass the `variables` it receives to apply as they "
+      f"are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
+    )
 
   def __call__(
     self,
@@ -675,75 +577,18 @@ class _Probe:
       return next_fun(*args, **kwargs)
     if self._reapplying:
       self._reapplying = False
-    elif self._discover and self._depth == 0:
+    elif self.discover and self._depth == 0:
       return self._reapply(context, args, kwargs)
-    path = self._prefix + tuple(str(p) for p in module.path)
-    joined = "/".join(path)
     self._depth += 1
-    self._active.add(joined)
     try:
-      outputs = next_fun(*args, **kwargs)
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      outputs = self.probed(module, lambda _, *a, **k: next_fun(*a, **k), *args, **kwargs)
     finally:
       self._depth -= 1
-      self._active.discard(joined)
-    if context.method_name != "__call__":
-      return outputs
-    self.seen[(type(module).__name__, joined)] = None
-    if isinstance(module, BGN) and args:
-      tagged = self._tagged.get(id(args[0]))
-      if tagged is not None and tagged[0] is args[0] and tagged[1].at_bgn is None:
-        # A BGN layer fed the selected output: the gradient at the BGN layer's
-        # output is the raw one arriving at the node, before it normalizes it.
-        outputs = self._tap_at_bgn(module, path, outputs, tagged[1])
-    if self._is_match(module, joined):
-      call = self._pending.pop(joined, None)
-      if call is not None:  # insert's node normalized the tapped output
-        outputs = self._tap_at_bgn(module, path, outputs, call)
-      else:
-        name = self._next_name("output")
-        call = self._record(module, path + (name,), outputs)
-        outputs = self._tap(module, joined, outputs, name)
-      at_inputs = self._inputs_at_bgn.pop(joined, None)
-      if at_inputs is not None:
-        call.at_bgn = at_inputs
-      self._tagged[id(outputs)] = (outputs, call)
+    path = "/".join(self._prefix + tuple(str(p) for p in module.path))
+    self.seen[(type(module).__name__, path)] = None
     return outputs
-
-  def after_input_node(self, module: nn.Module, args: Any) -> Any:
-    """Perturbs the inputs of a selected call after insert's node (``position="before"``).
-
-    The gradient there is the one the node receives: the call's "at_bgn".
-    """
-    path = self._prefix + tuple(str(p) for p in module.path)
-    joined = "/".join(path)
-    if joined not in self._active or not self._is_match(module, joined):
-      return args
-    name = self._next_name("at_bgn")
-    self._inputs_at_bgn[joined] = path + (name,)
-    return self._tap(module, joined, args, name)
-
-  def before_node(self, module: nn.Module, outputs: Any) -> Any:
-    """Perturbs a selected output that insert's node is about to normalize.
-
-    Called by :func:`insert`'s interceptor only; it does something only when this
-    probe wraps that same call from outside (``insert`` inside ``loss_fn``).
-    """
-    path = self._prefix + tuple(str(p) for p in module.path)
-    joined = "/".join(path)
-    if joined not in self._active or not self._is_match(module, joined):
-      return outputs
-    name = self._next_name("output")
-    self._pending[joined] = self._record(module, path + (name,), outputs)
-    return self._tap(module, joined, outputs, name)
-
-  def _tap_at_bgn(self, module: nn.Module, path: Path, outputs: Any, call: _Call) -> Any:
-    name = self._next_name("at_bgn")
-    call.at_bgn = path + (name,)
-    return self._tap(module, "/".join(path), outputs, name)
-
-  def _next_name(self, kind: str) -> str:
-    self._count += 1
-    return f"{kind}_{self._count - 1}"
 
   def _reapply(
     self, context: nn.module.InterceptorContext, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -768,36 +613,6 @@ class _Probe:
       shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
       self.grafts.append((tuple(str(p) for p in module.path), shapes))
     return outputs
-
-  def _record(self, module: nn.Module, location: Path, outputs: Any) -> _Call:
-    params = module.variables.get("params", {})
-    call = _Call(
-      path=location[:-1],
-      location=location,
-      output_ndims=(1,) if any(is_float_array(x) for x in jax.tree.leaves(outputs)) else (),
-      params_ndims=jax.tree.map(jnp.ndim, unfreeze(cast(dict, params))),
-    )
-    self.calls.append(call)
-    return call
-
-  def _tap(self, module: nn.Module, joined: str, outputs: Any, name: str) -> Any:
-    leaves, treedef = jax.tree.flatten(outputs)
-    chosen = [i for i, leaf in enumerate(leaves) if is_float_array(leaf)]
-    if not chosen:
-      return outputs
-    if self._discover and not module.is_mutable_collection(GRAD_NORMS_COLLECTION):
-      raise ValueError(_uncarried_message(joined))
-    if not self._discover and not module.has_variable(GRAD_NORMS_COLLECTION, name):
-      if GRAD_NORMS_COLLECTION in module.variables:
-        return outputs  # a trace whose variables the lifted transform discards
-      raise ValueError(
-        f"bgn_jax.linen.grad_norms: no {GRAD_NORMS_COLLECTION!r} tap reached the "
-        f"module call at {joined!r}. loss_fn must pass the `variables` it receives to apply "
-        f"as they are: grad_norms adds the {GRAD_NORMS_COLLECTION!r} collection to them."
-      )
-    dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
-    tap = module.variable(GRAD_NORMS_COLLECTION, name, jnp.zeros, TAP_SHAPE[-1:], dtype)
-    return with_tap(leaves, treedef, chosen, tap.value)
 
 
 def _uncarried_message(joined: str) -> str:
@@ -853,77 +668,10 @@ def _graft(tree: dict[str, Any], prefix: Path, subtree: Mapping[str, Any]) -> No
       tree[name] = value
 
 
-def _leading_axes(
-  stacked: Sequence[int], per_call: Sequence[int], what: str, path: Path
-) -> tuple[int, ...]:
-  """How many leading (lifted-transform) axes each leaf has beyond its rank in one call."""
-  lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
-  if any(n < 0 for n in lead):
-    raise ValueError(
-      f"bgn_jax.linen.grad_norms: the {what} of {'/'.join(path)!r} have lower rank in the "
-      f"variables than in one call; list {GRAD_NORMS_COLLECTION!r} and 'params' with axis 0 in the "
-      f"lifted transform's variable_axes."
-    )
-  return lead
-
-
-# (output tap location, its leading axes, module path, params leading axes per leaf,
-# the leading shape, the at_bgn tap location or None) of one report entry.
-_PlanEntry = tuple[Path, tuple[int, ...], Path, tuple[int, ...], tuple[int, ...], Path | None]
-
-
-def _plan_entry(call: _Call, shapes: Mapping[str, Any], params: Mapping[str, Any]) -> _PlanEntry:
-  output_shapes = [s.shape for s in jax.tree.leaves(get_path(shapes, call.location))]
-  output_lead = _leading_axes(
-    [len(s) for s in output_shapes], call.output_ndims, "outputs", call.path
-  )
-  lead_shape = tuple(output_shapes[0][: output_lead[0]]) if output_shapes else ()
-  param_leaves = jax.tree.leaves(get_path(params, call.path) or {})
-  params_lead = _leading_axes(
-    [jnp.ndim(p) for p in param_leaves], jax.tree.leaves(call.params_ndims), "params", call.path
-  )
-  if len(set(params_lead)) > 1:  # mixed scanned and shared parameters: one norm
-    params_lead = (0,) * len(params_lead)
-  at_bgn = call.at_bgn if call.at_bgn and get_path(shapes, call.at_bgn) is not None else None
-  return call.location, output_lead, call.path, params_lead, lead_shape, at_bgn
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _report_norms(
-  grad_params: Any, grad_taps: Any, plan: tuple[_PlanEntry, ...]
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-  # One compiled computation for all norms, cached per plan: eagerly, the
-  # op-by-op version costs seconds of dispatch and compilation.
-  flats, lead_shapes, taps = [], [], []
-  for location, output_lead, path, params_lead, lead_shape, at_bgn in plan:
-    param_leaves = jax.tree.leaves(get_path(grad_params, path) or {})
-    flats.append(flatten_leaves(param_leaves, params_lead))
-    lead_shapes.append(lead_shape)
-    output = get_path(grad_taps, location) if output_lead else None
-    taps.append((output, get_path(grad_taps, at_bgn) if at_bgn else None))
-  norms = []
-  for (output, at_bgn), param, lead_shape in zip(
-    taps, group_norms(flats, lead_shapes), lead_shapes, strict=True
-  ):
-    zeros = jnp.zeros(lead_shape, jnp.float32)
-    norms.append(
-      (
-        zeros if output is None else tap_norm(output),
-        param,
-        zeros if at_bgn is None else tap_norm(at_bgn),
-      )
-    )
-  return norms
-
-
 @contextlib.contextmanager
 def _probing(probe: _Probe, token: object) -> Iterator[None]:
-  reset = _PROBE.set(probe)
-  try:
-    with _own_traces(token), nn.intercept_methods(probe):
-      yield
-  finally:
-    _PROBE.reset(reset)
+  with _common.listening(probe), _own_traces(token), nn.intercept_methods(probe):
+    yield
 
 
 def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
@@ -1007,11 +755,9 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
       ``"grad_norms"`` collection, ``loss_fn`` drops the taps, or an
       ``nn.scan`` that holds a selected module does not carry them.
   """
-  if not callable(loss_fn):
-    raise TypeError(
-      f"bgn_jax.linen.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
-    )
-  is_match = matcher(where, fn_name="bgn_jax.linen.grad_norms", module_type=nn.Module)
+  fn_name = "bgn_jax.linen.grad_norms"
+  _common.check_loss_fn(fn_name, loss_fn)
+  is_match = _common.matcher(where, fn_name=fn_name, module_type=nn.Module)
   key = ("grad_norms", where)
   try:
     hash(key)
@@ -1020,16 +766,16 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
 
   @functools.wraps(loss_fn)
   def measure(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Report:
-    check_framework("bgn_jax.linen.grad_norms", "variables", variables, "linen")
+    _common.check_framework(fn_name, "variables", variables, "linen")
     if not isinstance(variables, Mapping):
       raise TypeError(
-        f"bgn_jax.linen.grad_norms: `variables` (the first argument) must be a mapping of "
-        f"collections, e.g. model.init(...); got {type(variables).__name__}."
+        f"{fn_name}: `variables` (the first argument) must be a mapping of collections, "
+        f"e.g. model.init(...); got {type(variables).__name__}."
       )
     if GRAD_NORMS_COLLECTION in variables:
       raise ValueError(
-        f"bgn_jax.linen.grad_norms: `variables` already holds a {GRAD_NORMS_COLLECTION!r} "
-        f"collection; that name is reserved for the taps grad_norms adds."
+        f"{fn_name}: `variables` already holds a {GRAD_NORMS_COLLECTION!r} collection; "
+        f"that name is reserved for the taps grad_norms adds."
       )
     return _measure(loss_fn, where, is_match, key, variables, args, kwargs)
 
@@ -1045,6 +791,7 @@ def _measure(
   args: tuple[Any, ...],
   kwargs: dict[str, Any],
 ) -> Report:
+  fn_name = "bgn_jax.linen.grad_norms"
   discovery = _Probe(is_match, discover=True)
 
   # Traces of their own (cached traces would skip the module calls the probes must
@@ -1055,16 +802,18 @@ def _measure(
 
   jax.eval_shape(shape_pass)
   if not discovery.calls:
-    raise ValueError(
-      no_match_message("bgn_jax.linen.grad_norms", where, discovery.seen, "module __call__")
-    )
+    raise ValueError(_common.no_match_message(fn_name, where, discovery.seen, "module __call__"))
   shapes: dict[str, Any] = {}
   for prefix, tree in discovery.grafts:
     _graft(shapes, prefix, tree)
-  taps = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def at(tree: Any, call: _common.TapCall, tap: bool) -> Any:
+    parts = discovery.parts[call.path]
+    return _common.get_path(tree, parts + ((f"call_{call.index}",) if tap else ()))
+
   # A call without a tap in the collection came from a trace whose variables a
-  # lifted transform discarded (or had no floating-point output).
-  calls = [c for c in discovery.calls if not c.output_ndims or get_path(shapes, c.location)]
+  # lifted transform discarded.
+  calls = [c for c in discovery.calls if c.dtype is None or at(shapes, c, True) is not None]
 
   def loss_of(params: Any, taps: Any) -> jax.Array:
     measured = dict(variables)
@@ -1074,15 +823,8 @@ def _measure(
       return loss_fn(measured, *args, **kwargs)
 
   params = variables.get("params", {})
+  taps = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   grad_params, grad_taps = jax.grad(loss_of, argnums=(0, 1))(params, taps)
-
-  plan = tuple(_plan_entry(call, shapes, unfreeze(params)) for call in calls)
-  norms = _report_norms(unfreeze(grad_params), grad_taps, plan)
-  # An OrderedDict keeps the call order through jit (pytree dicts sort their keys).
-  report: Report = collections.OrderedDict()
-  keys = call_keys(["/".join(call.path) for call in calls])
-  for key_, entry, (output, params, at_bgn) in zip(keys, plan, norms, strict=True):
-    report[key_] = {"output": output, "params": params}
-    if entry[-1] is not None:
-      report[key_]["at_bgn"] = at_bgn
-  return report
+  return _common.read_report(
+    fn_name, calls, at, shapes, unfreeze(params), unfreeze(grad_params), grad_taps
+  )

@@ -17,12 +17,8 @@ References:
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import contextvars
-import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import jax
@@ -31,38 +27,9 @@ from flax import nnx
 from flax.nnx import filterlib
 from jax.core import Tracer
 
-from bgn_jax._common import (
-  SEEN_LISTED,
-  TAP_AT_BGN,
-  TAP_OUTPUT,
-  TAP_SHAPE,
-  Hook,
-  Insertion,
-  Placements,
-  Position,
-  Where,
-  check_axes_not_empty,
-  check_framework,
-  check_options,
-  classify,
-  current_hook,
-  flatten_leaves,
-  group_norms,
-  has_call,
-  listening,
-  marked_subclass,
-  marker_of,
-  markers_of,
-  matcher,
-  no_match_message,
-  options_text,
-  place,
-  recording,
-  tap_norm,
-  unmarked_class,
-  with_tap,
-)
-from bgn_jax.core import Axes, AxisName, TargetNorm, bgn, make_config
+from bgn_jax import _common
+from bgn_jax._common import Insertion, Placements, Position, Report, Where
+from bgn_jax.core import Axes, AxisName, TargetNorm
 
 __all__ = ["BGN", "grad_norms", "insert", "placements", "remove"]
 
@@ -90,36 +57,23 @@ class BGN(nnx.Module):
     eps: float = 0.0,
     axis_name: AxisName = None,
   ):
-    # Options that do not depend on the input shape are checked here, at
-    # construction; axes and the shape-dependent target are checked at call.
-    check_axes_not_empty("bgn_jax.nnx.BGN", axes)
-    make_config((), target_norm=target_norm, power=power, eps=eps, axis_name=axis_name)
     self.axes = tuple(axes) if isinstance(axes, list) else axes
     self.target_norm: TargetNorm = target_norm
     self.power = power
     self.eps = eps
     self.axis_name = axis_name
+    _common.check_layer("bgn_jax.nnx.BGN", self)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = bgn(
-      x,
-      axes=self.axes,
-      target_norm=self.target_norm,
-      power=self.power,
-      eps=self.eps,
-      axis_name=self.axis_name,
-    )
-    hook = current_hook()
-    return y if hook is None else hook.node_applied(x, y)
+    return _common.layer_bgn(self, x)
 
 
 M = TypeVar("M", bound=nnx.Module)
-Options = tuple[tuple[str, Any], ...]
 
 # A subclass made here is marked with a class attribute: ("bgn", position, options,
-# site) for a module with a node, ("root", insertion) for the model insert was given,
-# ("probe", path) for a module grad_norms measures. Everything a node needs is in its
-# class, so nothing is added to the instance, whose attributes some modules read
+# (path, insertion)) for a module with a node, ("root", insertion) for the model insert
+# was given, ("probe", path) for a module grad_norms measures. Everything a node needs is
+# in its class, so nothing is added to the instance, whose attributes some modules read
 # (bridge.ToNNX makes each one a linen variable). Subclasses are found again through
 # cls.__subclasses__(), which holds them weakly, and made once per (class, marker):
 # equal inserts give equal graph definitions, so nnx.jit reuses its compilation.
@@ -135,74 +89,47 @@ def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc:
     "__doc__": doc,
   }
   keywords = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
-  return marked_subclass(cls, marker, f"{cls.__name__}{suffix}", namespace, keywords)
+  return _common.marked_subclass(cls, marker, f"{cls.__name__}{suffix}", namespace, keywords)
 
 
 def _marker(cls: type, kind: str) -> tuple[Any, ...] | None:
   """The first marker of ``kind`` among the subclasses made here that ``cls`` is."""
-  return next((marker for marker in markers_of(cls) if marker[0] == kind), None)
-
-
-def _variable_values(module: nnx.Module) -> set[int]:
-  """ids of the values of the module's Variables (a returned parameter is one of them).
-
-  Taken as the call begins: a value the call stores in a Variable is an output it
-  computed, not a variable passed through.
-  """
-  return {
-    id(node.get_value()) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)
-  }
-
-
-def _owned(values: set[int]) -> Callable[[Any], str | None]:
-  return lambda leaf: "a variable of the module, passed through" if id(leaf) in values else None
+  return next((marker for marker in _common.markers_of(cls) if marker[0] == kind), None)
 
 
 def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _with_nodes(module: nnx.Module, tree: Any, owned: set[int]) -> Any:
-  """``tree`` with :func:`bgn_jax.bgn` on its floating-point leaves, recorded and checked."""
-  _, position, options, (path, insertion) = cast(tuple, _marker(type(module), "bgn"))
-  check = insertion.current_check()
-  name = unmarked_class(type(module)).__name__
-  owned_fn = _owned(owned)
+def _owned(module: nnx.Module) -> _common.Owned:
+  """Which leaves are the module's Variables or their values (a returned parameter).
 
-  def reason(leaf: Any) -> str | None:  # Variables are kept whole
-    return "a variable of the module, passed through" if _is_variable(leaf) else owned_fn(leaf)
+  Taken as the call begins: a value the call stores in a Variable is an output it
+  computed, not a variable passed through.
+  """
+  values = {
+    id(node.get_value()) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)
+  }
+  reason = "a variable of the module, passed through"
+  return lambda leaf: reason if _is_variable(leaf) or id(leaf) in values else None
 
-  return place(
-    check, path, name, position, tree, dict(options), reason, is_leaf=_is_variable, module=module
-  )
+
+def _site(module: nnx.Module) -> tuple[Insertion, str]:
+  path, insertion = cast(tuple, _marker(type(module), "bgn"))[3]
+  return insertion, path
 
 
 def _with_bgn(cls: type, marker: tuple[Any, ...]) -> type:
   """The subclass of ``cls`` whose ``__call__`` adds the BGN node."""
-  position = marker[1]
-
-  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    owned = _variable_values(self)
-    if position == "before":
-      args = _with_nodes(self, args, owned)
-    outputs = cls.__call__(self, *args, **kwargs)
-    if position == "after":
-      outputs = _with_nodes(self, outputs, owned)
-    return outputs
-
-  doc = f"{cls.__name__} with a BGN node {position} its __call__ ({dict(marker[2])})."
-  return _subclass(cls, marker, __call__, doc)
+  call = _common.node_call(cls, _site, _owned, _is_variable)
+  doc = f"{cls.__name__} with a BGN node {marker[1]} its __call__ ({dict(marker[2])})."
+  return _subclass(cls, marker, call, doc)
 
 
 def _with_check(cls: type, insertion: Insertion) -> type:
   """The subclass of the model's class whose ``__call__`` checks that a node was placed."""
-
-  def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    with insertion.whole_call():
-      return cls.__call__(self, *args, **kwargs)
-
   doc = f"{cls.__name__}, checking that its call placed a BGN node."
-  return _subclass(cls, ("root", insertion), __call__, doc)
+  return _subclass(cls, ("root", insertion), _common.checked_call(cls, insertion), doc)
 
 
 def _is_nnx_filter(where: Any) -> bool:
@@ -227,7 +154,7 @@ def _module_matcher(where: Where, fn_name: str) -> Callable[[Any, tuple[Any, ...
   if _is_nnx_filter(where):
     predicate = filterlib.to_predicate(cast(Any, where))
     return lambda module, parts: bool(predicate(parts, module))
-  is_match = matcher(where, fn_name=fn_name, module_type=nnx.Module)
+  is_match = _common.matcher(where, fn_name=fn_name, module_type=nnx.Module)
   return lambda module, parts: is_match(module, _joined(parts))
 
 
@@ -235,25 +162,36 @@ def _joined(parts: tuple[Any, ...]) -> str:
   return "/".join(str(part) for part in parts)
 
 
+def _modules(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], nnx.Module]]:
+  """The model's modules by "/"-joined path, with the path's parts, in ``nnx.iter_graph``
+  order (attributes sorted by name, list items by index, submodules before their parent)."""
+  found: dict[str, tuple[tuple[Any, ...], nnx.Module]] = {}
+  for parts, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module):
+      found.setdefault(_joined(parts), (parts, node))
+  return found
+
+
 def _selected(
-  model: nnx.Module, where: Where, fn_name: str
-) -> tuple[list[tuple[str, nnx.Module]], dict[tuple[str, str], None]]:
+  modules: dict[str, tuple[tuple[Any, ...], nnx.Module]], where: Where, fn_name: str
+) -> list[tuple[str, nnx.Module]]:
   """The modules ``where`` selects, as (path, module) in ``nnx.iter_graph`` order."""
   is_match = _module_matcher(where, fn_name)
-  seen: dict[tuple[str, str], None] = {}
-  chosen = []
-  for parts, node in nnx.iter_graph(model):
-    if not (isinstance(node, nnx.Module) and has_call(type(node))):
-      continue
-    seen[(type(node).__name__, _joined(parts))] = None
-    if is_match(node, parts):
-      chosen.append((_joined(parts), node))
-  return chosen, seen
+  return _common.select(
+    fn_name,
+    where,
+    [(path, module) for path, (_, module) in modules.items()],
+    lambda module, path: is_match(module, modules[path][0]),
+  )
 
 
 def _set_class(module: nnx.Module, cls: type) -> None:
   # Module.__setattr__ would record "__class__" as an attribute of the graph.
   object.__setattr__(module, "__class__", cls)
+
+
+def _check_model(model: Any, fn_name: str) -> None:
+  _common.check_model(fn_name, model, "nnx", nnx.Module, "an nnx.Module")
 
 
 def insert(
@@ -326,35 +264,18 @@ def insert(
       node (its matches had nothing to normalize, or none of them ran and no
       earlier call placed one).
   """
-  _check_model(model, "bgn_jax.nnx.insert")
-  _check_outside_transforms(model, "bgn_jax.nnx.insert")
-  options = tuple(sorted(check_options("bgn_jax.nnx.insert", position, every, bgn_options).items()))
-  chosen, seen = _selected(model, where, "bgn_jax.nnx.insert")
-  if not chosen:
-    raise ValueError(no_match_message("bgn_jax.nnx.insert", where, seen, "module"))
-  chosen = chosen[::every]
-  insertion = Insertion("nnx", where, position, int(every), options)
-  asked = ("bgn", position, options)
-  for path, module in chosen:
-    existing = _marker(type(module), "bgn")
-    if existing is not None and existing[:3] != asked:
-      raise ValueError(
-        f"bgn_jax.nnx.insert: the module at {path!r} ({unmarked_class(type(module)).__name__}) "
-        f"already has a BGN node with {options_text(existing[:3])}; asked now: "
-        f"{options_text(asked)}. Call bgn_jax.nnx.remove(model) first to replace the nodes."
-      )
-  for path, module in chosen:
-    if _marker(type(module), "bgn") is None:
-      _set_class(module, _with_bgn(type(module), (*asked, (path, insertion))))
-  if ("root", insertion) not in markers_of(type(model)):
+  fn_name = "bgn_jax.nnx.insert"
+  _check_model(model, fn_name)
+  _check_outside_transforms(model, fn_name)
+  insertion = Insertion("nnx", where, position, every, bgn_options)
+  chosen = _selected(_modules(model), where, fn_name)
+  kept = [(path, module) for path, module in chosen if insertion.skipped(path) is None]
+  added = [(p, m) for p, m in kept if not insertion.has_node(p, m, _marker(type(m), "bgn"))]
+  for path, module in added:
+    _set_class(module, _with_bgn(type(module), (*insertion.node_marker, (path, insertion))))
+  if ("root", insertion) not in _common.markers_of(type(model)):
     _set_class(model, _with_check(type(model), insertion))
   return model
-
-
-def _check_model(model: Any, fn_name: str) -> None:
-  check_framework(fn_name, "model", model, "nnx")
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"{fn_name}: `model` must be an nnx.Module; got {type(model).__name__}.")
 
 
 def _check_outside_transforms(model: nnx.Module, fn_name: str) -> None:
@@ -393,16 +314,9 @@ def remove(model: M) -> M:
   _check_model(model, "bgn_jax.nnx.remove")
   _check_outside_transforms(model, "bgn_jax.nnx.remove")
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and marker_of(type(node)) is not None:
-      _set_class(node, unmarked_class(type(node)))
+    if isinstance(node, nnx.Module) and _common.marker_of(type(node)) is not None:
+      _set_class(node, _common.unmarked_class(type(node)))
   return model
-
-
-def _inserted(model: nnx.Module) -> bool:
-  return any(
-    isinstance(node, nnx.Module) and _marker(type(node), "bgn") is not None
-    for _, node in nnx.iter_graph(model)
-  )
 
 
 def _is_graph_node(x: Any) -> bool:
@@ -450,146 +364,50 @@ def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
     ValueError: ``model`` has no BGN node, or the call placed none (none of its
       selected modules ran, or had a floating-point leaf to normalize).
   """
-  _check_model(model, "bgn_jax.nnx.placements")
-  if not _inserted(model):
-    raise ValueError(
-      "bgn_jax.nnx.placements: `model` has no BGN node; add them with "
-      "bgn_jax.nnx.insert(model, where=...) first."
-    )
+  fn_name = "bgn_jax.nnx.placements"
+  _check_model(model, fn_name)
+  if not any(_marker(type(module), "bgn") for _, module in _modules(model).values()):
+    raise ValueError(_common.no_nodes_message(fn_name, "model", model))
   dynamic, rebuild = _split_arguments(args, kwargs)
 
   def call(m: nnx.Module, *given: Any) -> Any:
     call_args, call_kwargs = rebuild(list(given))
     return m(*call_args, **call_kwargs)
 
-  with recording() as recorder:
+  with _common.recording() as recorder:
     nnx.eval_shape(call, model, *dynamic)
   return recorder.placements()
 
 
 # grad_norms ----------------------------------------------------------------------------
 
-Report = dict[str, dict[str, jax.Array]]
-
 
 class GradProbe(nnx.Variable):
   """The tap (``_common.TAP_SHAPE`` zeros) that :func:`grad_norms` puts on a call."""
 
 
-@dataclasses.dataclass
-class _ProbedCall:
-  """One call of a probed module, as the shape pass saw it."""
+class _Pass(_common.TapPass):
+  """A pass of :func:`grad_norms`: a call's tap is a :class:`GradProbe` attribute of its
+  module, made in the shape pass; a stack of modules made by ``nnx.vmap`` stacks them."""
 
-  path: str
-  name: str  # the attribute of its GradProbe tap
-  params_ndims: tuple[int, ...]  # rank of each Param leaf of the module in one call
-  at_bgn: bool = False  # a BGN node got the output, or sits on the inputs
-  tapped: bool = False  # the call has a tap (a floating-point output, or at_bgn)
+  is_leaf = staticmethod(_is_variable)
 
+  def path_of(self, module: Any) -> str | None:
+    marker = _marker(type(module), "probe")
+    return None if marker is None else marker[1]
 
-_CallKey = tuple[str, str]  # (path, probe name) of one call
+  def params_of(self, module: Any) -> list[Any]:
+    return jax.tree.leaves(nnx.state(module, nnx.Param))
 
+  def owned_of(self, module: Any) -> _common.Owned:
+    return _owned(module)
 
-@dataclasses.dataclass
-class _Pass(Hook):
-  discover: bool
-  calls: list[_ProbedCall] = dataclasses.field(default_factory=list)
-  counts: dict[str, int] = dataclasses.field(default_factory=dict)
-  # Probed outputs by id, with their call's module and (path, probe name), so that a
-  # BGN layer fed one is recognised; and the calls whose at_bgn probes are placed.
-  tagged: dict[int, tuple[Any, nnx.Module, _CallKey]] = dataclasses.field(default_factory=dict)
-  at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
-  found: dict[_CallKey, _ProbedCall] = dataclasses.field(default_factory=dict)
-  # The calls not yet returned whose inputs got a node (and its at_bgn tap).
-  inputs_at_bgn: set[_CallKey] = dataclasses.field(default_factory=set)
-
-  def node_applied(
-    self, inputs: Any, outputs: Any, module: Any = None, position: str = "after"
-  ) -> Any:
-    if position == "before" and module is not None and _marker(type(module), "probe"):
-      # A node on the inputs of a probed call: the gradient it receives is the
-      # call's "at_bgn"; the call's key is the one its output will take.
-      path = _probe_path(module)
-      key = (path, f"grad_norms_{self.counts.get(path, 0)}")
-      self.at_bgn.add(key)
-      outputs, tapped = _tapped(self, module, outputs, key[1], TAP_AT_BGN, _variable_values(module))
-      if tapped:
-        self.inputs_at_bgn.add(key)
-      return outputs
-    return _probe_bgn_layer(self, inputs, outputs)
-
-
-_PASS: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
-  "bgn_jax_nnx_grad_norms", default=None
-)
-
-
-def _param_leaves(module: nnx.Module) -> list[jax.Array]:
-  return jax.tree.leaves(nnx.state(module, nnx.Param))
-
-
-def _tapped(
-  current: _Pass, owner: nnx.Module, tree: Any, name: str, row: int, owned: set[int]
-) -> tuple[Any, bool]:
-  """``tree`` with row ``row`` of ``owner``'s tap ``name`` (a GradProbe, made in the
-  shape pass) on its floating-point leaves, and whether it has any."""
-  _, leaves, reasons, treedef = classify(tree, _owned(owned), is_leaf=_is_variable)
-  chosen = [i for i, reason in enumerate(reasons) if reason is None]
-  if not chosen:
-    return tree, False
-  if current.discover and getattr(owner, name, None) is None:
-    dtype = jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
-    setattr(owner, name, GradProbe(jnp.zeros(TAP_SHAPE, dtype)))
-  probe = getattr(owner, name, None)
-  if probe is None:  # a trace whose variables the transform discarded
-    return tree, True
-  return with_tap(leaves, treedef, chosen, probe[...][row]), True
-
-
-def _probe_output(
-  current: _Pass, module: nnx.Module, outputs: Any, owned: set[int]
-) -> tuple[Any, _CallKey]:
-  """The module's output with its "output" probes; the key of this call."""
-  path = _probe_path(module)
-  index = current.counts.get(path, 0)
-  current.counts[path] = index + 1
-  name = f"grad_norms_{index}"
-  params_ndims = tuple(jnp.ndim(p) for p in _param_leaves(module))
-  outputs, tapped = _tapped(current, module, outputs, name, TAP_OUTPUT, owned)
-  key = (path, name)
-  if current.discover:
-    at_bgn = key in current.inputs_at_bgn
-    current.inputs_at_bgn.discard(key)
-    current.calls.append(_ProbedCall(path, name, params_ndims, at_bgn, tapped or at_bgn))
-    current.found[key] = current.calls[-1]
-  if tapped:
-    current.tagged[id(outputs)] = (outputs, module, key)
-  return outputs, key
-
-
-def _probe_at_bgn(
-  current: _Pass, owner: nnx.Module, key: _CallKey, normalized: Any, owned: set[int]
-) -> Any:
-  """A BGN node's output with the "at_bgn" probes of the call ``key`` (on ``owner``)."""
-  current.at_bgn.add(key)
-  normalized, tapped = _tapped(current, owner, normalized, key[1], TAP_AT_BGN, owned)
-  if current.discover and tapped:
-    current.found[key].at_bgn = current.found[key].tapped = True
-  return normalized
-
-
-def _probe_bgn_layer(current: _Pass, x: Any, y: Any) -> Any:
-  """``y = BGN()(x)``, with the at_bgn probes where ``x`` is a probed output."""
-  tagged = current.tagged.get(id(x))
-  if tagged is None or tagged[0] is not x or tagged[2] in current.at_bgn:
-    return y
-  _, owner, key = tagged
-  return _probe_at_bgn(current, owner, key, y, _variable_values(owner))
-
-
-def _probe_path(module: nnx.Module) -> str:
-  marker = _marker(type(module), "probe")
-  return "" if marker is None else marker[1]
+  def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
+    name = f"grad_norms_{index}"
+    if self.discover and getattr(module, name, None) is None:
+      setattr(module, name, GradProbe(jnp.zeros(_common.TAP_SHAPE, dtype)))
+    probe = getattr(module, name, None)
+    return None if probe is None else probe[...]  # None: a trace the transform discarded
 
 
 def _with_probe(cls: type, path: str) -> type:
@@ -598,14 +416,14 @@ def _with_probe(cls: type, path: str) -> type:
   The probe sits below the classes insert made (rebuilt on top of it), so that
   "output" is taken before the node and "at_bgn" after it, through the hook.
   """
-  markers = markers_of(cls)
-  original = unmarked_class(cls)
+  markers = _common.markers_of(cls)
+  original = _common.unmarked_class(cls)
 
   def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    owned = _variable_values(self)
-    outputs = original.__call__(self, *args, **kwargs)
-    current = _PASS.get()
-    return outputs if current is None else _probe_output(current, self, outputs, owned)[0]
+    current = _common.current_hook()
+    if not isinstance(current, _Pass):
+      return original.__call__(self, *args, **kwargs)
+    return current.probed(self, original.__call__, *args, **kwargs)
 
   rebuilt = _subclass(original, ("probe", path), __call__, f"{original.__name__}, probed.")
   for marker in reversed(markers):
@@ -614,54 +432,6 @@ def _with_probe(cls: type, path: str) -> type:
     elif marker[0] == "root":
       rebuilt = _with_check(rebuilt, marker[1])
   return rebuilt
-
-
-@contextlib.contextmanager
-def _in_pass(current: _Pass) -> Iterator[_Pass]:
-  token = _PASS.set(current)
-  try:
-    with listening(current):
-      yield current
-  finally:
-    _PASS.reset(token)
-
-
-def _state_at(state: Any, parts: tuple[Any, ...]) -> Any:
-  for part in parts:
-    if part not in state:
-      return None
-    state = state[part]
-  return state
-
-
-def _leading(stacked: list[int], per_call: tuple[int, ...], what: str, path: str) -> tuple:
-  lead = tuple(s - c for s, c in zip(stacked, per_call, strict=True))
-  if any(n < 0 for n in lead):
-    raise ValueError(
-      f"bgn_jax.nnx.grad_norms: the {what} of {path!r} have lower rank outside the module "
-      f"call than in it; a transform around it changes their shapes in a way grad_norms "
-      f"cannot read."
-    )
-  return lead
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _report_norms(grad_params: Any, grad_probes: Any, plan: tuple[Any, ...]) -> list:
-  flats, lead_shapes, taps = [], [], []
-  for probe_key, module_parts, params_lead, lead_shape in plan:
-    params = jax.tree.leaves(_state_at(grad_params, module_parts) or {})
-    flats.append(flatten_leaves(params, params_lead))
-    lead_shapes.append(lead_shape)
-    taps.append(None if probe_key is None else _state_at(grad_probes, probe_key))
-  norms = []
-  for tap, param, lead_shape in zip(
-    taps, group_norms(flats, lead_shapes), lead_shapes, strict=True
-  ):
-    zeros = jnp.zeros(lead_shape, jnp.float32)
-    output = zeros if tap is None else tap_norm(tap[..., TAP_OUTPUT, :])
-    at_bgn = zeros if tap is None else tap_norm(tap[..., TAP_AT_BGN, :])
-    norms.append((output, param, at_bgn))
-  return norms
 
 
 def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[..., Report]:
@@ -727,10 +497,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     ValueError: from the returned function: ``where`` matches no module, or no
       selected module is called.
   """
-  if not callable(loss_fn):
-    raise TypeError(
-      f"bgn_jax.nnx.grad_norms: `loss_fn` must be callable; got {type(loss_fn).__name__}."
-    )
+  _common.check_loss_fn("bgn_jax.nnx.grad_norms", loss_fn)
   _module_matcher(where, "bgn_jax.nnx.grad_norms")  # checks the form of `where` now
 
   @functools.wraps(loss_fn)
@@ -748,16 +515,12 @@ def _measure(
   args: tuple[Any, ...],
   kwargs: dict[str, Any],
 ) -> Report:
+  fn_name = "bgn_jax.nnx.grad_norms"
   # A new graph with new Variables holding the same arrays (nnx.merge alone would
   # reuse the Variable objects): the pass's state updates stay in the copy.
   work = nnx.clone(model)
-  chosen, seen = _selected(work, where, "bgn_jax.nnx.grad_norms")
-  if not chosen:
-    raise ValueError(no_match_message("bgn_jax.nnx.grad_norms", where, seen, "module"))
-  module_parts = {}
-  for parts, node in nnx.iter_graph(work):
-    if isinstance(node, nnx.Module):
-      module_parts.setdefault(_joined(parts), parts)
+  modules = _modules(work)
+  chosen = _selected(modules, where, fn_name)
   for path, module in chosen:
     _set_class(module, _with_probe(type(module), path))
   # nnx objects among the arguments (an nnx.Rngs) go through the transforms as
@@ -772,49 +535,31 @@ def _measure(
     call_loss(work, list(given))
     return work
 
-  with _in_pass(_Pass(discover=True)) as shapes_pass:
+  with _common.listening(_Pass(discover=True)) as shape_pass:
     abstract = nnx.eval_shape(discover, work, *dynamic)
-  probe_shapes = nnx.state(abstract, GradProbe)
-  calls = []
-  for call in shapes_pass.calls:
-    parts = module_parts[call.path]
-    shape = _state_at(probe_shapes, parts + (call.name,))
-    if shape is None and call.tapped:
-      continue  # a trace whose variables the transform discarded
-    calls.append((call, parts, None if shape is None else shape.shape))
+  tap_shapes = nnx.state(abstract, GradProbe)
+
+  def at(tree: Any, call: _common.TapCall, tap: bool) -> Any:
+    parts = modules[call.path][0]
+    return _common.get_path(tree, parts + ((f"grad_norms_{call.index}",) if tap else ()))
+
+  # A call whose tap is not in the state came from a trace the transform discarded.
+  calls = [c for c in shape_pass.calls if c.dtype is None or at(tap_shapes, c, True) is not None]
   if not calls:
-    raise ValueError(
-      f"bgn_jax.nnx.grad_norms: `where` {where!r} selected "
-      f"{', '.join(repr(p) for p, _ in chosen[:SEEN_LISTED])}, but loss_fn called none "
-      f"of them."
-    )
-  nnx.update(work, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe_shapes))
+    raise ValueError(_common.none_called_message(fn_name, where, [p for p, _ in chosen]))
+  nnx.update(work, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tap_shapes))
 
   def loss_of(work: nnx.Module, *given: Any) -> jax.Array:
-    with _in_pass(_Pass(discover=False)):
+    with _common.listening(_Pass(discover=False)):
       return call_loss(work, list(given))
 
   grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, (nnx.Param, GradProbe)))(work, *dynamic)
-  grad_params = nnx.state(grads, nnx.Param)
-  grad_probes = nnx.state(grads, GradProbe)
-  params = nnx.state(work, nnx.Param)
-  plan = []
-  for call, parts, shape in calls:
-    lead_shape = () if shape is None else tuple(shape[: len(shape) - len(TAP_SHAPE)])
-    stacked = [jnp.ndim(p) for p in jax.tree.leaves(_state_at(params, parts) or {})]
-    params_lead = _leading(stacked, call.params_ndims, "parameters", call.path)
-    if len(set(params_lead)) > 1 or (params_lead and params_lead[0] != len(lead_shape)):
-      params_lead = (0,) * len(params_lead)  # shared and stacked mixed: one norm
-    probe_key = None if shape is None else parts + (call.name,)
-    plan.append((probe_key, parts, params_lead, lead_shape))
-  norms = _report_norms(nnx.to_pure_dict(grad_params), nnx.to_pure_dict(grad_probes), tuple(plan))
-  counts: dict[str, int] = {}
-  report = collections.OrderedDict()
-  for (call, _, shape), (output, param, raw) in zip(calls, norms, strict=True):
-    index = counts.get(call.path, 0)
-    counts[call.path] = index + 1
-    key = call.path if index == 0 else f"{call.path}#{index}"
-    report[key] = {"output": output, "params": param}
-    if call.at_bgn and shape is not None:
-      report[key]["at_bgn"] = raw
-  return report
+  return _common.read_report(
+    fn_name,
+    calls,
+    at,
+    tap_shapes,
+    nnx.state(work, nnx.Param),
+    nnx.to_pure_dict(nnx.state(grads, nnx.Param)),
+    nnx.to_pure_dict(nnx.state(grads, GradProbe)),
+  )

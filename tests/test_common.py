@@ -13,9 +13,9 @@ import pytest
 from bgn_jax import bgn
 from bgn_jax._common import (
   SEEN_LISTED,
+  Insertion,
   Placement,
   Placements,
-  apply_bgn,
   check_options,
   flatten_leaves,
   get_path,
@@ -99,17 +99,21 @@ def test_no_match_message_counts_what_it_does_not_list():
   assert "placements" not in empty
 
 
-def test_apply_bgn_normalizes_float_arrays_only():
+def test_place_normalizes_float_arrays_only():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
   tree = {"x": x, "ids": jnp.arange(3), "mask": x > 0, "numpy": np.ones(2), "n": 3}
+  insertion = Insertion("nnx", Dense, "after", 1, {"target_norm": 2.0})
+
+  def place(tree):
+    return insertion.place("layer", "Dense", tree, lambda leaf: None, module=None)
 
   def loss(apply):
     return lambda x: jnp.sum(jnp.sin(apply({**tree, "x": x})["x"]) * 10.0)
 
-  out = apply_bgn(tree, {"target_norm": 2.0})
+  out = place(tree)
   chex.assert_trees_all_equal(out, tree)
   assert out["numpy"] is tree["numpy"] and out["ids"] is tree["ids"]
-  got = jax.grad(loss(lambda t: apply_bgn(t, {"target_norm": 2.0})))(x)
+  got = jax.grad(loss(place))(x)
   expected = jax.grad(loss(lambda t: {**t, "x": bgn(t["x"], target_norm=2.0)}))(x)
   chex.assert_trees_all_equal(got, expected)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(got, np.float64)), 2.0, rtol=1e-6)
