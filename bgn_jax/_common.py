@@ -478,6 +478,9 @@ class Insertion:
   """
 
   argument = "model"  # what the framework's verbs call the thing insert returns
+  # Whether the adapter finds the matches only as they are called (linen: it has no
+  # module tree before), so that a call without one is the no-match error.
+  matches_at_call = False
 
   def __init__(
     self,
@@ -493,12 +496,7 @@ class Insertion:
     self.where, self.position, self.every = where, position, int(every)
     # The marker of a module's node: equal nodes are one node, other options an error.
     self.node_marker = ("bgn", position, tuple(sorted(self.options.items())))
-    key: tuple[Any, ...] = (framework, where, position, self.every, self.node_marker[2], *extra)
-    try:
-      hash(key)
-    except TypeError:  # an unhashable `where` or option: traces of its own
-      key = (id(self),)
-    self.key = key
+    self.key = cache_key(framework, where, position, self.every, self.node_marker[2], *extra)
     self.placed = False  # some call of the whole model placed a node
     self._numbers: dict[str, int] = {}  # path -> match number, for `every`
 
@@ -516,6 +514,19 @@ class Insertion:
     """
     index = self._numbers.setdefault(path, len(self._numbers))
     return None if index % self.every == 0 else f"every={self.every} (match {index})"
+
+  def new_nodes(
+    self,
+    modules: Iterable[tuple[str, Any]],
+    is_match: Callable[[Any, str], bool],
+    marker_of: Callable[[Any], tuple[Any, ...] | None],
+  ) -> list[tuple[str, Any]]:
+    """The ``(path, module)`` pairs of ``modules`` that get a node: those ``where``
+    selects (:func:`select`), less those ``every`` leaves out and those that have this
+    node already (``marker_of(module)``: their node's marker, or None)."""
+    chosen = select(self.fn_name, self.where, modules, is_match)
+    kept = [(path, module) for path, module in chosen if self.skipped(path) is None]
+    return [(p, m) for p, m in kept if not self.has_node(p, m, marker_of(m))]
 
   def has_node(self, path: str, module: Any, existing: tuple[Any, ...] | None) -> bool:
     """Whether ``module`` at ``path`` already has this node (``existing``, its node's
@@ -571,8 +582,17 @@ class Insertion:
       raise ValueError(self.no_call_message(check))
 
   def no_call_message(self, check: CallCheck) -> str:
-    """The error for a call of the whole model in which no selected module ran."""
-    del check
+    """The error for a call of the whole model in which no selected module ran; where
+    the matches are found as they are called, the no-match error listing the calls."""
+    if self.matches_at_call:
+      report = f"bgn_jax.{self.framework}.placements({self.argument}, *args)"
+      message = no_match_message(self.fn_name, self.where, check.seen, "module __call__", report)
+      if check.seen:
+        return message
+      return (
+        f"{message} No module __call__ ran: the function given to insert must call "
+        f"{self.framework} modules (model.apply, or a function that calls it)."
+      )
     return (
       f"{self.fn_name}: the model was called, but none of the modules `where` "
       f"{self.where!r} selected ran in the call (an unused head, a branch not taken), so "
@@ -821,9 +841,37 @@ def no_nodes_message(fn_name: str, argument: str, value: Any) -> str:
   )
 
 
-def check_loss_fn(fn_name: str, loss_fn: Any) -> None:
+def cache_key(*parts: Any) -> tuple[Any, ...]:
+  """``parts`` as a key of jit caches and of the subclasses made, where it is hashable;
+  otherwise a key of its own (an unhashable ``where`` or option: traces of its own)."""
+  try:
+    hash(parts)
+  except TypeError:
+    return (object(),)
+  return parts
+
+
+def measuring(
+  fn_name: str,
+  loss_fn: Any,
+  check: Callable[[Any], None],
+  measure: Callable[[Any, tuple[Any, ...], dict[str, Any]], Report],
+) -> Callable[..., Report]:
+  """What ``grad_norms(loss_fn, where=...)`` returns: a function of ``loss_fn``'s
+  arguments that gives ``measure(model, args, kwargs)`` after ``check(model)``.
+
+  Raises:
+    TypeError: ``loss_fn`` is not callable.
+  """
   if not callable(loss_fn):
     raise TypeError(f"{fn_name}: `loss_fn` must be callable; got {type(loss_fn).__name__}.")
+
+  @functools.wraps(loss_fn)
+  def run(model: Any, *args: Any, **kwargs: Any) -> Report:
+    check(model)
+    return measure(model, args, kwargs)
+
+  return run
 
 
 def none_called_message(fn_name: str, where: Any, paths: Sequence[str]) -> str:
@@ -833,6 +881,24 @@ def none_called_message(fn_name: str, where: Any, paths: Sequence[str]) -> str:
     f"{fn_name}: `where` {where!r} selected {listed}, but loss_fn called none of them; it "
     f"must call the model it receives."
   )
+
+
+def split_arguments(
+  args: Any, kwargs: Any, is_dynamic: Callable[[Any], bool], is_leaf: Any = None
+) -> tuple[list[Any], Callable[..., Any]]:
+  """The leaves of ``(args, kwargs)`` that a transform must be given as arguments
+  (``is_dynamic``), and ``rebuild(*given) -> (args, kwargs)``, which puts them back
+  among the other leaves (Python flags stay static)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
+  dynamic = [is_dynamic(leaf) for leaf in leaves]
+
+  def rebuild(*given: Any) -> Any:
+    it = iter(given)
+    return jax.tree.unflatten(
+      treedef, [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+    )
+
+  return [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 
 def call_keys(paths: Sequence[str]) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import keystr
 
 try:
   import equinox as eqx
@@ -88,13 +89,6 @@ class BGN(eqx.Module):
 # Walking a model's modules.
 
 
-def _key_name(key: Any) -> str:
-  for attribute in ("name", "idx", "key"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
 def _map_modules(
   fn: Callable[[str, eqx.Module], Any], tree: Any, path: tuple[str, ...] = ()
 ) -> Any:
@@ -111,8 +105,8 @@ def _map_modules(
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_submodule)
   leaves = [
-    _map_modules(fn, leaf, path + tuple(_key_name(k) for k in keys))
-    if isinstance(leaf, eqx.Module) and leaf is not root
+    _map_modules(fn, leaf, (*path, keystr(keys, simple=True, separator="/")))
+    if is_submodule(leaf)
     else leaf
     for keys, leaf in flat
   ]
@@ -324,9 +318,7 @@ def insert(
   # (sqrt of its size), which is what a per-token `axes=-1` means.
   default = "sqrt_units" if bgn_options.get("axes") is not None else DEFAULT_TARGET
   insertion = Insertion("equinox", where, position, every, {"target_norm": default, **bgn_options})
-  chosen = _common.select(fn_name, where, _modules(model).items(), is_match)
-  kept = [(path, module) for path, module in chosen if insertion.skipped(path) is None]
-  added = [p for p, m in kept if not insertion.has_node(p, m, _node_marker(m))]
+  added = [p for p, _ in insertion.new_nodes(_modules(model).items(), is_match, _node_marker)]
   node_class = functools.partial(_with_bgn, marker=insertion.node_marker)
 
   def add_bgn(path: str, module: eqx.Module) -> eqx.Module:
@@ -459,22 +451,18 @@ class _Pass(_common.TapPass):
       loose = self._loose.get(path, [])
       tap = loose[index] if index < len(loose) else None
     if tap is not None and tap.shape != TAP_SHAPE:  # a layer count taken wrongly
-      raise ValueError(_stack_message(path, tap.shape))
+      raise ValueError(
+        f"bgn_jax.equinox.grad_norms: the module at {path!r} has no parameters, and its "
+        f"tap arrived with shape {tap.shape} instead of {TAP_SHAPE}: the layer count taken "
+        f"from the modules around it does not fit how the model slices it (jax.lax.scan "
+        f"or vmap over stacked arrays). Select the layer module that holds it instead."
+      )
     return tap
 
   def probed(self, module: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if self.discover:
       self.first_ndims.setdefault(module.bgn_path, [jnp.ndim(p) for p in _param_leaves(module)])
     return super().probed(module, method, *args, **kwargs)
-
-
-def _stack_message(path: str, shape: tuple[int, ...]) -> str:
-  return (
-    f"bgn_jax.equinox.grad_norms: the module at {path!r} has no parameters, and its diagnostic "
-    f"tap arrived with shape {shape} instead of {TAP_SHAPE}: the layer count taken from "
-    f"the modules around it does not fit how the model slices it (jax.lax.scan or vmap "
-    f"over stacked arrays). Select the layer module that holds it instead."
-  )
 
 
 def _stack_lead(
@@ -664,15 +652,10 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     ValueError: from the returned function: ``where`` matches no module, or
       ``loss_fn`` calls none of the selected modules.
   """
-  _common.check_loss_fn("bgn_jax.equinox.grad_norms", loss_fn)
-  is_match = _common.matcher(where, fn_name="bgn_jax.equinox.grad_norms", module_type=eqx.Module)
-
-  @functools.wraps(loss_fn)
-  def measure(model: eqx.Module, *args: Any, **kwargs: Any) -> Report:
-    _check_model(model, "bgn_jax.equinox.grad_norms")
-    return _measure(loss_fn, where, is_match, model, args, kwargs)
-
-  return measure
+  fn_name = "bgn_jax.equinox.grad_norms"
+  is_match = _common.matcher(where, fn_name=fn_name, module_type=eqx.Module)
+  measure = functools.partial(_measure, loss_fn, where, is_match)
+  return _common.measuring(fn_name, loss_fn, lambda model: _check_model(model, fn_name), measure)
 
 
 def _measure(

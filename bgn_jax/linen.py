@@ -210,6 +210,7 @@ class _Insertion(_common.Insertion):
   """
 
   argument = "fn"
+  matches_at_call = True
 
   def __init__(
     self,
@@ -236,19 +237,6 @@ class _Insertion(_common.Insertion):
       if reset is not None:
         _CLAIMS.reset(reset)
 
-  def no_call_message(self, check: _common.CallCheck) -> str:
-    hint = (
-      ""
-      if check.seen
-      else " No linen module __call__ ran: `apply_fn` must call linen modules "
-      "(model.apply, or a function that calls it)."
-    )
-    report = "bgn_jax.linen.placements(fn, *args)"
-    seen = check.seen
-    return (
-      _common.no_match_message(self.fn_name, self.where, seen, "module __call__", report) + hint
-    )
-
   def __call__(
     self,
     next_fun: Callable[..., Any],
@@ -270,8 +258,36 @@ class _Insertion(_common.Insertion):
     # apart from a second call. So a module called twice is one match, and all of
     # its calls share the decision.
     skip = self.skipped(path)
-    if skip is not None:
-      return self._call(module, path, next_fun, args, kwargs, skip)
+    claims = cast(dict, _CLAIMS.get())
+    if skip is None and not self._claim(module, path, context, claims):
+      # The same node: the enclosing insert places it.
+      check.matched.setdefault((name, path), "its node placed by an enclosing insert")
+      return next_fun(*args, **kwargs)
+    try:
+      # The variables as the call begins: a value the call stores in one (`sow`, an
+      # assigned variable) is an output it computed, not a variable passed through.
+      owned = _owned(module, _variable_names(module) if skip is None else {})
+      record = not (_common.is_recording() and _in_shape_trace())
+
+      def noded(tree: Any) -> Any:
+        return self.place(path, name, tree, owned, module=module, skip=skip, record=record)
+
+      if self.position == "before":
+        args = noded(args)
+        return next_fun(*args, **kwargs)
+      return noded(next_fun(*args, **kwargs))
+    finally:
+      if skip is None:
+        claims.pop(id(module), None)
+
+  def _claim(
+    self, module: nn.Module, path: str, context: Any, claims: dict[int, tuple[Any, Any]]
+  ) -> bool:
+    """Claims the call of ``module`` for this insert's node; False where an enclosing
+    insert has claimed it for the same node. Raises where the call is a scan's body
+    (unless ``scan_body="per_step"``) or an enclosing insert claimed it for another
+    node."""
+    name = type(module).__name__
     transform = _per_step_body(module, context.orig_method.func)
     if transform is not None and self.scan_body != "per_step":
       raise ValueError(
@@ -283,7 +299,6 @@ class _Insertion(_common.Insertion):
         f"module; for nodes inside each step, select the modules the body calls (e.g. its "
         f"cell); to leave it out, narrow `where` (a path regex or a predicate)."
       )
-    claims = cast(dict, _CLAIMS.get())
     claimed = claims.get(id(module))
     if claimed is not None:
       if claimed[0] != self.node_marker:
@@ -294,36 +309,9 @@ class _Insertion(_common.Insertion):
           f"for {_common.options_text(self.node_marker)}. Insert once, with the options "
           f"you mean."
         )
-      check.matched.setdefault((name, path), "its node placed by an enclosing insert")
-      return next_fun(*args, **kwargs)  # the same node: the outer insert places it
+      return False
     claims[id(module)] = (self.node_marker, self.where)
-    try:
-      return self._call(module, path, next_fun, args, kwargs, None)
-    finally:
-      claims.pop(id(module), None)
-
-  def _call(
-    self,
-    module: nn.Module,
-    path: str,
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    skip: str | None,
-  ) -> Any:
-    # The variables as the call begins: a value the call stores in one (`sow`, an
-    # assigned variable) is an output it computed, not a variable passed through.
-    owned = _owned(module, _variable_names(module) if skip is None else {})
-    name = type(module).__name__
-    record = not (_common.is_recording() and _in_shape_trace())
-
-    def noded(tree: Any) -> Any:
-      return self.place(path, name, tree, owned, module=module, skip=skip, record=record)
-
-    if self.position == "before":
-      args = noded(args)
-      return next_fun(*args, **kwargs)
-    return noded(next_fun(*args, **kwargs))
+    return True
 
 
 _INSERTIONS: dict[Any, _Insertion] = {}  # equal inserts, by key (see _Insertion)
@@ -490,19 +478,17 @@ def placements(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Placements:
   insertion, apply_fn = _inserted(fn, "bgn_jax.linen.placements")
   # Arrays (and jax.ShapeDtypeStructs) go in abstractly; flags such as `mutable` or
   # `train` stay the Python values the function expects.
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for leaf in leaves]
+  arrays, rebuild = _common.split_arguments(
+    args, kwargs, lambda leaf: isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+  )
 
-  def trace(*arrays: Any) -> Any:
-    given = iter(arrays)
-    call_args, call_kwargs = jax.tree.unflatten(
-      treedef, [next(given) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
-    )
+  def trace(*given: Any) -> Any:
+    call_args, call_kwargs = rebuild(*given)
     # A token of its own: cached traces would skip the module calls it records.
     return insertion.run(apply_fn, call_args, call_kwargs, object(), verify=False)
 
   with _common.recording() as recorder:
-    jax.eval_shape(trace, *[leaf for leaf, a in zip(leaves, is_array, strict=True) if a])
+    jax.eval_shape(trace, *arrays)
   return recorder.placements()
 
 
@@ -756,16 +742,9 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
       ``nn.scan`` that holds a selected module does not carry them.
   """
   fn_name = "bgn_jax.linen.grad_norms"
-  _common.check_loss_fn(fn_name, loss_fn)
   is_match = _common.matcher(where, fn_name=fn_name, module_type=nn.Module)
-  key = ("grad_norms", where)
-  try:
-    hash(key)
-  except TypeError:
-    key = object()
 
-  @functools.wraps(loss_fn)
-  def measure(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Report:
+  def check(variables: Any) -> None:
     _common.check_framework(fn_name, "variables", variables, "linen")
     if not isinstance(variables, Mapping):
       raise TypeError(
@@ -777,9 +756,10 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
         f"{fn_name}: `variables` already holds a {GRAD_NORMS_COLLECTION!r} collection; "
         f"that name is reserved for the taps grad_norms adds."
       )
-    return _measure(loss_fn, where, is_match, key, variables, args, kwargs)
 
-  return measure
+  key = _common.cache_key("grad_norms", where)
+  measure = functools.partial(_measure, loss_fn, where, is_match, key)
+  return _common.measuring(fn_name, loss_fn, check, measure)
 
 
 def _measure(

@@ -114,6 +114,10 @@ def _owned(module: nnx.Module) -> _common.Owned:
   return lambda leaf: reason if _is_variable(leaf) or id(leaf) in values else None
 
 
+def _node_marker(module: nnx.Module) -> tuple[Any, ...] | None:
+  return _marker(type(module), "bgn")
+
+
 def _site(module: nnx.Module) -> tuple[Insertion, str]:
   path, insertion = cast(tuple, _marker(type(module), "bgn"))[3]
   return insertion, path
@@ -172,17 +176,13 @@ def _modules(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], nnx.Module]]
   return found
 
 
-def _selected(
+def _walk(
   modules: dict[str, tuple[tuple[Any, ...], nnx.Module]], where: Where, fn_name: str
-) -> list[tuple[str, nnx.Module]]:
-  """The modules ``where`` selects, as (path, module) in ``nnx.iter_graph`` order."""
+) -> tuple[list[tuple[str, nnx.Module]], Callable[[Any, str], bool]]:
+  """The (path, module) pairs of ``modules``, and ``where`` as a test of them."""
   is_match = _module_matcher(where, fn_name)
-  return _common.select(
-    fn_name,
-    where,
-    [(path, module) for path, (_, module) in modules.items()],
-    lambda module, path: is_match(module, modules[path][0]),
-  )
+  pairs = [(path, module) for path, (_, module) in modules.items()]
+  return pairs, lambda module, path: is_match(module, modules[path][0])
 
 
 def _set_class(module: nnx.Module, cls: type) -> None:
@@ -268,9 +268,7 @@ def insert(
   _check_model(model, fn_name)
   _check_outside_transforms(model, fn_name)
   insertion = Insertion("nnx", where, position, every, bgn_options)
-  chosen = _selected(_modules(model), where, fn_name)
-  kept = [(path, module) for path, module in chosen if insertion.skipped(path) is None]
-  added = [(p, m) for p, m in kept if not insertion.has_node(p, m, _marker(type(m), "bgn"))]
+  added = insertion.new_nodes(*_walk(_modules(model), where, fn_name), _node_marker)
   for path, module in added:
     _set_class(module, _with_bgn(type(module), (*insertion.node_marker, (path, insertion))))
   if ("root", insertion) not in _common.markers_of(type(model)):
@@ -323,20 +321,12 @@ def _is_graph_node(x: Any) -> bool:
   return isinstance(x, (nnx.Pytree, nnx.Variable))
 
 
-def _split_arguments(args: Any, kwargs: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+def _split_arguments(args: Any, kwargs: Any) -> tuple[list[Any], Callable[..., Any]]:
   """The arrays and nnx objects (an ``nnx.Rngs``) of ``(args, kwargs)``, which an nnx
-  transform must be given as arguments, and how to put them back among the other
-  leaves (Python flags stay static)."""
-  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
-  dynamic = [_is_graph_node(leaf) or isinstance(leaf, jax.Array) for leaf in leaves]
-
-  def rebuild(given: list[Any]) -> Any:
-    it = iter(given)
-    return jax.tree.unflatten(
-      treedef, [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
-    )
-
-  return [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d], rebuild
+  transform must be given as arguments, and ``rebuild(*given) -> (args, kwargs)``."""
+  return _common.split_arguments(
+    args, kwargs, lambda leaf: _is_graph_node(leaf) or isinstance(leaf, jax.Array), _is_graph_node
+  )
 
 
 def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
@@ -366,12 +356,12 @@ def placements(model: nnx.Module, *args: Any, **kwargs: Any) -> Placements:
   """
   fn_name = "bgn_jax.nnx.placements"
   _check_model(model, fn_name)
-  if not any(_marker(type(module), "bgn") for _, module in _modules(model).values()):
+  if not any(_node_marker(module) for _, module in _modules(model).values()):
     raise ValueError(_common.no_nodes_message(fn_name, "model", model))
   dynamic, rebuild = _split_arguments(args, kwargs)
 
   def call(m: nnx.Module, *given: Any) -> Any:
-    call_args, call_kwargs = rebuild(list(given))
+    call_args, call_kwargs = rebuild(*given)
     return m(*call_args, **call_kwargs)
 
   with _common.recording() as recorder:
@@ -497,15 +487,10 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
     ValueError: from the returned function: ``where`` matches no module, or no
       selected module is called.
   """
-  _common.check_loss_fn("bgn_jax.nnx.grad_norms", loss_fn)
-  _module_matcher(where, "bgn_jax.nnx.grad_norms")  # checks the form of `where` now
-
-  @functools.wraps(loss_fn)
-  def measure(model: nnx.Module, *args: Any, **kwargs: Any) -> Report:
-    _check_model(model, "bgn_jax.nnx.grad_norms")
-    return _measure(loss_fn, where, model, args, kwargs)
-
-  return measure
+  fn_name = "bgn_jax.nnx.grad_norms"
+  _module_matcher(where, fn_name)  # checks the form of `where` now
+  measure = functools.partial(_measure, loss_fn, where)
+  return _common.measuring(fn_name, loss_fn, lambda model: _check_model(model, fn_name), measure)
 
 
 def _measure(
@@ -520,19 +505,19 @@ def _measure(
   # reuse the Variable objects): the pass's state updates stay in the copy.
   work = nnx.clone(model)
   modules = _modules(work)
-  chosen = _selected(modules, where, fn_name)
+  chosen = _common.select(fn_name, where, *_walk(modules, where, fn_name))
   for path, module in chosen:
     _set_class(module, _with_probe(type(module), path))
   # nnx objects among the arguments (an nnx.Rngs) go through the transforms as
   # arguments: closed over, their state would be changed from inside a trace.
   dynamic, rebuild = _split_arguments(args, kwargs)
 
-  def call_loss(work: nnx.Module, given: list[Any]) -> jax.Array:
-    call_args, call_kwargs = rebuild(given)
+  def call_loss(work: nnx.Module, given: tuple[Any, ...]) -> jax.Array:
+    call_args, call_kwargs = rebuild(*given)
     return loss_fn(work, *call_args, **call_kwargs)
 
   def discover(work: nnx.Module, *given: Any) -> nnx.Module:
-    call_loss(work, list(given))
+    call_loss(work, given)
     return work
 
   with _common.listening(_Pass(discover=True)) as shape_pass:
@@ -551,7 +536,7 @@ def _measure(
 
   def loss_of(work: nnx.Module, *given: Any) -> jax.Array:
     with _common.listening(_Pass(discover=False)):
-      return call_loss(work, list(given))
+      return call_loss(work, given)
 
   grads = nnx.grad(loss_of, argnums=nnx.DiffState(0, (nnx.Param, GradProbe)))(work, *dynamic)
   return _common.read_report(

@@ -114,8 +114,8 @@ MUTANTS = [
   Mutant(
     "position='before' normalizes keyword arguments too (linen insert)",
     "bgn_jax/linen.py",
-    "      args = noded(args)\n",
-    "      args = noded(args)\n      kwargs = noded(kwargs)\n",
+    "        args = noded(args)\n",
+    "        args = noded(args)\n        kwargs = noded(kwargs)\n",
     ("tests/test_linen_insert.py", "-k", "keyword_arguments"),
   ),
   Mutant(
