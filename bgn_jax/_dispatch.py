@@ -7,12 +7,12 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from bgn_jax._common import Placements, Where, framework_of, matcher
+from bgn_jax._common import Placements, Where, framework_of, matcher, measuring
 
 __all__ = ["grad_norms", "insert", "placements", "remove"]
 
 
-def _adapter(fn_name: str, argument: str, value: Any) -> Any:
+def _adapter(value: Any) -> Any:
   """The adapter module for ``value``: nnx or equinox for their models, else linen."""
   found = framework_of(value) or "linen"
   return importlib.import_module(f"bgn_jax.{found}")
@@ -34,18 +34,18 @@ def insert(model: Any, *, where: Where, **options: Any) -> Any:
   Returns:
     What the adapter returns: the function or model with the nodes.
   """
-  return _adapter("insert", "model", model).insert(model, where=where, **options)
+  return _adapter(model).insert(model, where=where, **options)
 
 
 def remove(model: Any) -> Any:
   """Takes the nodes of :func:`insert` out: the adapter's ``remove`` for ``model``."""
-  return _adapter("remove", "model", model).remove(model)
+  return _adapter(model).remove(model)
 
 
 def placements(model: Any, *args: Any, **kwargs: Any) -> Placements:
   """Where the nodes of ``model`` (a function or model :func:`insert` returned) go in
   ``model(*args, **kwargs)``: the adapter's ``placements``."""
-  return _adapter("placements", "model", model).placements(model, *args, **kwargs)
+  return _adapter(model).placements(model, *args, **kwargs)
 
 
 def grad_norms(loss_fn: Callable[..., Any], *, where: Where) -> Callable[..., Any]:
@@ -65,12 +65,9 @@ def grad_norms(loss_fn: Callable[..., Any], *, where: Where) -> Callable[..., An
   Raises:
     TypeError: ``loss_fn`` is not callable or ``where`` has none of the accepted forms.
   """
-  if not callable(loss_fn):
-    raise TypeError(f"bgn_jax.grad_norms: `loss_fn` must be callable; got {loss_fn!r}.")
   matcher(where, fn_name="bgn_jax.grad_norms")
 
-  def measure(model: Any, *args: Any, **kwargs: Any) -> Any:
-    adapter = _adapter("grad_norms", "model", model)
-    return adapter.grad_norms(loss_fn, where=where)(model, *args, **kwargs)
+  def measure(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _adapter(model).grad_norms(loss_fn, where=where)(model, *args, **kwargs)
 
-  return measure
+  return measuring("bgn_jax.grad_norms", loss_fn, lambda model: None, measure)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar, cast
 
 import jax
@@ -319,12 +319,12 @@ def insert(
   default = "sqrt_units" if bgn_options.get("axes") is not None else DEFAULT_TARGET
   insertion = Insertion("equinox", where, position, every, {"target_norm": default, **bgn_options})
   added = [p for p, _ in insertion.new_nodes(_modules(model).items(), is_match, _node_marker)]
-  node_class = functools.partial(_with_bgn, marker=insertion.node_marker)
 
   def add_bgn(path: str, module: eqx.Module) -> eqx.Module:
     if path not in added:
       return module
-    return _with_class(module, node_class(type(module)), bgn_site=_Site(path, insertion))
+    cls = _with_bgn(type(module), insertion.node_marker)
+    return _with_class(module, cls, bgn_site=_Site(path, insertion))
 
   inserted = _map_modules(add_bgn, model)
   # Known now, the modules with a node describe the insertion better than `where`:
@@ -481,9 +481,8 @@ def _stack_lead(
 
 
 # (path, call index, leading axes of the parameters, leading shape, tap dtype or
-# None, whether the call has an at_bgn tap, whether its tap is closed over rather
-# than carried by the module)
-_PlanEntry = tuple[str, int, int, tuple[int, ...], str | None, bool, bool]
+# None, whether its tap is closed over rather than carried by the module)
+_PlanEntry = tuple[str, int, int, tuple[int, ...], str | None, bool]
 
 
 def _layers_around(path: str, modules: dict[str, eqx.Module], first_ndims: dict[str, list[int]]):
@@ -520,7 +519,7 @@ def _plan_entry(
     lead_shape = _layers_around(call.path, modules, first_ndims)
   dtype = None if call.dtype is None else jnp.dtype(call.dtype).name
   loose = lead_shape is None
-  return call.path, call.index, lead, lead_shape or (), dtype, call.at_bgn, loose
+  return call.path, call.index, lead, lead_shape or (), dtype, loose
 
 
 def _probed(model: eqx.Module, taps: dict[str, list[Any]]) -> eqx.Module:
@@ -531,21 +530,17 @@ def _probed(model: eqx.Module, taps: dict[str, list[Any]]) -> eqx.Module:
   )
 
 
-def _tap_shapes(
-  loss_fn: Callable[..., jax.Array],
-  model: eqx.Module,
-  plan: list[_PlanEntry],
-  args: tuple[Any, ...],
-  kwargs: dict[str, Any],
-) -> list[tuple[int, ...] | None]:
-  """The shape of each call's tap as the call sees it, by a second abstract pass."""
-  taps: dict[str, list[Any]] = {}
-  for path, _, _, lead_shape, dtype, _, is_loose in plan:
-    shape = lead_shape + TAP_SHAPE
-    taps.setdefault(path, []).append(None if is_loose or dtype is None else np.zeros(shape))
-  with _common.listening(_Pass(taps, discover=True)) as check:
-    eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), _probed(model, taps), args, kwargs)
-  return [check.tap_shapes.get((path, index)) for path, index, *_ in plan]
+def _taps(plan: Sequence[_PlanEntry], zeros: Callable[..., Any]) -> tuple[dict, dict]:
+  """The zero taps of the plan's calls, as lists by path: those the modules carry (so a
+  stack of layers slices them with its arrays), and those closed over, where the layers
+  are not known (the gradients of all the layers add up in them)."""
+  carried: dict[str, list[Any]] = {}
+  loose: dict[str, list[Any]] = {}
+  for path, _, _, lead_shape, dtype, is_loose in plan:
+    tap = None if dtype is None else zeros(lead_shape + TAP_SHAPE, dtype)
+    carried.setdefault(path, []).append(None if is_loose else tap)
+    loose.setdefault(path, []).append(tap if is_loose else None)
+  return carried, loose
 
 
 @eqx.filter_jit
@@ -559,15 +554,7 @@ def _measured_norms(
 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   # One compiled computation, cached per loss_fn, model structure and plan:
   # eagerly, the op-by-op backward pass costs seconds of dispatch.
-  # A module carries its taps (so a stack of layers slices them with its arrays),
-  # except where its layers are not known: those taps are closed over, and the
-  # gradients of all its layers add up in them.
-  taps: dict[str, list[jax.Array | None]] = {}
-  loose: dict[str, list[jax.Array | None]] = {}
-  for path, _, _, lead_shape, dtype, _, is_loose in plan:
-    tap = None if dtype is None else jnp.zeros(lead_shape + TAP_SHAPE, dtype)
-    taps.setdefault(path, []).append(None if is_loose else tap)
-    loose.setdefault(path, []).append(tap if is_loose else None)
+  taps, loose = _taps(plan, jnp.zeros)
 
   def loss_of(arrays: Any, taps: Any, loose: Any) -> jax.Array:
     with _common.listening(_Pass(taps, discover=False, loose=loose)):
@@ -576,7 +563,7 @@ def _measured_norms(
   grad_arrays, grad_taps, grad_loose = jax.grad(loss_of, argnums=(0, 1, 2))(arrays, taps, loose)
   grad_modules = _modules(grad_arrays)
   params, leads, tapped = [], [], []
-  for path, index, lead, _, _, _, is_loose in plan:
+  for path, index, lead, _, _, is_loose in plan:
     leaves = _param_leaves(grad_modules[path]) if path in grad_modules else []
     params.append(leaves)
     leads.append((lead,) * len(leaves))
@@ -672,21 +659,28 @@ def _measure(
   # The shape pass probes every module: the parameters of those that are called
   # give a stacked module without parameters its layer count.
   probed = _probed(model, {path: [] for path, m in modules.items() if _common.has_call(type(m))})
-  with _common.listening(_Pass(selected, discover=True)) as discovery:
-    eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), probed, args, kwargs)
+
+  def shapes_of(model: eqx.Module, taps: Any) -> _Pass:
+    with _common.listening(_Pass(taps, discover=True)) as shape_pass:
+      eqx.filter_eval_shape(lambda m, a, k: loss_fn(m, *a, **k), model, args, kwargs)
+    return shape_pass
+
+  discovery = shapes_of(probed, selected)
   if not discovery.calls:
     raise ValueError(_common.none_called_message(fn_name, where, list(selected)))
 
   plan = [_plan_entry(call, modules, discovery.first_ndims) for call in discovery.calls]
   borrowed = [i for i, e in enumerate(plan) if e[3] and not _param_leaves(modules[e[0]])]
   if borrowed:
-    # A layer count taken from the modules around: check that the model slices the
-    # taps that way (it may call the module outside its stack); if not, close over.
-    tap_shapes = _tap_shapes(loss_fn, model, plan, args, kwargs)
+    # A layer count taken from the modules around: check, by a second shape pass,
+    # that the model slices the taps that way (it may call the module outside its
+    # stack); if not, close over.
+    taps, _ = _taps(plan, np.zeros)
+    seen = shapes_of(_probed(model, taps), taps).tap_shapes
     for i in borrowed:
-      if tap_shapes[i] != TAP_SHAPE:
-        path, index, lead, _, dtype, at_bgn, _ = plan[i]
-        plan[i] = (path, index, lead, (), dtype, at_bgn, True)
+      path, index, lead, _, dtype, _ = plan[i]
+      if seen.get((path, index)) != TAP_SHAPE:
+        plan[i] = (path, index, lead, (), dtype, True)
   arrays, static = eqx.partition(model, eqx.is_inexact_array)
   norms = _measured_norms(loss_fn, arrays, static, tuple(plan), args, kwargs)
   return _common.make_report(discovery.calls, norms, [entry[4] is not None for entry in plan])
