@@ -382,7 +382,10 @@ def test_a_residual_stack_through_insert_equals_the_full_batch(case, options):
   want = grad(params, TOKENS)
   got = jax.jit(microbatch_grad(loss, microbatches=2))(params, TOKENS)
   assert_close(got, want)
-  # and the gap it closes
+  if case is not linen_case:
+    return
+  # and the gap it closes, shown once (test_frameworks.py compares every framework's
+  # nodes with hand-placed ones)
   halves = [jax.tree.map(lambda a, i=i: a[i * 4 : (i + 1) * 4], TOKENS) for i in range(2)]
   naive = jax.tree.map(lambda a, b: (a + b) / 2, *[grad(params, half) for half in halves])
   with pytest.raises(AssertionError):
