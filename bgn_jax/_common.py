@@ -45,6 +45,10 @@ SEEN_LISTED = 40  # how many seen module calls a no-match error lists
 _MAX_RANK = 64  # axes entries checked at insert time; the rank itself is known at the call
 
 
+# --------------------------------------------------------------------------------------
+# Options, the layer, and `where`.
+
+
 def check_options(
   fn_name: str, position: Any, every: Any, bgn_options: dict[str, Any]
 ) -> dict[str, Any]:
@@ -119,18 +123,6 @@ def layer_bgn(layer: Any, x: jax.Array) -> jax.Array:
   y = bgn(x, **{name: getattr(layer, name) for name in BGN_OPTIONS})
   hook = _HOOK.get()
   return y if hook is None else hook.node_applied(x, y)
-
-
-def describe(leaf: Any) -> tuple[tuple[Any, ...], str]:
-  """The shape (symbolic dimensions kept, as under ``jax.export``) and dtype name of a leaf
-  (the type name for a non-array)."""
-  dtype = getattr(leaf, "dtype", None)
-  return tuple(getattr(leaf, "shape", ())), type(leaf).__name__ if dtype is None else str(dtype)
-
-
-def is_float_array(leaf: Any) -> bool:
-  """A ``jax.Array`` of a floating-point dtype."""
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def no_match_message(
@@ -242,44 +234,49 @@ def select(
   return chosen
 
 
-def get_path(tree: Any, path: Path) -> Any:
-  for name in path:
-    if not isinstance(tree, Mapping) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree
+# --------------------------------------------------------------------------------------
+# What a node tests, and the placement records.
 
 
-def flatten_leaves(leaves: Sequence[jax.Array], leading: Sequence[int]) -> jax.Array | None:
-  """The leaves as one array of shape ``lead_shape + (n,)``, keeping ``leading[i]`` axes."""
-  if not leaves:
-    return None
-  flat = [
-    jnp.reshape(leaf, leaf.shape[:n] + (-1,)) for leaf, n in zip(leaves, leading, strict=True)
-  ]
-  return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+def describe(leaf: Any) -> tuple[tuple[Any, ...], str]:
+  """The shape (symbolic dimensions kept, as under ``jax.export``) and dtype name of a leaf
+  (the type name for a non-array)."""
+  dtype = getattr(leaf, "dtype", None)
+  return tuple(getattr(leaf, "shape", ())), type(leaf).__name__ if dtype is None else str(dtype)
 
 
-def group_norms(flats: Sequence[jax.Array | None], lead_shapes: Sequence[tuple[int, ...]]) -> list:
-  """The L2 norm of each array over its last axis (zeros for None).
+def is_float_array(leaf: Any) -> bool:
+  """A ``jax.Array`` of a floating-point dtype."""
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
 
-  Arrays of one shape and dtype are stacked and normed together: one reduction
-  per group instead of one per layer, which keeps compilation short for deep
-  unrolled models.
+
+def classify(
+  tree: Any, owned: Callable[[Any], str | None], skip: str | None = None, is_leaf: Any = None
+) -> tuple[list[Any], list[Any], list[str | None], Any]:
+  """The leaves of ``tree`` and why each gets no node (None: it gets one).
+
+  Args:
+    tree: a module's output, or its positional arguments.
+    owned: ``leaf -> reason or None``: the reason for a leaf that is one of the
+      module's own arrays (a parameter passed through), None for an activation.
+    skip: a reason that holds for every leaf (left out by ``every``), or None.
+    is_leaf: as for ``jax.tree_util``.
+
+  Returns:
+    ``(keys, leaves, reasons, treedef)``.
   """
-  present = {i: flat for i, flat in enumerate(flats) if flat is not None}
-  groups: dict[tuple[Any, ...], list[int]] = {}
-  for i, flat in present.items():
-    groups.setdefault((flat.shape, flat.dtype), []).append(i)
-  norms: list[Any] = [jnp.zeros(shape, jnp.float32) for shape in lead_shapes]
-  for members in groups.values():
-    if len(members) == 1:
-      norms[members[0]] = l2_norm(present[members[0]], axes=-1)
-      continue
-    stacked = l2_norm(jnp.stack([present[i] for i in members]), axes=-1)
-    for row, i in enumerate(members):
-      norms[i] = stacked[row]
-  return norms
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  reasons: list[str | None] = []
+  for _, leaf in flat:
+    if skip is not None:
+      reasons.append(skip)
+    elif not isinstance(leaf, jax.Array):  # a framework's variable object, kept whole
+      reasons.append(owned(leaf) or f"not a jax.Array ({type(leaf).__name__})")
+    elif not is_float_array(leaf):
+      reasons.append(f"not floating-point ({leaf.dtype})")
+    else:
+      reasons.append(owned(leaf))
+  return [k for k, _ in flat], [leaf for _, leaf in flat], reasons, treedef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,33 +385,12 @@ def recording() -> Iterator[Recorder]:
     _RECORDER.reset(token)
 
 
-def classify(
-  tree: Any, owned: Callable[[Any], str | None], skip: str | None = None, is_leaf: Any = None
-) -> tuple[list[Any], list[Any], list[str | None], Any]:
-  """The leaves of ``tree`` and why each gets no node (None: it gets one).
+def is_recording() -> bool:
+  return _RECORDER.get() is not None
 
-  Args:
-    tree: a module's output, or its positional arguments.
-    owned: ``leaf -> reason or None``: the reason for a leaf that is one of the
-      module's own arrays (a parameter passed through), None for an activation.
-    skip: a reason that holds for every leaf (left out by ``every``), or None.
-    is_leaf: as for ``jax.tree_util``.
 
-  Returns:
-    ``(keys, leaves, reasons, treedef)``.
-  """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  reasons: list[str | None] = []
-  for _, leaf in flat:
-    if skip is not None:
-      reasons.append(skip)
-    elif not isinstance(leaf, jax.Array):  # a framework's variable object, kept whole
-      reasons.append(owned(leaf) or f"not a jax.Array ({type(leaf).__name__})")
-    elif not is_float_array(leaf):
-      reasons.append(f"not floating-point ({leaf.dtype})")
-    else:
-      reasons.append(owned(leaf))
-  return [k for k, _ in flat], [leaf for _, leaf in flat], reasons, treedef
+# --------------------------------------------------------------------------------------
+# The insertion: every, the nodes, the check of each call of the whole model.
 
 
 class CallCheck:
@@ -649,6 +625,10 @@ _CHECKS: contextvars.ContextVar[dict[Insertion, CallCheck] | None] = contextvars
 )
 
 
+# --------------------------------------------------------------------------------------
+# The hook that diagnostics listen through.
+
+
 class Hook:
   """What a diagnostic hears of the nodes while it traces (see :func:`listening`)."""
 
@@ -684,12 +664,12 @@ def listening(hook: H) -> Iterator[H]:
     _HOOK.reset(token)
 
 
-def is_recording() -> bool:
-  return _RECORDER.get() is not None
-
-
 def current_hook() -> Hook | None:
   return _HOOK.get()
+
+
+# --------------------------------------------------------------------------------------
+# The marked subclasses of nnx and equinox.
 
 
 def has_call(cls: type) -> bool:
@@ -791,6 +771,10 @@ def checked_call(cls: type, insertion: Insertion) -> Callable[..., Any]:
   return __call__
 
 
+# --------------------------------------------------------------------------------------
+# The frameworks, their arguments and messages.
+
+
 _MODULE_BASES = (("nnx", "flax.nnx", "Module"), ("equinox", "equinox", "Module"))
 
 
@@ -851,6 +835,28 @@ def cache_key(*parts: Any) -> tuple[Any, ...]:
   return parts
 
 
+def split_arguments(
+  args: Any, kwargs: Any, is_dynamic: Callable[[Any], bool], is_leaf: Any = None
+) -> tuple[list[Any], Callable[..., Any]]:
+  """The leaves of ``(args, kwargs)`` that a transform must be given as arguments
+  (``is_dynamic``), and ``rebuild(*given) -> (args, kwargs)``, which puts them back
+  among the other leaves (Python flags stay static)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
+  dynamic = [is_dynamic(leaf) for leaf in leaves]
+
+  def rebuild(*given: Any) -> Any:
+    it = iter(given)
+    return jax.tree.unflatten(
+      treedef, [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
+    )
+
+  return [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d], rebuild
+
+
+# --------------------------------------------------------------------------------------
+# grad_norms: the tap, the pass that places it, and the report.
+
+
 def measuring(
   fn_name: str,
   loss_fn: Any,
@@ -881,35 +887,6 @@ def none_called_message(fn_name: str, where: Any, paths: Sequence[str]) -> str:
     f"{fn_name}: `where` {where!r} selected {listed}, but loss_fn called none of them; it "
     f"must call the model it receives."
   )
-
-
-def split_arguments(
-  args: Any, kwargs: Any, is_dynamic: Callable[[Any], bool], is_leaf: Any = None
-) -> tuple[list[Any], Callable[..., Any]]:
-  """The leaves of ``(args, kwargs)`` that a transform must be given as arguments
-  (``is_dynamic``), and ``rebuild(*given) -> (args, kwargs)``, which puts them back
-  among the other leaves (Python flags stay static)."""
-  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
-  dynamic = [is_dynamic(leaf) for leaf in leaves]
-
-  def rebuild(*given: Any) -> Any:
-    it = iter(given)
-    return jax.tree.unflatten(
-      treedef, [next(it) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)]
-    )
-
-  return [leaf for leaf, d in zip(leaves, dynamic, strict=True) if d], rebuild
-
-
-def call_keys(paths: Sequence[str]) -> list[str]:
-  """Report keys for calls at ``paths``, in order: ``"a"``, then ``"a#1"``, ``"a#2"``."""
-  counts: dict[str, int] = {}
-  keys = []
-  for path in paths:
-    index = counts.get(path, 0)
-    counts[path] = index + 1
-    keys.append(path if index == 0 else f"{path}#{index}")
-  return keys
 
 
 # grad_norms's tap: a fixed-size array per probed call, whose gradient is the squared
@@ -1143,6 +1120,46 @@ def stacked_axes(
   return extra if set(extra) <= {lead} else (0,) * len(extra)
 
 
+def get_path(tree: Any, path: Path) -> Any:
+  for name in path:
+    if not isinstance(tree, Mapping) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+def flatten_leaves(leaves: Sequence[jax.Array], leading: Sequence[int]) -> jax.Array | None:
+  """The leaves as one array of shape ``lead_shape + (n,)``, keeping ``leading[i]`` axes."""
+  if not leaves:
+    return None
+  flat = [
+    jnp.reshape(leaf, leaf.shape[:n] + (-1,)) for leaf, n in zip(leaves, leading, strict=True)
+  ]
+  return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+
+
+def group_norms(flats: Sequence[jax.Array | None], lead_shapes: Sequence[tuple[int, ...]]) -> list:
+  """The L2 norm of each array over its last axis (zeros for None).
+
+  Arrays of one shape and dtype are stacked and normed together: one reduction
+  per group instead of one per layer, which keeps compilation short for deep
+  unrolled models.
+  """
+  present = {i: flat for i, flat in enumerate(flats) if flat is not None}
+  groups: dict[tuple[Any, ...], list[int]] = {}
+  for i, flat in present.items():
+    groups.setdefault((flat.shape, flat.dtype), []).append(i)
+  norms: list[Any] = [jnp.zeros(shape, jnp.float32) for shape in lead_shapes]
+  for members in groups.values():
+    if len(members) == 1:
+      norms[members[0]] = l2_norm(present[members[0]], axes=-1)
+      continue
+    stacked = l2_norm(jnp.stack([present[i] for i in members]), axes=-1)
+    for row, i in enumerate(members):
+      norms[i] = stacked[row]
+  return norms
+
+
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def call_norms(
   params: list[list[jax.Array]],
@@ -1200,6 +1217,17 @@ def read_report(
   taps = [None if s is None else at(grad_taps, c, True) for c, s in zip(calls, tap_shapes)]
   norms = call_norms(param_grads, tuple(leads), taps, lead_shapes)
   return make_report(calls, norms, [tap is not None for tap in taps])
+
+
+def call_keys(paths: Sequence[str]) -> list[str]:
+  """Report keys for calls at ``paths``, in order: ``"a"``, then ``"a#1"``, ``"a#2"``."""
+  counts: dict[str, int] = {}
+  keys = []
+  for path in paths:
+    index = counts.get(path, 0)
+    counts[path] = index + 1
+    keys.append(path if index == 0 else f"{path}#{index}")
+  return keys
 
 
 def make_report(

@@ -205,7 +205,8 @@ def _has_nodes(model: eqx.Module) -> bool:
 
 
 def _probe_class(cls: type) -> type:
-  """The subclass of ``cls`` that knows its path and tells the listener of its calls.
+  """The subclass of ``cls`` that knows its path and runs its calls through the pass of
+  :func:`grad_norms` in progress.
 
   Made only inside the diagnostics, on a temporary copy of the model. ``bgn_taps``
   is a dynamic field, so a stack of layers carries one tap per layer through

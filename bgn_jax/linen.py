@@ -418,10 +418,14 @@ def insert(
   return apply_with_bgn
 
 
-def _inserted(fn: Any, fn_name: str) -> tuple[_Insertion, Callable[..., Any]]:
+def _check_fn(fn: Any, fn_name: str) -> None:
   _common.check_framework(fn_name, "fn", fn, "linen")
   if not callable(fn):
     raise TypeError(f"{fn_name}: `fn` must be a function; got {type(fn).__name__}.")
+
+
+def _inserted(fn: Any, fn_name: str) -> tuple[_Insertion, Callable[..., Any]]:
+  _check_fn(fn, fn_name)
   inserted = getattr(fn, "_bgn_insert", None)
   if not isinstance(inserted, tuple) or not isinstance(inserted[0], _Insertion):
     raise ValueError(_common.no_nodes_message(fn_name, "fn", fn))
@@ -440,9 +444,7 @@ def remove(fn: Callable[P, R]) -> Callable[P, R]:
   Raises:
     TypeError: ``fn`` is not callable, or is an nnx or equinox model.
   """
-  _common.check_framework("bgn_jax.linen.remove", "fn", fn, "linen")
-  if not callable(fn):
-    raise TypeError(f"bgn_jax.linen.remove: `fn` must be a function; got {type(fn).__name__}.")
+  _check_fn(fn, "bgn_jax.linen.remove")
   while isinstance(inserted := getattr(fn, "_bgn_insert", None), tuple):
     fn = inserted[1]
   return fn
@@ -521,8 +523,11 @@ class _Probe(_common.TapPass):
     self.grafts: list[tuple[Path, Any]] = []  # (prefix, tap shapes) per apply
     self.seen: dict[tuple[str, str], None] = {}  # (type name, path) of __call__s
 
+  def _parts(self, module: nn.Module) -> Path:
+    return self._prefix + tuple(str(p) for p in module.path)
+
   def path_of(self, module: Any) -> str | None:
-    parts = self._prefix + tuple(str(p) for p in module.path)
+    parts = self._parts(module)
     path = "/".join(parts)
     if not self._is_match(module, path):
       return None
@@ -572,8 +577,7 @@ class _Probe(_common.TapPass):
       outputs = self.probed(module, lambda _, *a, **k: next_fun(*a, **k), *args, **kwargs)
     finally:
       self._depth -= 1
-    path = "/".join(self._prefix + tuple(str(p) for p in module.path))
-    self.seen[(type(module).__name__, path)] = None
+    self.seen[(type(module).__name__, "/".join(self._parts(module)))] = None
     return outputs
 
   def _reapply(
@@ -664,7 +668,7 @@ def grad_norms(loss_fn: Callable[..., jax.Array], *, where: Where) -> Callable[.
   """Norms of the gradient at the output and at the parameters of selected module calls.
 
   A tap rides on the output of every ``__call__`` of a bound ``flax.linen``
-  module that ``where`` selects: a variable of three zeros in the collection
+  module that ``where`` selects: a variable of a few zeros in the collection
   ``GRAD_NORMS_COLLECTION``, whose gradient (a ``custom_vjp``) is the squared
   norm of the gradient at that output, whatever its size. One ``jax.grad`` with
   respect to the parameters and the taps gives both kinds of gradient. The taps
