@@ -140,9 +140,9 @@ MUTANTS = [
     ("tests/test_frameworks.py", "-k", "grad_norms"),
   ),
   Mutant(
-    "equinox grad_norms: no at_bgn for a node before a module",
-    "bgn_jax/equinox.py",
-    "return self._before_call(module, outputs)",
+    "grad_norms: no at_bgn for a node before a module (shared pass)",
+    "bgn_jax/_common.py",
+    "return outputs if path is None else self._before_call(module, path, outputs)",
     "return outputs",
     ("tests/test_frameworks.py", "-k", "read_what_reaches and before"),
   ),
