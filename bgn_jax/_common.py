@@ -998,7 +998,7 @@ class TapPass(Hook):
     self.discover = discover
     self.calls: list[TapCall] = []  # the shape pass's, in the order their outputs are tapped
     self._counts: collections.Counter[str] = collections.Counter()
-    self._active: dict[int, Owned] = {}  # by module id: the calls running in probed()
+    self._active: dict[int, tuple[str, Owned]] = {}  # by module id: calls in probed()
     self._pending: dict[int, _Tapped] = {}  # by module id: tapped before a node inside
     # Tapped outputs by id (the object kept, so no id is reused): a node fed one is known.
     self._tagged: dict[int, tuple[Any, _Tapped]] = {}
@@ -1027,11 +1027,11 @@ class TapPass(Hook):
     if path is None:
       return method(module, *args, **kwargs)
     owned = self.owned_of(module)
-    self._active[id(module)] = owned
+    self._active[id(module)] = (path, owned)
     try:
       outputs = method(module, *args, **kwargs)
     finally:
-      del self._active[id(module)]
+      self._active.pop(id(module), None)
     pending = self._pending.pop(id(module), None)
     if pending is not None:  # a node inside the call got the tapped output
       return self._at_bgn(outputs, pending)
@@ -1040,12 +1040,13 @@ class TapPass(Hook):
     return outputs
 
   def before_node(self, module: Any, outputs: Any) -> Any:
-    # Only a call that probed() wraps from outside the node: an insert inside loss_fn
-    # (or in nnx, any insert) wraps the probe instead, which has tapped the output.
-    owned = self._active.get(id(module))
-    path = None if owned is None else self.path_of(module)
-    if path is None or owned is None:
+    # Only where probed() runs the call around its node (linen's interceptor, the
+    # probe around equinox's inserted class): the output is tapped here, before the
+    # node. Where the node wraps the probe (nnx's classes), the probe has tapped it.
+    active = self._active.get(id(module))
+    if active is None:
       return outputs
+    path, owned = active
     outputs, self._pending[id(module)] = self._output(module, path, outputs, owned)
     return outputs
 
@@ -1064,7 +1065,8 @@ class TapPass(Hook):
     # A node on the inputs of a selected call: what reaches it is the call's at_bgn, in
     # the tap of the call about to run.
     index = self._counts[path]
-    owned = self._active.get(id(module)) or self.owned_of(module)
+    active = self._active.get(id(module))
+    owned = self.owned_of(module) if active is None else active[1]
     leaves, treedef, chosen = _chosen(inputs, owned, self.is_leaf)
     if not chosen:
       return inputs
@@ -1076,9 +1078,9 @@ class TapPass(Hook):
     index = self._counts[path]
     self._counts[path] += 1
     leaves, treedef, chosen = _chosen(outputs, owned, self.is_leaf)
-    before = (path, index) in self._before
-    dtype = _tap_dtype(leaves, chosen) if chosen else self._before.get((path, index))
-    self._before.pop((path, index), None)
+    before = (path, index) in self._before  # a node on the inputs took the at_bgn row
+    inputs_dtype = self._before.pop((path, index), None)
+    dtype = _tap_dtype(leaves, chosen) if chosen else inputs_dtype
     params = tuple(jnp.ndim(p) for p in self.params_of(module)) if self.discover else ()
     call = TapCall(path, index, params, dtype, at_bgn=before)
     if self.discover:
