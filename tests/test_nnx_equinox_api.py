@@ -200,3 +200,34 @@ def test_equinox_an_unused_selected_module_still_gets_the_check():
     ValueError, match=r"^bgn_jax.equinox.insert: .*none of the modules .* ran in the call"
   ):
     model(inputs((WIDTH,)))
+
+
+class FedToALayer(eqx.Module):
+  """A Linear whose output goes straight into a BGN layer."""
+
+  linear: eqx.nn.Linear
+
+  def __call__(self, x):
+    return beqx.BGN(target_norm=2.0)(self.linear(x))
+
+
+def test_equinox_a_node_before_a_module_keeps_its_at_bgn_from_a_layer_on_the_output():
+  # One at_bgn per call, as in nnx and linen: a node on the inputs takes it, and a BGN
+  # layer fed the output does not add its own gradient into it.
+  model = FedToALayer(eqx.nn.Linear(WIDTH, WIDTH, key=jax.random.key(0)))
+  x = inputs((3, WIDTH))
+  inserted = beqx.insert(model, where=eqx.nn.Linear, position="before", target_norm=1.0)
+
+  def loss(m, x):
+    return jnp.sum(jnp.sin(3.0 * jax.vmap(m)(x)))
+
+  report = beqx.grad_norms(loss, where=eqx.nn.Linear)(inserted, x)
+
+  def by_hand(p):  # p is added where the node before the Linear hands on its output
+    def one(xi, pi):
+      return bgn(model.linear(bgn(xi, target_norm=1.0) + pi), target_norm=2.0)
+
+    return jnp.sum(jnp.sin(3.0 * jax.vmap(one)(x, p)))
+
+  expected = jnp.linalg.norm(jax.grad(by_hand)(jnp.zeros_like(x)))
+  np.testing.assert_allclose(report["linear"]["at_bgn"], expected, rtol=1e-5)
