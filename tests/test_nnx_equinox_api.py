@@ -231,3 +231,28 @@ def test_equinox_a_node_before_a_module_keeps_its_at_bgn_from_a_layer_on_the_out
 
   expected = jnp.linalg.norm(jax.grad(by_hand)(jnp.zeros_like(x)))
   np.testing.assert_allclose(report["linear"]["at_bgn"], expected, rtol=1e-5)
+
+
+class TwoOutputs(eqx.Module):
+  linear: eqx.nn.Linear
+
+  def __call__(self, x):
+    y = self.linear(x)
+    return y, y.astype(jnp.complex64)
+
+
+class UsesBoth(eqx.Module):
+  two: TwoOutputs
+
+  def __call__(self, x):
+    y, z = self.two(x)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.abs(z) ** 2)
+
+
+def test_equinox_grad_norms_measures_the_floating_point_leaves_of_an_output():
+  # As in linen and nnx. A complex leaf (l2_norm refuses complex) once made it raise.
+  model = UsesBoth(TwoOutputs(eqx.nn.Linear(WIDTH, WIDTH, key=jax.random.key(0))))
+  x = inputs((WIDTH,))
+  report = beqx.grad_norms(lambda m, x: m(x), where=TwoOutputs)(model, x)
+  expected = np.linalg.norm(np.cos(np.asarray(model.two.linear(x), np.float64)))
+  np.testing.assert_allclose(report["two"]["output"], expected, rtol=1e-5)
