@@ -589,26 +589,32 @@ _partitioned_sums.def_partition(
 )
 
 
+def _partitioned_sums_over(dims: tuple[int, ...], formulation: _Formulation) -> Callable:
+  """``_partitioned_sums`` over ``dims``, vmappable: custom_partitioning has no batching
+  rule, so under vmap it is called on the batched array, the batch axis in front."""
+
+  @jax.custom_batching.custom_vmap
+  def sums(g: jax.Array) -> tuple[jax.Array, ...]:
+    return _partitioned_sums(g, dims, formulation)
+
+  @sums.def_vmap
+  def sums_vmap(axis_size, in_batched, g):
+    del axis_size, in_batched
+    return _partitioned_sums_over(tuple(d + 1 for d in dims), formulation)(g), (True,) * 3
+
+  return sums
+
+
 def _sums_of_squares(
   g: jax.Array, axes: tuple[int, ...] | None, axis_name: AxisName, formulation: _Formulation
 ) -> tuple[jax.Array, ...]:
   """``_local_sums`` of the whole group over ``axes`` and ``axis_name``, dims kept."""
   dims = tuple(range(g.ndim)) if axes is None else axes
-
-  @jax.custom_batching.custom_vmap
-  def partitioned(g: jax.Array) -> tuple[jax.Array, ...]:
-    return _partitioned_sums(g, dims, formulation)
-
-  @partitioned.def_vmap
-  def partitioned_vmap(axis_size, in_batched, g):
-    # custom_partitioning has no batching rule: a vmapped node reduces unpartitioned,
-    # its batch axis moved to the front.
-    del axis_size, in_batched
-    return _local_sums(g, tuple(d + 1 for d in dims), formulation), (True,) * 3
-
   # Inside shard_map the mesh axes are manual and the psum below is explicit.
-  manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
-  sums = _local_sums(g, dims, formulation) if manual else partitioned(g)
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    sums = _local_sums(g, dims, formulation)
+  else:
+    sums = _partitioned_sums_over(dims, formulation)(g)
   kept = tuple(1 if i in dims else n for i, n in enumerate(g.shape))
   sums = tuple(s.reshape(kept) for s in sums)
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)

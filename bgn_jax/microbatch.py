@@ -43,8 +43,14 @@ from bgn_jax import core
 __all__ = ["microbatch_grad", "microbatch_value_and_grad"]
 
 _Mode = Literal["count", "first", "measure", "apply"]
-# The largest spread of the per-microbatch scalar (as a log) that rounding explains.
-_RATIO_LOG_TOLERANCE = 1e-3
+
+
+def _ratio_log_tolerance(dtype: Any) -> float:
+  """The largest spread of a node's per-microbatch scalar, as a log2, that rounding in
+  ``dtype`` explains (the two passes form a cotangent in different orders). Measured on
+  tanh stacks of 6 layers, 2-8 microbatches: at most 1.3e-6 in float32, 1.1e-3 in
+  float16 and 8.1e-3 in bfloat16."""
+  return max(1e-3, 8 * float(jnp.finfo(dtype).eps))
 
 
 @dataclasses.dataclass
@@ -244,7 +250,7 @@ def _apply_bwd(config, residuals, g):
   seen = usable & measured
   row = jnp.stack(
     [
-      jnp.where(seen, log2_ratio, 0.0),
+      jnp.where(seen, log2_ratio / _ratio_log_tolerance(g.dtype), 0.0),  # in tolerances
       seen.astype(jnp.float32),
       (usable & ~measured).astype(jnp.float32),
     ]
@@ -463,11 +469,12 @@ def _measuring_pass(
 
 def _check_one_scalar_per_node(rows: jax.Array) -> None:
   """Raises where a node's cotangent was not one scalar times the measured one."""
+  # The log2 ratios are in units of their dtype's tolerance.
   log2_ratio, seen, unmeasured = rows[..., 0], rows[..., 1] > 0.5, rows[..., 2] > 0.5
   high = jnp.max(jnp.where(seen, log2_ratio, -jnp.inf), axis=0)
   low = jnp.min(jnp.where(seen, log2_ratio, jnp.inf), axis=0)
   spread = jnp.where(jnp.any(seen, axis=0), high - low, 0.0)
-  bad = (spread > _RATIO_LOG_TOLERANCE) | jnp.any(unmeasured, axis=0)
+  bad = (spread > 1.0) | jnp.any(unmeasured, axis=0)
   if isinstance(bad, jax.core.Tracer):
     jax.debug.callback(_raise_if_any, bad)
   else:

@@ -230,7 +230,7 @@ def collectives(hlo):
   return found
 
 
-_PLAIN_STEP_COLLECTIVES = {}  # layout -> the collectives of the step without nodes
+_PLAIN_STEP_COLLECTIVES = {}  # (layout, vmapped) -> the collectives of the step without nodes
 
 
 def node_collectives(formulation):
@@ -249,26 +249,40 @@ def node_collectives(formulation):
   }
   results = {}
   plain = _PLAIN_STEP_COLLECTIVES
+  readings = {
+    # (reading, how the node is reached): its options, and whether the loss vmaps one
+    # example at a time (as equinox models are called), naming the vmapped axis.
+    "whole": ({}, False),
+    "per_example": ({"axes": (1,)}, False),
+    "whole-vmapped": ({"axis_name": "batch"}, True),
+    "per_example-vmapped": ({}, True),
+  }
   for layout, (x_spec, w_spec) in layouts.items():
-    for name, options in (("whole", {}), ("per_example", {"axes": (1,)})):
+    for name, (options, vmapped) in readings.items():
 
-      def loss(ws, x, options=options):
-        h = x
+      def stack(ws, h, options):
         for w in ws:
           h = jnp.tanh(h @ w)
           h = h if options is None else bgn_jax.bgn(h, **options)
         return jnp.sum(h**2)
 
+      def loss(ws, x, options=options, vmapped=vmapped):
+        if vmapped:
+          one = functools.partial(stack, ws, options=options)
+          return jnp.sum(jax.vmap(one, axis_name="batch")(x))
+        return stack(ws, x, options)
+
       x = jax.device_put(jnp.ones((batch, width)), NamedSharding(mesh, x_spec))
       ws = [jax.device_put(jnp.eye(width), NamedSharding(mesh, w_spec)) for _ in range(3)]
       found = {}
       for key, opts in (("with", options), ("without", None)):
-        if key == "without" and layout in plain:
-          found[key] = plain[layout]  # without nodes the formulation and reading do not enter
+        # Without nodes the formulation and reading do not enter.
+        if key == "without" and (layout, vmapped) in plain:
+          found[key] = plain[layout, vmapped]
           continue
         step = jax.jit(jax.grad(functools.partial(loss, options=opts)))
         found[key] = collectives(step.lower(ws, x).compile().as_text())
-      plain[layout] = found["without"]
+      plain[layout, vmapped] = found["without"]
       added = list(
         (collections.Counter(found["with"]) - collections.Counter(found["without"])).elements()
       )

@@ -153,13 +153,32 @@ def test_value_aux_and_argnums():
   assert_close(grads, want)
 
 
+def low_precision(tree, dtype):
+  return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_nodes_that_form_no_sequential_cut_are_refused(jit):
+def test_a_low_precision_cut_is_accepted(jit, dtype):
+  # Its two passes round a cotangent differently, by more than float32 would: the
+  # check allows for the dtype's rounding.
+  loss = stack_loss({})
+  params, batch = low_precision(PARAMS, dtype), (low_precision(BATCH_XY[0], dtype), BATCH_XY[1])
+  want = jax.grad(loss)(params, batch)
+  grad = microbatch_grad(loss, microbatches=4)
+  got = (jax.jit(grad) if jit else grad)(params, batch)
+  assert_close(low_precision(got, jnp.float32), low_precision(want, jnp.float32), rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_nodes_that_form_no_sequential_cut_are_refused(jit, dtype):
   # A node on each residual branch: the stream carries a path around every node.
   grad = microbatch_grad(stack_loss({}, residual=True, on_branch=True), microbatches=2)
   error = ValueError if not jit else Exception
+  params, batch = low_precision(PARAMS, dtype), (low_precision(BATCH_XY[0], dtype), BATCH_XY[1])
   with pytest.raises(error, match="do not form a sequential cut"):
-    jax.block_until_ready((jax.jit(grad) if jit else grad)(PARAMS, BATCH_XY))
+    jax.block_until_ready((jax.jit(grad) if jit else grad)(params, batch))
 
 
 def test_a_whole_batch_node_inside_a_scan_is_refused():

@@ -100,24 +100,31 @@ def test_a_group_split_over_shards_of_different_bands_equals_float64(
 LAYOUTS = ["batch", "hidden", "batch_hidden"]
 
 
+# How the node is reached: in the batched step, or inside a vmap over examples (as
+# equinox models are called; a whole-batch node then names the vmapped axis).
+READINGS = ["whole", "per_example", "whole-vmapped", "per_example-vmapped"]
+
+
 @pytest.mark.parametrize("formulation", ["platform", "variadic"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("options", ["whole", "per_example"])
-def test_a_node_gathers_no_activation(errors, formulation, layout, options):
+@pytest.mark.parametrize("reading", READINGS)
+def test_a_node_gathers_no_activation(errors, formulation, layout, reading):
   # A 16 x 32 activation per layer: a node's collectives carry a few scalars per example
   # and device at most, never the activation or its cotangent.
-  added = errors["collectives"][formulation][f"{layout}-{options}"]
+  added = errors["collectives"][formulation][f"{layout}-{reading}"]
   assert added["largest"] <= 4 * 16 < 16 * 32, added
 
 
 @pytest.mark.parametrize("formulation", ["platform", "variadic"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("options", ["whole", "per_example"])
-def test_a_node_adds_one_all_reduce_where_its_group_is_split(errors, formulation, layout, options):
+@pytest.mark.parametrize("reading", READINGS)
+def test_a_node_adds_one_all_reduce_where_its_group_is_split(errors, formulation, layout, reading):
   # Each shard reduces its part of the group (the CPU's conditional included), and one
-  # all-reduce carries the partial sums: one collective for all the mesh axes that split
-  # the group, none where none does, none for a branch predicate.
-  added = errors["collectives"][formulation][f"{layout}-{options}"]
+  # all-reduce carries the partial sums over every mesh axis that splits the group, none
+  # where none does, none for a branch predicate. A vmapped whole-batch node sums each
+  # example's sums over the vmapped axis afterwards: one all-reduce per splitting axis.
+  added = errors["collectives"][formulation][f"{layout}-{reading}"]
   assert set(added["ops"]) <= {"all-reduce"}, added
-  splits_group = not (layout == "batch" and options == "per_example")
-  assert added["per_node"] == (1 if splits_group else 0), added
+  whole = reading.startswith("whole")
+  splitting = {"batch": int(whole), "hidden": 1, "batch_hidden": 1 + int(whole)}[layout]
+  assert added["per_node"] == (splitting if reading == "whole-vmapped" else min(splitting, 1))
