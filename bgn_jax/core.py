@@ -486,8 +486,8 @@ def _variadic_sums(arrays: tuple[jax.Array, ...], dims: tuple[int, ...]) -> tupl
 
 def _local_sums(
   g: jax.Array, dims: tuple[int, ...], formulation: _Formulation
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Over ``dims`` (removed), in the accumulator dtype, the sums of a**2, (a * up)**2
+) -> tuple[jax.Array, ...]:
+  """Over ``dims`` (removed), in the accumulator dtype, the three sums of a**2, (a * up)**2
   and (a * down)**2 for a = g: of the whole group, or of one shard's part of it.
 
   Off the CPU as one variadic reduce: one kernel that reads its inputs once, where XLA

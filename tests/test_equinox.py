@@ -229,8 +229,14 @@ def test_mlp_after_before_and_the_paper_reading_over_the_batch():
       (grads(whole_batch, whole, x), grads(hand_whole, model, x)),
     )
 
-  for got, want in all_grads(after, before, whole, MLP, X):
-    chex.assert_trees_all_equal(got, want)
+  (after_got, after_want), (before_got, before_want), (whole_got, whole_want) = all_grads(
+    after, before, whole, MLP, X
+  )
+  chex.assert_trees_all_equal(after_got, after_want)
+  chex.assert_trees_all_equal(before_got, before_want)
+  # Summed per example, then over the vmapped axis, against one sum over the batch: the
+  # same terms in another order.
+  chex.assert_trees_all_close(whole_got, whole_want, rtol=1e-6, atol=1e-7)
 
 
 class CNN(eqx.Module):
