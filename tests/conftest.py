@@ -52,13 +52,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 # The files that take longest, first: the suite runs as `pytest -n 2 --dist loadfile`,
 # which hands out whole files in collection order, so the long ones starting last would
 # leave one worker running alone at the end. Other files keep their order after them.
-_LONGEST_FIRST = (
-  "tests/experiments/test_demo.py",
-  "tests/experiments/test_cli.py",
+_LONGEST_FIRST = (  # longest first, as measured (pytest --durations=0, summed per file)
   "tests/test_core.py",
+  "tests/test_microbatch.py",
+  "tests/experiments/test_cli.py",
   "tests/test_linen_insert.py",
+  "tests/test_docs.py",
+  "tests/experiments/test_demo.py",
   "tests/test_benchmarks.py",
   "tests/experiments/test_archs.py",
+  "tests/test_examples.py",
+  "tests/test_multidevice.py",
+  "tests/test_nnx_grad_norms.py",
+  "tests/test_equinox.py",
+  "tests/test_linen_grad_norms.py",
+  "tests/test_train_sharded.py",
+  "tests/test_nnx_insert.py",
+  "tests/experiments/test_depth_limit.py",
 )
 
 
