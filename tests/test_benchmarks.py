@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,30 @@ BENCHMARKS = ROOT / "benchmarks"
 def run_script(
   tmp_path: Path, script: str, *args: str, python_prefix: str = "", timeout: float = 120
 ) -> list[dict]:
-  """Runs ``benchmarks/<script>`` with ``--tiny --json`` and returns its records."""
+  """Runs ``benchmarks/<script>`` with ``--tiny --json`` and returns its records.
+
+  In this process, as ``__main__`` (a subprocess would spend longer starting JAX than
+  the tiny run takes); with ``python_prefix``, code run first, in a subprocess.
+  """
   out = tmp_path / f"{script}.json"
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
-  env["JAX_PLATFORMS"] = "cpu"
+  argv = [str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
   if python_prefix:
-    argv = [str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
+    env["JAX_PLATFORMS"] = "cpu"
     code = f"{python_prefix}; import runpy, sys; sys.argv = {argv!r}; "
     code += f"runpy.run_path({argv[0]!r}, run_name='__main__')"
     command = [sys.executable, "-c", code]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
   else:
-    command = [sys.executable, str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stdout + result.stderr
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = argv, [str(BENCHMARKS)]
+    try:
+      runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit:
+      assert exit.code in (0, None), exit.code
+    finally:
+      sys.argv, sys.path[:] = saved_argv, saved_path
   records = json.loads(out.read_text())
   assert isinstance(records, list) and records
   for record in records:
