@@ -1,4 +1,6 @@
-"""End-to-end tests of ``bgn-jax``: real subprocesses on digits, small models, few steps."""
+"""End-to-end tests of ``bgn-jax`` on digits, small models, few steps: in real
+subprocesses where the process matters (the console script, device counts, signals, two
+processes), through ``main`` in this process otherwise."""
 
 from __future__ import annotations
 
@@ -134,22 +136,23 @@ def test_two_processes_give_the_one_device_loss_curve(reference_run, tmp_path, c
     assert abs(a - b) <= 1e-4 * abs(a)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cli_env):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
   out = tmp_path / "diverged"
   args = [
     "train", "--dataset", "digits", "--depth", "3", "--width", "32", "--method", "plain",
     "--optimizer", "sgd", "--lr", "1e12", "--batch-size", "64", "--epochs", "1",
     "--checkpoint-every", "1", "--log-every", "1", "--no-progress", "--out", str(out),
   ]  # fmt: skip
-  result = run_cli(args, cli_env)
-  assert result.returncode == 3, result.stderr[-3000:]
-  assert "non-finite" in result.stderr
-  failed_step = int(result.stderr.split(" at step ")[1].split(";")[0])
+  status = main(args)  # in this process: a subprocess would spend longer starting JAX
+  stderr = capsys.readouterr().err
+  assert status == 3, stderr[-3000:]
+  assert "non-finite" in stderr
+  failed_step = int(stderr.split(" at step ")[1].split(";")[0])
   assert failed_step < 22
   assert not (out / "results.json").exists()
   steps = checkpoint_steps(out)
   assert steps and steps[-1] == failed_step - 1
-  assert f"step {steps[-1]}" in result.stderr
+  assert f"step {steps[-1]}" in stderr
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, cli_env):
