@@ -17,6 +17,7 @@ Private to the package: the adapters (:mod:`bgn_jax.linen`, :mod:`bgn_jax.nnx`,
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import contextvars
@@ -974,7 +975,7 @@ def _tap_dtype(leaves: Sequence[Any], chosen: Sequence[int]) -> Any:
   return jnp.result_type(*[leaves[i] for i in chosen], jnp.float32)
 
 
-class TapPass(Hook):
+class TapPass(Hook, abc.ABC):
   """One pass of ``grad_norms`` over ``loss_fn``: the shape pass (``discover``) or the
   measured one.
 
@@ -1004,22 +1005,22 @@ class TapPass(Hook):
     self._tagged: dict[int, tuple[Any, _Tapped]] = {}
     self._before: dict[tuple[str, int], Any] = {}  # (path, index) -> dtype: inputs' node
 
+  @abc.abstractmethod
   def path_of(self, module: Any) -> str | None:
     """The path of a selected module; None for others."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def params_of(self, module: Any) -> list[Any]:
     """The module's parameter leaves, as its call sees them."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def owned_of(self, module: Any) -> Owned:
     """Which leaves are the module's own arrays, as its call begins."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
     """The tap of the ``index``-th call at ``path``, as the call sees it (made in the
     shape pass where the adapter makes it there); None where there is none."""
-    raise NotImplementedError
 
   def probed(self, module: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``method(module, *args, **kwargs)``, with the taps where ``module`` is selected."""
