@@ -7,6 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before JAX st
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -173,13 +174,26 @@ def sharded_errors():
   return results
 
 
+@contextlib.contextmanager
+def backward_formulation(formulation):
+  """The backward rule's sums in ``formulation`` ("platform" or "variadic", the GPU/TPU
+  one), its jitted rule recompiled on the way in and out."""
+  from bgn_jax import core
+
+  core._BACKWARD_FORMULATION = formulation
+  core._normalize_cotangent_jit.clear_cache()
+  try:
+    yield
+  finally:
+    core._BACKWARD_FORMULATION = "platform"
+    core._normalize_cotangent_jit.clear_cache()
+
+
 def split_group_extremes():
   """Per-element relative errors against float64 of sharded-jit nodes whose groups span
   shards (batch on "data", features on "model") with parts that overflow together
   though each is finite, underflow on every shard, or fall in different bands on
   different shards; per formulation, whole batch and per example."""
-  from bgn_jax import core
-
   rng = np.random.default_rng(3)
   normal = rng.standard_normal((8, 32))
   rows = normal.copy()
@@ -200,18 +214,15 @@ def split_group_extremes():
   sharding = NamedSharding(mesh_2x4(), PartitionSpec("data", "model"))
   results = {}
   for formulation in ("platform", "variadic"):
-    core._BACKWARD_FORMULATION = formulation
-    core._normalize_cotangent_jit.clear_cache()
-    for name, options in (("whole", {}), ("per_example", {"axes": (1,)})):
-      grad = jax.jit(jax.grad(functools.partial(loss, **options)))
-      for case, g in cases.items():
-        w = jax.device_put(jnp.asarray(g, jnp.float32), sharding)
-        got = np.asarray(grad(jnp.zeros_like(w), w), np.float64)
-        want = reference_backward(np.asarray(w, np.float64), **options)
-        error = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
-        results[f"{formulation}-{name}-{case}"] = float(np.max(error))
-  core._BACKWARD_FORMULATION = "platform"
-  core._normalize_cotangent_jit.clear_cache()
+    with backward_formulation(formulation):
+      for name, options in (("whole", {}), ("per_example", {"axes": (1,)})):
+        grad = jax.jit(jax.grad(functools.partial(loss, **options)))
+        for case, g in cases.items():
+          w = jax.device_put(jnp.asarray(g, jnp.float32), sharding)
+          got = np.asarray(grad(jnp.zeros_like(w), w), np.float64)
+          want = reference_backward(np.asarray(w, np.float64), **options)
+          error = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+          results[f"{formulation}-{name}-{case}"] = float(np.max(error))
   return results
 
 
@@ -233,13 +244,23 @@ def collectives(hlo):
 _PLAIN_STEP_COLLECTIVES = {}  # (layout, vmapped) -> the collectives of the step without nodes
 
 
+def _stack(ws, h, options):
+  """A tanh MLP with a node (``options``; none for None) after every layer."""
+  for w in ws:
+    h = jnp.tanh(h @ w)
+    h = h if options is None else bgn_jax.bgn(h, **options)
+  return jnp.sum(h**2)
+
+
+def _stack_loss(ws, x, options, vmapped):
+  if vmapped:  # one example at a time, the vmapped axis named "batch"
+    return jnp.sum(jax.vmap(functools.partial(_stack, ws, options=options), axis_name="batch")(x))
+  return _stack(ws, x, options)
+
+
 def node_collectives(formulation):
   """What three nodes add to the collectives of a sharded MLP train step, per layout:
   {layout-options: [count added per node, largest number of elements one moves]}."""
-  from bgn_jax import core
-
-  core._BACKWARD_FORMULATION = formulation
-  core._normalize_cotangent_jit.clear_cache()
   mesh = mesh_2x4()
   batch, width = 16, 32
   layouts = {
@@ -257,42 +278,28 @@ def node_collectives(formulation):
     "whole-vmapped": ({"axis_name": "batch"}, True),
     "per_example-vmapped": ({}, True),
   }
-  for layout, (x_spec, w_spec) in layouts.items():
-    for name, (options, vmapped) in readings.items():
-
-      def stack(ws, h, options):
-        for w in ws:
-          h = jnp.tanh(h @ w)
-          h = h if options is None else bgn_jax.bgn(h, **options)
-        return jnp.sum(h**2)
-
-      def loss(ws, x, options=options, vmapped=vmapped):
-        if vmapped:
-          one = functools.partial(stack, ws, options=options)
-          return jnp.sum(jax.vmap(one, axis_name="batch")(x))
-        return stack(ws, x, options)
-
+  with backward_formulation(formulation):
+    for layout, (x_spec, w_spec) in layouts.items():
       x = jax.device_put(jnp.ones((batch, width)), NamedSharding(mesh, x_spec))
       ws = [jax.device_put(jnp.eye(width), NamedSharding(mesh, w_spec)) for _ in range(3)]
-      found = {}
-      for key, opts in (("with", options), ("without", None)):
-        # Without nodes the formulation and reading do not enter.
-        if key == "without" and (layout, vmapped) in plain:
-          found[key] = plain[layout, vmapped]
-          continue
-        step = jax.jit(jax.grad(functools.partial(loss, options=opts)))
-        found[key] = collectives(step.lower(ws, x).compile().as_text())
-      plain[layout, vmapped] = found["without"]
-      added = list(
-        (collections.Counter(found["with"]) - collections.Counter(found["without"])).elements()
-      )
-      results[f"{layout}-{name}"] = {
-        "per_node": len(added) / 3,
-        "largest": max((n for _, n in added), default=0),
-        "ops": sorted({op for op, _ in added}),
-      }
-  core._BACKWARD_FORMULATION = "platform"
-  core._normalize_cotangent_jit.clear_cache()
+      for name, (options, vmapped) in readings.items():
+        found = {}
+        for key, opts in (("with", options), ("without", None)):
+          # Without nodes the formulation and reading do not enter.
+          if key == "without" and (layout, vmapped) in plain:
+            found[key] = plain[layout, vmapped]
+            continue
+          loss = functools.partial(_stack_loss, options=opts, vmapped=vmapped)
+          found[key] = collectives(jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text())
+        plain[layout, vmapped] = found["without"]
+        added = list(
+          (collections.Counter(found["with"]) - collections.Counter(found["without"])).elements()
+        )
+        results[f"{layout}-{name}"] = {
+          "per_node": len(added) / 3,
+          "largest": max((n for _, n in added), default=0),
+          "ops": sorted({op for op, _ in added}),
+        }
   return results
 
 
