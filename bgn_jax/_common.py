@@ -687,6 +687,11 @@ def marker_of(cls: type) -> tuple[Any, ...] | None:
   return vars(cls).get(_MARKER)
 
 
+def first_marker(cls: type, kind: str) -> tuple[Any, ...] | None:
+  """The first marker of ``kind`` among the marked subclasses ``cls`` was made from."""
+  return next((marker for marker in markers_of(cls) if marker[0] == kind), None)
+
+
 def markers_of(cls: type) -> list[tuple[Any, ...]]:
   """The markers of ``cls`` and of the marked subclasses it was made from, outermost first."""
   found = []
@@ -962,7 +967,6 @@ class _Tapped:
   call: TapCall
   tap: jax.Array | None  # the call's tap in this pass (TAP_SHAPE), None without one
   owned: Owned  # the module's own arrays, which the taps leave out
-  fed: bool = False  # its at_bgn row is taken: a node got the output, or sits on the inputs
 
 
 def _chosen(tree: Any, owned: Owned, is_leaf: Any) -> tuple[list[Any], Any, list[int]]:
@@ -1058,7 +1062,7 @@ class TapPass(Hook, abc.ABC):
       path = None if module is None else self.path_of(module)
       return outputs if path is None else self._before_call(module, path, outputs)
     tagged = self._tagged.get(id(inputs))
-    if tagged is None or tagged[0] is not inputs or tagged[1].fed:
+    if tagged is None or tagged[0] is not inputs or tagged[1].call.at_bgn:
       return outputs
     return self._at_bgn(outputs, tagged[1])
 
@@ -1079,8 +1083,8 @@ class TapPass(Hook, abc.ABC):
     index = self._counts[path]
     self._counts[path] += 1
     leaves, treedef, chosen = _chosen(outputs, owned, self.is_leaf)
-    before = (path, index) in self._before  # a node on the inputs took the at_bgn row
     inputs_dtype = self._before.pop((path, index), None)
+    before = inputs_dtype is not None  # a node on the inputs took the at_bgn row
     dtype = _tap_dtype(leaves, chosen) if chosen else inputs_dtype
     params = tuple(jnp.ndim(p) for p in self.params_of(module)) if self.discover else ()
     call = TapCall(path, index, params, dtype, at_bgn=before)
@@ -1089,10 +1093,10 @@ class TapPass(Hook, abc.ABC):
     tap = None if dtype is None else self.tap_of(module, path, index, dtype)
     if tap is not None and chosen:
       outputs = with_tap(leaves, treedef, chosen, tap[TAP_OUTPUT])
-    return outputs, _Tapped(call, tap, owned, fed=before)
+    return outputs, _Tapped(call, tap, owned)
 
   def _at_bgn(self, outputs: Any, tapped: _Tapped) -> Any:
-    tapped.fed = tapped.call.at_bgn = True
+    tapped.call.at_bgn = True  # the at_bgn row is taken
     if tapped.tap is None:
       return outputs
     leaves, treedef, chosen = _chosen(outputs, tapped.owned, self.is_leaf)

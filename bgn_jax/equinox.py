@@ -197,7 +197,7 @@ def _node_marker(module: eqx.Module) -> tuple[Any, ...] | None:
   if getattr(module, "bgn_site", None) is None:
     return None
   # a diagnostics probe may sit around the inserted class
-  return next((m for m in _common.markers_of(type(module)) if m[0] == "bgn"), None)
+  return _common.first_marker(type(module), "bgn")
 
 
 def _has_nodes(model: eqx.Module) -> bool:

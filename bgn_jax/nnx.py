@@ -92,11 +92,6 @@ def _subclass(cls: type, marker: tuple[Any, ...], call: Callable[..., Any], doc:
   return _common.marked_subclass(cls, marker, f"{cls.__name__}{suffix}", namespace, keywords)
 
 
-def _marker(cls: type, kind: str) -> tuple[Any, ...] | None:
-  """The first marker of ``kind`` among the subclasses made here that ``cls`` is."""
-  return next((marker for marker in _common.markers_of(cls) if marker[0] == kind), None)
-
-
 def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -115,11 +110,11 @@ def _owned(module: nnx.Module) -> _common.Owned:
 
 
 def _node_marker(module: nnx.Module) -> tuple[Any, ...] | None:
-  return _marker(type(module), "bgn")
+  return _common.first_marker(type(module), "bgn")
 
 
 def _site(module: nnx.Module) -> tuple[Insertion, str]:
-  path, insertion = cast(tuple, _marker(type(module), "bgn"))[3]
+  path, insertion = cast(tuple, _common.first_marker(type(module), "bgn"))[3]
   return insertion, path
 
 
@@ -383,7 +378,7 @@ class _Pass(_common.TapPass):
   is_leaf = staticmethod(_is_variable)
 
   def path_of(self, module: Any) -> str | None:
-    marker = _marker(type(module), "probe")
+    marker = _common.first_marker(type(module), "probe")
     return None if marker is None else marker[1]
 
   def params_of(self, module: Any) -> list[Any]:
