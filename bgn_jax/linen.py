@@ -498,6 +498,12 @@ GRAD_NORMS_COLLECTION = "grad_norms"
 """The collection of grad_norms's taps; list it in nn.scan's variable_axes."""
 
 
+def _tap_name(index: int) -> str:
+  """The name of the tap of a module's ``index``-th call, where the probe makes it and
+  where the report reads it."""
+  return f"call_{index}"
+
+
 class _Probe(_common.TapPass):
   """A pass of :func:`grad_norms`; called by flax as the interceptor of ``loss_fn``'s
   module calls, it runs the selected ones through :meth:`probed`.
@@ -541,7 +547,7 @@ class _Probe(_common.TapPass):
     return lambda leaf: None
 
   def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
-    name = f"call_{index}"
+    name = _tap_name(index)
     if module.has_variable(GRAD_NORMS_COLLECTION, name):
       return module.get_variable(GRAD_NORMS_COLLECTION, name)
     if self.discover:
@@ -793,7 +799,7 @@ def _measure(
 
   def at(tree: Any, call: _common.TapCall, tap: bool) -> Any:
     parts = discovery.parts[call.path]
-    return _common.get_path(tree, parts + ((f"call_{call.index}",) if tap else ()))
+    return _common.get_path(tree, parts + ((_tap_name(call.index),) if tap else ()))
 
   # A call without a tap in the collection came from a trace whose variables a
   # lifted transform discarded.

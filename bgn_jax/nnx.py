@@ -371,6 +371,12 @@ class GradProbe(nnx.Variable):
   """The tap (``_common.TAP_SHAPE`` zeros) that :func:`grad_norms` puts on a call."""
 
 
+def _tap_name(index: int) -> str:
+  """The name of the tap of a module's ``index``-th call, where the probe makes it and
+  where the report reads it."""
+  return f"grad_norms_{index}"
+
+
 class _Pass(_common.TapPass):
   """A pass of :func:`grad_norms`: a call's tap is a :class:`GradProbe` attribute of its
   module, made in the shape pass; a stack of modules made by ``nnx.vmap`` stacks them."""
@@ -388,7 +394,7 @@ class _Pass(_common.TapPass):
     return _owned(module)
 
   def tap_of(self, module: Any, path: str, index: int, dtype: Any) -> jax.Array | None:
-    name = f"grad_norms_{index}"
+    name = _tap_name(index)
     if self.discover and getattr(module, name, None) is None:
       setattr(module, name, GradProbe(jnp.zeros(_common.TAP_SHAPE, dtype)))
     probe = getattr(module, name, None)
@@ -521,7 +527,7 @@ def _measure(
 
   def at(tree: Any, call: _common.TapCall, tap: bool) -> Any:
     parts = modules[call.path][0]
-    return _common.get_path(tree, parts + ((f"grad_norms_{call.index}",) if tap else ()))
+    return _common.get_path(tree, parts + ((_tap_name(call.index),) if tap else ()))
 
   # A call whose tap is not in the state came from a trace the transform discarded.
   calls = [c for c in shape_pass.calls if c.dtype is None or at(tap_shapes, c, True) is not None]
