@@ -1,7 +1,8 @@
 """Checks that the test suite kills deliberate bugs ("mutants") of the library.
 
 Each mutant replaces one exact piece of source text in a temporary copy of the
-package and its tests, then runs the few tests meant to catch it with ``-x``. A
+package and its tests, then runs the few tests meant to catch it with ``-x``, in a
+child forked from this process once it has imported JAX and the frameworks. A
 mutant is killed when pytest reports a failing test (exit status 1). A mutant
 whose text is no longer in the source is an error: update its entry with the
 code it stands for. The unmutated code passing those tests is the ordinary CI
@@ -17,13 +18,13 @@ Exits with status 1 if any mutant survives or cannot be applied.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import importlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -157,53 +158,103 @@ def copy_tree(destination: Path) -> None:
   shutil.copy(ROOT / "pyproject.toml", destination / "pyproject.toml")
 
 
-def run_mutant(mutant: Mutant) -> tuple[Mutant, str, float, str]:
-  """Returns (mutant, "killed" | "survived" | "error", seconds, pytest's tail)."""
-  start = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="bgn-mutant-") as directory:
-    copy = Path(directory)
-    copy_tree(copy)
-    source = (copy / mutant.path).read_text()
-    if source.count(mutant.old) != 1:
-      found = source.count(mutant.old)
-      return mutant, "error", 0.0, f"its text occurs {found} times in {mutant.path}, not once"
-    (copy / mutant.path).write_text(source.replace(mutant.old, mutant.new))
-    env = dict(os.environ, PYTHONPATH=str(copy), HYPOTHESIS_PROFILE="ci", JAX_PLATFORMS="cpu")
-    # The mutated copy must be what the tests import, not the installed package.
-    # One process: it checks that bgn_jax comes from the copy, then runs pytest (exit 9:
-    # the tests would import bgn_jax from outside the copy).
-    code = (
-      "import sys, bgn_jax, pytest\n"
-      "if not bgn_jax.__file__.startswith(sys.argv[1]): sys.exit(9)\n"
-      "sys.exit(pytest.main(['-x', '-q', '-p', 'no:cacheprovider', *sys.argv[2:]]))"
-    )
-    done = subprocess.run(
-      [sys.executable, "-c", code, str(copy), *mutant.tests],
-      cwd=copy,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
-  if done.returncode == 9:
-    return mutant, "error", 0.0, "the tests would import bgn_jax from outside the copy"
-  verdict = {0: "survived", 1: "killed"}.get(done.returncode, "error")
-  tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-  return mutant, verdict, time.perf_counter() - start, tail
+# What every mutant's tests import, loaded once in this process before it forks one child
+# per mutant: each child then starts in well under a second instead of the seconds a new
+# interpreter takes to import JAX and the frameworks. None of them may start a thread or
+# a JAX backend here (checked in `main`): a fork copies only the thread that forks.
+PRELOADED = ("jax", "jax.numpy", "numpy", "flax.linen", "flax.nnx", "optax", "equinox", "chex")
+PRELOADED += ("hypothesis", "hypothesis.strategies", "pytest")
+
+
+def _child(copy: Path, tests: tuple[str, ...], log: Path) -> int:
+  """In the forked child: pytest on the mutated copy, its output to `log`. Exit status 9:
+  the tests would import bgn_jax from outside the copy."""
+  import pytest
+
+  with open(log, "w") as out:
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+  os.chdir(copy)
+  sys.path.insert(0, str(copy))
+  import bgn_jax
+
+  if not bgn_jax.__file__ or not bgn_jax.__file__.startswith(str(copy)):
+    return 9
+  # The preloaded plugins (hypothesis, jaxtyping) cannot have their asserts rewritten.
+  quiet = ("-W", "ignore::pytest.PytestAssertRewriteWarning")
+  return int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *quiet, *tests]))
+
+
+def start_mutant(mutant: Mutant, directory: Path) -> int | str:
+  """Applies `mutant` to a copy in `directory` and forks the child that tests it; returns
+  the child's pid, or why the mutant cannot be applied."""
+  copy_tree(directory)
+  source = (directory / mutant.path).read_text()
+  if source.count(mutant.old) != 1:
+    found = source.count(mutant.old)
+    return f"its text occurs {found} times in {mutant.path}, not once"
+  (directory / mutant.path).write_text(source.replace(mutant.old, mutant.new))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:  # the child never returns into the parent's code
+    status = 1
+    try:
+      status = _child(directory, mutant.tests, directory / "pytest.log")
+    finally:
+      os._exit(status)
+  return pid
+
+
+def verdict_of(status: int) -> str:
+  return {0: "survived", 1: "killed", 9: "error"}.get(status, "error")
 
 
 def main(argv: list[str]) -> int:
   chosen = [m for m in MUTANTS if not argv or any(word in m.name for word in argv)]
+  os.environ.update(HYPOTHESIS_PROFILE="ci", JAX_PLATFORMS="cpu")
+  for name in PRELOADED:
+    importlib.import_module(name)
+  if threading.active_count() != 1 or jax_backends():
+    raise RuntimeError("tests/mutants.py: a preloaded module started a thread or a backend")
   start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-    results = list(pool.map(run_mutant, chosen))
-  for mutant, verdict, seconds, tail in results:
+  results: dict[str, tuple[str, float, str]] = {}
+  running: dict[int, tuple[Mutant, Path, float]] = {}
+  waiting = list(chosen)
+  with tempfile.TemporaryDirectory(prefix="bgn-mutants-") as root:
+    while waiting or running:
+      while waiting and len(running) < WORKERS:
+        mutant = waiting.pop(0)
+        directory = Path(root) / str(len(results) + len(running))
+        started = start_mutant(mutant, directory)
+        if isinstance(started, str):
+          results[mutant.name] = ("error", 0.0, started)
+        else:
+          running[started] = (mutant, directory, time.perf_counter())
+      if running:
+        pid, status = os.wait()
+        mutant, directory, began = running.pop(pid)
+        log = (directory / "pytest.log").read_text() if (directory / "pytest.log").exists() else ""
+        tail = "\n".join(log.strip().splitlines()[-3:])
+        if os.waitstatus_to_exitcode(status) == 9:
+          tail = "the tests would import bgn_jax from outside the copy"
+        verdict = verdict_of(os.waitstatus_to_exitcode(status))
+        results[mutant.name] = (verdict, time.perf_counter() - began, tail)
+  for mutant in chosen:
+    verdict, seconds, tail = results[mutant.name]
     print(f"{verdict:8} {seconds:5.1f}s  {mutant.name}")
     if verdict != "killed":
       print("         " + tail.replace("\n", "\n         "))
-  killed = sum(verdict == "killed" for _, verdict, _, _ in results)
-  print(f"mutants killed: {killed}/{len(results)} in {time.perf_counter() - start:.0f}s")
-  return 0 if killed == len(results) else 1
+  killed = sum(verdict == "killed" for verdict, _, _ in results.values())
+  print(f"mutants killed: {killed}/{len(chosen)} in {time.perf_counter() - start:.0f}s")
+  return 0 if killed == len(chosen) else 1
+
+
+def jax_backends() -> bool:
+  """Whether JAX has started a backend in this process (it must not before a fork)."""
+  from jax._src import xla_bridge
+
+  return bool(xla_bridge._backends)
 
 
 if __name__ == "__main__":
