@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,12 +34,6 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
   return [sys.executable, "-m", "bgn_jax", *args]
-
-
-def run_cli(args, env, timeout=150, **extra_env) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    cli(*args), env={**env, **extra_env}, capture_output=True, text=True, timeout=timeout
-  )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
