@@ -6,9 +6,7 @@ No timing is asserted: timings belong in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,33 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def run_script(
-  tmp_path: Path, script: str, *args: str, python_prefix: str = "", timeout: float = 120
-) -> list[dict]:
+def run_script(tmp_path: Path, script: str, *args: str) -> list[dict]:
   """Runs ``benchmarks/<script>`` with ``--tiny --json`` and returns its records.
 
-  In this process, as ``__main__`` (a subprocess would spend longer starting JAX than
-  the tiny run takes); with ``python_prefix``, code run first, in a subprocess.
+  In this process, as ``__main__``: a subprocess would spend longer starting JAX than
+  the tiny run takes.
   """
   out = tmp_path / f"{script}.json"
   argv = [str(BENCHMARKS / script), "--tiny", "--json", str(out), *args]
-  if python_prefix:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
-    env["JAX_PLATFORMS"] = "cpu"
-    code = f"{python_prefix}; import runpy, sys; sys.argv = {argv!r}; "
-    code += f"runpy.run_path({argv[0]!r}, run_name='__main__')"
-    command = [sys.executable, "-c", code]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
-  else:
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv, sys.path[:0] = argv, [str(BENCHMARKS)]
-    try:
-      runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as exit:
-      assert exit.code in (0, None), exit.code
-    finally:
-      sys.argv, sys.path[:] = saved_argv, saved_path
+  saved_argv, saved_path = sys.argv, list(sys.path)
+  sys.argv, sys.path[:0] = argv, [str(BENCHMARKS)]
+  try:
+    runpy.run_path(argv[0], run_name="__main__")
+  except SystemExit as exit:
+    assert exit.code in (0, None), exit.code
+  finally:
+    sys.argv, sys.path[:] = saved_argv, saved_path
   records = json.loads(out.read_text())
   assert isinstance(records, list) and records
   for record in records:
@@ -85,10 +72,9 @@ def test_peers(tmp_path):
   assert {r["mode"] for r in records} == {"none", "batch", "per_example"}
 
 
-def test_peers_without_torch(tmp_path):
-  records = run_script(
-    tmp_path, "peers.py", python_prefix="import sys; sys.modules['torch'] = None"
-  )
+def test_peers_without_torch(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  records = run_script(tmp_path, "peers.py")
   assert len(records) == 1 and records[0]["mode"] == "skipped"
   assert "not installed" in records[0]["skipped"]
 
@@ -106,7 +92,7 @@ def test_models(tmp_path):
   toy = ["--dtypes", "float32", "--groupings", "per_example"]
   records = run_script(
     tmp_path, "models.py", "--models", "lm1b_small", *toy, "--placements", "block",
-    "--no-warm-compile", timeout=600,
+    "--no-warm-compile",
   )  # fmt: skip
   by_placement = {r["placement"]: r for r in records}
   assert set(by_placement) == {"none", "block"}
