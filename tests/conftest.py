@@ -4,11 +4,13 @@
 so every CI run draws the same examples, and no example database.
 
 The test models are tiny, so compiling them costs more than running them: the suite
-compiles with XLA's LLVM backend optimizations off (``--xla_backend_optimization_level=0``,
-which leaves the HLO passes, and so the fusions and numerics the tests check, as they
-are). It is set before JAX starts its backend and inherited by the subprocesses; a
-subprocess that sets its own ``XLA_FLAGS`` does without it. Speed is measured in
-``benchmarks/``, never here.
+compiles with XLA's LLVM backend optimizations off (``--xla_backend_optimization_level=0``)
+and the CPU's fused computations emitted by its older, elemental emitter
+(``--xla_cpu_use_fusion_emitters=false``; the MLIR fusion emitters take about twice as
+long to compile a small program). Both leave the HLO passes, and so the fusions and
+numerics the tests check, as they are. They are set before JAX starts its backend and
+inherited by the subprocesses; a subprocess that sets its own ``XLA_FLAGS`` does without
+them. Speed is measured in ``benchmarks/``, never here.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import tempfile
 
 from hypothesis import settings
 
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_FLAGS = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join([*_FLAGS, *(f for f in _FAST_COMPILE if f not in _FLAGS)])
 
 
 def _session_folder(variable: str, prefix: str) -> None:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def errors():
-  count = "--xla_force_host_platform_device_count=8"  # beside the suite's fast-compile flag
+  count = "--xla_force_host_platform_device_count=8"  # beside the suite's fast-compile flags
   env = dict(
     os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {count}", JAX_PLATFORMS="cpu"
   )

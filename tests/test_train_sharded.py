@@ -51,7 +51,7 @@ print(json.dumps({"saved": saved, "printed": runs}))
 
 def _subprocess(devices: int, cwd: Path, *args: str) -> str:
   """Runs python with ``args`` on ``devices`` CPU devices; returns what it printed."""
-  # The suite's fast-compile flag (tests/conftest.py) and the device count.
+  # The suite's fast-compile flags (tests/conftest.py) and the device count.
   count = f"--xla_force_host_platform_device_count={devices}"
   flags_env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()}
   done = subprocess.run(

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cli_env(tmp_path_factory) -> dict[str, str]:
   """The environment of CLI subprocesses: one CPU device, a shared compilation cache.
 
-  ``XLA_FLAGS`` keeps the suite's fast-compile flag (see tests/conftest.py), less any
+  ``XLA_FLAGS`` keeps the suite's fast-compile flags (see tests/conftest.py), less any
   device count a multi-device invocation set.
   """
   env = dict(os.environ)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 # Run in a subprocess with XLA's optimizations on: the demo's 2 700 training steps take
-# twice as long compiled with the suite's fast-compile flag (tests/conftest.py).
+# twice as long compiled with the suite's fast-compile flags (tests/conftest.py).
 DRIVER = """
 import json, sys
 from bgn_jax.experiments import plots
