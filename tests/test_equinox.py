@@ -73,12 +73,18 @@ def grads(forward, model, x):
   return leaves(eqx.filter_grad(lambda mx: loss_of_outputs(forward(*mx)))((model, x)))
 
 
-def assert_same_grads(forward, inserted, hand_forward, model, x, jit=True):
+def assert_same_grads(forward, inserted, hand_forward, model, x, jit=True, rtol=0.0):
+  """The gradients of the inserted model and of the hand-placed one: bitwise equal, or
+  within ``rtol`` where XLA may fuse and so round the two graphs differently."""
+
   def both(inserted, model, x):
     return grads(forward, inserted, x), grads(hand_forward, model, x)
 
   got, want = (eqx.filter_jit(both) if jit else both)(inserted, model, x)
-  chex.assert_trees_all_equal(got, want)
+  if rtol:
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=rtol)
+  else:
+    chex.assert_trees_all_equal(got, want)
 
 
 def batched(model, x):
@@ -329,7 +335,10 @@ def test_transformer_block():
   def hand(model, x):
     return jax.vmap(lambda x: model(x, hand=hand_node))(x)
 
-  assert_same_grads(batched, inserted, hand, BLOCK, x)
+  # Not bitwise: compiled for the CPU by the elemental emitter (as tests/conftest.py
+  # sets), the attention block's two graphs round 66 of the 180 gradient entries apart,
+  # by at most 4.8e-7 (entries up to 8); a node left out is off by up to 39 times.
+  assert_same_grads(batched, inserted, hand, BLOCK, x, rtol=2e-6)
 
 
 class Layer(eqx.Module):
