@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
+TIMEOUT_S = 600  # per mutant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +202,11 @@ def start_mutant(mutant: Mutant, directory: Path) -> int | str:
   if pid == 0:  # the child never returns into the parent's code
     status = 1
     try:
+      signal.alarm(TIMEOUT_S)  # a hung child ends as an error, not a hung CI
       status = _child(directory, mutant.tests, directory / "pytest.log")
     finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
       os._exit(status)
   return pid
 
