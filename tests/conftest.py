@@ -7,10 +7,11 @@ The test models are tiny, so compiling them costs more than running them: the su
 compiles with XLA's LLVM backend optimizations off (``--xla_backend_optimization_level=0``)
 and the CPU's fused computations emitted by its older, elemental emitter
 (``--xla_cpu_use_fusion_emitters=false``; the MLIR fusion emitters take about twice as
-long to compile a small program). Both leave the HLO passes, and so the fusions and
-numerics the tests check, as they are. They are set before JAX starts its backend and
-inherited by the subprocesses; a subprocess that sets its own ``XLA_FLAGS`` does without
-them. Speed is measured in ``benchmarks/``, never here.
+long to compile a small program). Both leave the HLO passes, and so the fusions the
+tests inspect, as they are; the emitter may round a fused computation differently in its
+last bits (test_equinox.py's attention block). They are set before JAX starts its
+backend and inherited by the subprocesses; a subprocess that sets its own ``XLA_FLAGS``
+does without them. Speed is measured in ``benchmarks/``, never here.
 """
 
 from __future__ import annotations
