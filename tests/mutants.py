@@ -211,10 +211,6 @@ def start_mutant(mutant: Mutant, directory: Path) -> int | str:
   return pid
 
 
-def verdict_of(status: int) -> str:
-  return {0: "survived", 1: "killed", 9: "error"}.get(status, "error")
-
-
 def main(argv: list[str]) -> int:
   chosen = [m for m in MUTANTS if not argv or any(word in m.name for word in argv)]
   os.environ.update(HYPOTHESIS_PROFILE="ci", JAX_PLATFORMS="cpu")
@@ -239,11 +235,12 @@ def main(argv: list[str]) -> int:
       if running:
         pid, status = os.wait()
         mutant, directory, began = running.pop(pid)
-        log = (directory / "pytest.log").read_text() if (directory / "pytest.log").exists() else ""
-        tail = "\n".join(log.strip().splitlines()[-3:])
-        if os.waitstatus_to_exitcode(status) == 9:
+        code = os.waitstatus_to_exitcode(status)
+        log = directory / "pytest.log"
+        tail = "\n".join(log.read_text().strip().splitlines()[-3:]) if log.exists() else ""
+        if code == 9:
           tail = "the tests would import bgn_jax from outside the copy"
-        verdict = verdict_of(os.waitstatus_to_exitcode(status))
+        verdict = {0: "survived", 1: "killed"}.get(code, "error")
         results[mutant.name] = (verdict, time.perf_counter() - began, tail)
   for mutant in chosen:
     verdict, seconds, tail = results[mutant.name]
